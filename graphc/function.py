@@ -1,0 +1,182 @@
+"""`gc.compile`: from symbolic inputs/outputs/updates to a callable on arrays.
+
+The Function validates what it is fed (names, shapes, dtypes, consistent
+symbolic sizes), specializes a graph with symbolic dims on the concrete sizes
+of each call (cached per shape), runs the optimizer, hands the graph to a
+backend, and writes parameter updates after every output has been computed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import dtypes as dt
+from .ir.errors import GraphBuildError
+from .ir.graph import Graph, toposort
+from .ir.node import Node, TensorType, user_location
+from .ir.shapes import is_symbolic, shape_str, substitute
+from .ops.base import as_node
+from .tensor import Parameter
+
+__all__ = ["compile", "Function", "specialize"]
+
+
+def specialize(outputs, bindings: dict, inputs=()):
+    """Rebuild the graph with symbols replaced by sizes; re-runs every type rule.
+
+    Returns (new outputs, {old input id: new input node}).  Parameters and
+    constants are shared, not copied.
+    """
+    memo: dict = {}
+    for n in toposort(list(outputs) + list(inputs)):
+        if n.op.name == "input":
+            t = TensorType(n.dtype, substitute(n.shape, bindings))
+            m = Node(n.op, (), {}, t, name=n.name, loc=n.loc)
+        elif not n.inputs:
+            m = n
+        else:
+            ins = [memo[i.id] for i in n.inputs]
+            attrs = dict(n.attrs)
+            for a in n.op.shape_attrs:
+                attrs[a] = substitute(attrs[a], bindings)
+            try:
+                t = n.op.infer([i.type for i in ins], **attrs)
+            except (TypeError, ValueError) as e:
+                raise GraphBuildError(f"{n.op.name}: {e} (with {bindings})\n  at {n.loc}") from None
+            m = Node(n.op, ins, attrs, t, name=n.name, loc=n.loc)
+        m.scope, m.role = n.scope, n.role
+        memo[n.id] = m
+    return [memo[o.id] for o in outputs], {i.id: memo[i.id] for i in inputs}
+
+
+class Function:
+    """A compiled computation.  Call it with arrays (positionally or by name)."""
+
+    def __init__(self, inputs, outputs, updates=None, backend="numpy", optimize=2, name=None):
+        from .backends import get_backend
+        loc = user_location()
+        self.single = isinstance(outputs, Node)
+        self.outputs = [outputs] if self.single else list(outputs)
+        self.inputs = [inputs] if isinstance(inputs, Node) else list(inputs)
+        self.backend_name = backend
+        self.backend = get_backend(backend)
+        self.optimize = optimize
+        self.name = name or "function"
+        self.updates = self._check_updates(updates, loc)
+        self._check_inputs(loc)
+        self._cache: dict = {}
+        self.reports: list = []
+
+    # ------------------------------------------------------------ validation at build
+    def _check_updates(self, updates, loc):
+        if updates is None:
+            return []
+        pairs = list(updates.items()) if isinstance(updates, dict) else list(updates)
+        seen = set()
+        out = []
+        for p, v in pairs:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"compile: updates keys must be Parameters, got {p!r} (at {loc})")
+            if p.id in seen:
+                raise ValueError(f"compile: parameter {p.label()} is updated twice (at {loc})")
+            seen.add(p.id)
+            if not isinstance(v, Node):
+                v = as_node(v, p.dtype)
+            if tuple(v.shape) != tuple(p.shape) and not is_symbolic(v.shape):
+                raise ValueError(f"compile: update of {p.label()} has shape "
+                                 f"{shape_str(v.shape)}, the parameter {shape_str(p.shape)} "
+                                 f"(at {loc})")
+            out.append((p, v))
+        return out
+
+    def _check_inputs(self, loc):
+        names = set()
+        for i in self.inputs:
+            if not isinstance(i, Node) or i.op.name != "input":
+                raise TypeError(f"compile: inputs must be gc.input(...) tensors, got {i!r} (at {loc})")
+            if i.name in names:
+                raise ValueError(f"compile: two inputs are named {i.name!r} (at {loc})")
+            names.add(i.name)
+        declared = {i.id for i in self.inputs}
+        for n in toposort(self.outputs + [v for _, v in self.updates]):
+            if n.op.name == "input" and n.id not in declared:
+                raise ValueError(f"compile: the outputs depend on input {n.name!r}, which is not "
+                                 f"in the inputs list (at {loc})")
+
+    # ------------------------------------------------------------ calling
+    def _bind(self, args, kwargs):
+        if len(args) > len(self.inputs):
+            raise TypeError(f"{self.name}: takes {len(self.inputs)} inputs, got {len(args)}")
+        vals = dict(zip((i.name for i in self.inputs), args))
+        for k, v in kwargs.items():
+            if k in vals:
+                raise TypeError(f"{self.name}: input {k!r} given twice")
+            if k not in {i.name for i in self.inputs}:
+                raise TypeError(f"{self.name}: no input named {k!r}; inputs are "
+                                f"{[i.name for i in self.inputs]}")
+            vals[k] = v
+        missing = [i.name for i in self.inputs if i.name not in vals]
+        if missing:
+            raise TypeError(f"{self.name}: missing input(s) {missing}")
+        arrays, bindings = [], {}
+        for i in self.inputs:
+            a = np.asarray(vals[i.name])
+            if a.dtype != i.dtype:
+                if a.dtype.kind not in "biuf" or not np.can_cast(a.dtype, i.dtype, "same_kind"):
+                    raise TypeError(f"{self.name}: input {i.name!r} expects dtype {i.dtype}, "
+                                    f"got {a.dtype}")
+                a = a.astype(i.dtype)
+            if a.ndim != i.ndim:
+                raise ValueError(f"{self.name}: input {i.name!r} expects shape "
+                                 f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
+            for d, s in zip(i.shape, a.shape):
+                if isinstance(d, str):
+                    if bindings.setdefault(d, s) != s:
+                        raise ValueError(
+                            f"{self.name}: input {i.name!r} has {d}={s}, but another input "
+                            f"set {d}={bindings[d]} (shape {shape_str(a.shape)}, expected "
+                            f"{shape_str(i.shape)})")
+                elif d != s:
+                    raise ValueError(f"{self.name}: input {i.name!r} expects shape "
+                                     f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays, bindings
+
+    def _executable(self, bindings):
+        key = tuple(sorted(bindings.items()))
+        ex = self._cache.get(key)
+        if ex is None:
+            outs = self.outputs + [v for _, v in self.updates]
+            inputs = self.inputs
+            if bindings and getattr(self.backend, "NEEDS_CONCRETE_SHAPES", True):
+                outs, imap = specialize(outs, bindings, inputs)
+                inputs = [imap[i.id] for i in inputs]
+            graph = Graph(outs, inputs)
+            from .passes import optimize
+            graph, report = optimize(graph, self.optimize)
+            self.reports.append(report)
+            self.graph = graph
+            ex = self._cache[key] = self.backend.build(graph)
+        return ex
+
+    def __call__(self, *args, **kwargs):
+        arrays, bindings = self._bind(args, kwargs)
+        results = self._executable(bindings)(arrays)
+        n = len(self.outputs)
+        for (p, _), new in zip(self.updates, results[n:]):
+            p.set_value(new)  # after every output was computed: all readers saw old values
+        outs = [np.asarray(r) for r in results[:n]]
+        return outs[0] if self.single else outs
+
+    def report(self):
+        return self.reports[-1] if self.reports else None
+
+
+def compile(inputs, outputs, updates=None, backend="numpy", optimize=2, name=None) -> Function:
+    """Compile `outputs` as a function of `inputs` on a backend.
+
+    updates: {Parameter: new value node} written after each call.
+    backend: "numpy" (reference interpreter), "llvm" or "cuda".
+    optimize: 0, 1 or 2 (graph optimizer level).
+    """
+    return Function(inputs, outputs, updates=updates, backend=backend, optimize=optimize,
+                    name=name)
