@@ -185,19 +185,20 @@ class GeluOp(ActivationOp):
     def ref(self, x, approximate):
         if approximate == "tanh":
             # x³ overflows float32 only beyond |x| ~ 7e12, where tanh is ±1 anyway.
+            # 0.5 (1 + tanh(u)) = sigmoid(2u): no cancellation for very negative x.
             with np.errstate(over="ignore"):
                 inner = _GELU_K * (x + _GELU_C * (x * x * x))
-            return 0.5 * x * (1.0 + np.tanh(inner))
+            return x * _stable_sigmoid(2.0 * inner)
         phi = 0.5 * (1.0 + _erf_ref(x.astype(np.float64) / _SQRT_2))
         return (x.astype(np.float64) * phi).astype(x.dtype)
 
     def grad(self, node, g, x, approximate):
         if approximate == "tanh":
+            # With s = sigmoid(2u) = (1 + tanh u) / 2: d/dx x s = s + x 2 s (1 - s) u'.
             x2 = x * x
-            t = tanh((x + x * x2 * _GELU_C) * _GELU_K)
-            dinner = (x2 * (3.0 * _GELU_C) + 1.0) * _GELU_K
-            d = (t + 1.0) * 0.5 + x * 0.5 * (1.0 - t * t) * dinner
-            return g * d
+            s = sigmoid((x + x * x2 * _GELU_C) * (2.0 * _GELU_K))
+            du = (x2 * (3.0 * _GELU_C) + 1.0) * (2.0 * _GELU_K)
+            return g * (s + x * (s * (1.0 - s)) * du)
         # d/dx x Φ(x) = Φ(x) + x φ(x)
         cdf = (erf(x * (1.0 / _SQRT_2)) + 1.0) * 0.5
         pdf = exp(x * x * -0.5) * _INV_SQRT_2PI
