@@ -41,6 +41,15 @@ class TensorType:
         return f"{self.dtype}{shape_str(self.shape)}"
 
 
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a node producing several values (a loop); read with tuple_get."""
+    types: tuple
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(t) for t in self.types) + ")"
+
+
 # ---------------------------------------------------------------- provenance
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,6 +124,8 @@ class Node:
     # -- convenience ---------------------------------------------------
     @property
     def shape(self) -> Shape:
+        if isinstance(self.type, TupleType):
+            raise TypeError(f"{self!r} is a tuple of values; index it with gc.tuple_get")
         return self.type.shape
 
     @property
