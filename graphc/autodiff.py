@@ -11,7 +11,7 @@ from __future__ import annotations
 from .ir import dtypes as dt
 from .ir.errors import GraphBuildError
 from .ir.graph import toposort
-from .ir.node import Node, _ctx, role, user_location
+from .ir.node import Node, TupleType, _ctx, role, user_location
 from .ir.shapes import shape_str
 from .ops import elementwise as E
 from .ops.base import as_node, constant
@@ -70,13 +70,25 @@ def grad(y: Node, wrt, grad_output=None, allow_unused: bool = True):
                 needs.add(n.id)
 
         cts: dict = {y.id: [seed]} if y.id in needs else {}
+        tuple_cts: dict = {}  # tuple-valued node id -> {element index: [terms]}
         for n in reversed(order):
-            terms = cts.get(n.id)
-            if not terms or not n.inputs:
-                continue
-            g = _sum_all(terms)
-            cts[n.id] = [g]
+            if isinstance(n.type, TupleType):
+                parts = tuple_cts.get(n.id)
+                if not parts:
+                    continue
+                g = [(_sum_all(parts[k]) if parts.get(k) else None)
+                     for k in range(len(n.type.types))]
+            else:
+                terms = cts.get(n.id)
+                if not terms or not n.inputs:
+                    continue
+                g = _sum_all(terms)
+                cts[n.id] = [g]
             if not any(i.id in needs for i in n.inputs):
+                continue
+            if n.op.name == "tuple_get":
+                src = n.inputs[0]
+                tuple_cts.setdefault(src.id, {}).setdefault(n.attrs["index"], []).append(g)
                 continue
             saved_scope = _ctx.scope
             _ctx.scope = n.scope

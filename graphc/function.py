@@ -38,6 +38,10 @@ def specialize(outputs, bindings: dict, inputs=()):
             attrs = dict(n.attrs)
             for a in n.op.shape_attrs:
                 attrs[a] = substitute(attrs[a], bindings)
+            for a, v in attrs.items():
+                if isinstance(v, Graph):  # an inner graph (loop body) specializes too
+                    outs_, imap = specialize(v.outputs, bindings, v.inputs)
+                    attrs[a] = Graph(outs_, [imap[i.id] for i in v.inputs])
             try:
                 t = n.op.infer([i.type for i in ins], **attrs)
             except (TypeError, ValueError) as e:

@@ -146,7 +146,8 @@ def apply(op, inputs, **attrs) -> Node:
         op = get_op(op)
     loc = user_location()
     inputs = list(inputs)
-    like = next((i.dtype for i in inputs if isinstance(i, Node)), None)
+    like = next((i.dtype for i in inputs
+                 if isinstance(i, Node) and isinstance(i.type, TensorType)), None)
     try:
         nodes = [as_node(i, like) for i in inputs]
     except TypeError as e:
