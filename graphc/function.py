@@ -142,7 +142,7 @@ class Function:
                 elif d != s:
                     raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                      f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d 1-d)
         return arrays, bindings
 
     def _executable(self, bindings):
