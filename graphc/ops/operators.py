@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..ir.node import Node
 from . import elementwise as E
+from . import indexing as I
 from . import linalg as L
 from . import reduce as R
 from . import shape as S
@@ -25,6 +26,7 @@ _METHODS = {
     "var": R.var, "reshape": lambda self, *shape: S.reshape(
         self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape),
     "transpose": S.transpose, "permute": S.permute, "flatten": S.flatten,
+    "__getitem__": I.getitem,
     "astype": E.cast, "exp": E.exp, "log": E.log, "sqrt": E.sqrt,
 }
 
