@@ -121,6 +121,11 @@ class Graph:
     def __repr__(self):
         return f"<Graph: {len(self)} nodes, {len(self.outputs)} outputs>"
 
+    def _repr_svg_(self):
+        """Jupyter shows the graph as a picture (None = fall back to text without graphviz)."""
+        from .. import viz  # lazily: the IR does not depend on the tools layer
+        return viz.repr_svg(self)
+
 
 def _short(v) -> str:
     s = repr(v)
