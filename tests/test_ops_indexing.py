@@ -101,6 +101,18 @@ def test_getitem_bad_indices(idx, msg):
     assert "getitem" in str(e.value) and HERE in str(e.value)
 
 
+def test_iterating_and_unpacking_a_tensor_stops_at_its_length():
+    a = rng.standard_normal((3, 2)).astype(np.float32)
+    x = gc.input("x", a.shape)
+    rows = list(x)
+    assert len(rows) == 3
+    p, q, r = x
+    for o, e in zip(run([x], [p, q, r], a), a):
+        np.testing.assert_array_equal(o, e)
+    with pytest.raises(IndexError):
+        x[3]
+
+
 def test_getitem_with_tensor_index_points_to_take():
     x = gc.input("x", (3, 4))
     i = gc.input("i", (2,), "int64")
@@ -193,6 +205,22 @@ def test_take_grad_along_middle_axis_and_second_derivative():
     idx = np.array([2, 2, 0])
     gc.check_grad(lambda t, i: gc.take(t, i, axis=1), [a, idx])
     gc.check_grad(lambda t, i: gc.grad(gc.sum(gc.take(t, i, axis=1) ** 3.0), t), [a, idx])
+
+
+def test_take_along_symbolic_axis_grad():
+    x = gc.input("x", (None, 3), "float64")
+    i = gc.input("i", (4,), "int64")
+    gx = gc.grad(gc.sum(gc.take(x, i) ** 2.0), x)
+    f = gc.compile([x, i], gx)
+    idx = np.array([4, 0, 4, 1])
+    for n in (5, 6):
+        a = rng.standard_normal((n, 3))
+        expect = np.zeros_like(a)
+        for k in idx:
+            expect[k] += 2 * a[k]
+        np.testing.assert_allclose(f(a, idx), expect, rtol=1e-12)
+    with pytest.raises(gc.GraphcError, match=r"take.*index out of range.*\[0, 4\)"):
+        f(rng.standard_normal((4, 3)), idx)
 
 
 def test_embedding_forward_and_grad():

@@ -201,8 +201,14 @@ class PadOp(Op):
 
 
 # ------------------------------------------------------------------ getitem
-def _index_error(msg, x):
-    return _build_error("getitem", msg, [x])
+class IndexBuildError(GraphBuildError, IndexError):
+    """An int index out of range.  Also an IndexError, so that iterating over a
+    tensor (`a, b, c = x`) stops at the end of its first axis as in NumPy."""
+
+
+def _index_error(msg, x, cls=GraphBuildError):
+    err = _build_error("getitem", msg, [x])
+    return err if cls is GraphBuildError else cls(str(err))
 
 
 def getitem(x, index) -> Node:
@@ -245,7 +251,8 @@ def getitem(x, index) -> Node:
                 raise _index_error(f"cannot index symbolic dimension {d!r} (axis {axis}) with "
                                    f"an int; only a full slice ':' keeps a symbolic dimension", x)
             if not -d <= i < d:
-                raise _index_error(f"index {i} is out of range for axis {axis} of size {d}", x)
+                raise _index_error(f"index {i} is out of range for axis {axis} of size {d}", x,
+                                   IndexBuildError)
             spec.append((i % d, 1, 1))
         else:
             for part in (it.start, it.stop, it.step):
@@ -313,22 +320,26 @@ class TakeOp(Op):
         x, idx = node.inputs
         if not dt.is_float(x.dtype):
             return [None, None]
-        return [apply("take_grad", [g, idx], axis=node.attrs["axis"], shape=x.shape), None]
+        return [apply("take_grad", [g, idx, x], axis=node.attrs["axis"]), None]
 
 
 @register
 class TakeGradOp(Op):
-    """Scatter-add g into zeros of `shape` at `indices` along `axis` (gradient of take)."""
+    """Scatter-add g into zeros shaped like `like` at `indices` along `axis`.
+
+    The gradient of take.  `like` (take's x) only supplies the shape, read when
+    the graph runs so that a symbolic size of the indexed axis works too.
+    """
     name = "take_grad"
-    arity = 2
-    shape_attrs = ("shape",)
+    arity = 3
 
-    def check(self, axis, shape):
-        return {"axis": int(axis), "shape": normalize_shape(shape)}
+    def check(self, axis):
+        return {"axis": int(axis)}
 
-    def infer(self, types, axis, shape):
-        g, idx = types
+    def infer(self, types, axis):
+        g, idx, like = types
         _check_index_dtype(idx)
+        shape = like.shape
         expect = shape[:axis] + idx.shape + shape[axis + 1:]
         if len(expect) != g.ndim or any(isinstance(a, int) and isinstance(b, int) and a != b
                                         for a, b in zip(expect, g.shape)):
@@ -336,19 +347,16 @@ class TakeGradOp(Op):
                              f"{shape_str(expect)}")
         return TensorType(g.dtype, shape)
 
-    def evaluate(self, g, indices, axis, shape):
-        n = shape[axis]
-        if isinstance(n, str):
-            raise ValueError(f"size {n!r} of axis {axis} is not bound")
+    def evaluate(self, g, indices, like, axis):
+        n = like.shape[axis]
         _check_bounds(self.name, indices, n, f"axis {axis} of size {n}")
-        concrete = g.shape[:axis] + (n,) + g.shape[axis + indices.ndim:]
-        out = np.zeros(concrete, dtype=g.dtype)
+        out = np.zeros(like.shape, dtype=g.dtype)
         np.add.at(out, (slice(None),) * axis + (indices,), g)
         return out
 
     def vjp(self, node, g):
-        _, idx = node.inputs
-        return [take(g, idx, axis=node.attrs["axis"]), None]
+        _, idx, _ = node.inputs
+        return [take(g, idx, axis=node.attrs["axis"]), None, None]
 
 
 def take(x, indices, axis=0) -> Node:
