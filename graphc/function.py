@@ -151,7 +151,7 @@ class Function:
         if ex is None:
             outs = self.outputs + [v for _, v in self.updates]
             inputs = self.inputs
-            if bindings and getattr(self.backend, "NEEDS_CONCRETE_SHAPES", True):
+            if bindings:  # every backend runs shape-concrete graphs
                 outs, imap = specialize(outs, bindings, inputs)
                 inputs = [imap[i.id] for i in inputs]
             graph = Graph(outs, inputs)
