@@ -525,8 +525,8 @@ def test_batch_norm_errors():
         gc.batch_norm(x, training=False)
     with pytest.raises(gc.GraphBuildError, match=r"(?s)gamma must have shape.*test_ops_nn"):
         gc.batch_norm(x, gc.input("g", (3, 1)))
-    with pytest.raises(gc.GraphBuildError, match="test_ops_nn"):
-        gc.batch_norm(x, gc.input("g2", (4,)))
+    with pytest.raises(gc.GraphBuildError, match=r"(?s)beta must have shape \(3,\).*test_ops_nn"):
+        gc.batch_norm(x, None, gc.input("b2", (4,)))
 
 
 # ------------------------------------------------------------------ layer norm
@@ -551,3 +551,46 @@ def test_layer_norm():
     gc.check_grad(lambda a: gc.layer_norm(a, 4), [x])
     with pytest.raises(gc.GraphBuildError, match=r"(?s)normalized_shape.*test_ops_nn"):
         gc.layer_norm(gc.input("x", (3, 5)), (4,))
+
+
+# ------------------------------------------------------------------ extras
+def test_cross_entropy_unbatched_and_constant_labels():
+    x = RNG.standard_normal(5)
+    out = run(lambda a: gc.cross_entropy(a, np.array(3)), x)
+    np.testing.assert_allclose(out, ref_ce(x[None], [3])[0], rtol=1e-12)
+    xs = RNG.standard_normal((3, 5))
+    out = run(lambda a: gc.cross_entropy(a, [4, 0, 2], reduction="sum"), xs)
+    np.testing.assert_allclose(out, ref_ce(xs, [4, 0, 2]).sum(), rtol=1e-12)
+
+
+def test_second_order_gradients():
+    x = RNG.standard_normal((3, 4))
+    y = np.array([1, 0, 3])
+    gc.check_grad(lambda a, b: gc.grad(gc.cross_entropy(a, b, ignore_index=0,
+                                                        label_smoothing=0.1), a), [x, y])
+    gc.check_grad(lambda a: gc.grad(gc.sum(gc.softmax(a) ** 3), a), [x])
+    gc.check_grad(lambda a: gc.grad(gc.sum(gc.log_softmax(a) ** 2), a), [x])
+
+
+def test_batch_norm_symbolic_4d_gradient():
+    x = gc.input("x", (None, 2, 3, 3), "float64")
+    gamma = gc.input("g", (2,), "float64")
+    y, _, _ = gc.batch_norm(x, gamma, None, training=True)
+    r = gc.input("r", (None, 2, 3, 3), "float64")
+    loss = gc.sum(y * r)
+    dx, dg = gc.grad(loss, [x, gamma])
+    f = gc.compile([x, gamma, r], [dx, dg])
+    for n in (2, 3):
+        xv, gv, rv = RNG.standard_normal((n, 2, 3, 3)), RNG.uniform(0.5, 2, 2), \
+            RNG.standard_normal((n, 2, 3, 3))
+        got_dx, got_dg = f(xv, gv, rv)
+        # closed form of the batch-norm backward pass, per channel
+        m = n * 9
+        for ch in range(2):
+            xc = xv[:, ch] - xv[:, ch].mean()
+            inv = 1 / math.sqrt((xc ** 2).mean() + 1e-5)
+            xh = xc * inv
+            dxh = rv[:, ch] * gv[ch]
+            want = inv / m * (m * dxh - dxh.sum() - xh * (dxh * xh).sum())
+            np.testing.assert_allclose(got_dx[:, ch], want, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(got_dg[ch], (rv[:, ch] * xh).sum(), rtol=1e-10)

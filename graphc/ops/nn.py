@@ -576,11 +576,17 @@ def dropout_mask(key, like, p, stream=0):
 
 
 # ------------------------------------------------------------------ normalization
+def _lift(v, x):
+    """Arrays and lists given for per-channel tensors become constants of x's dtype."""
+    return v if isinstance(v, Node) else constant(np.asarray(v), x.dtype)
+
+
 def _channel_param(v, x, axis, what):
     """Reshape a (C,) per-channel tensor so it broadcasts along `axis` of x."""
-    v = as_node(v, x.dtype)
-    if v.ndim != 1:
-        raise _build_error(f"batch_norm: {what} must have shape (C,), got "
+    v = _lift(v, x)
+    if v.ndim != 1 or not _same_dim(v.shape[0], x.shape[axis]):
+        raise _build_error(f"batch_norm: {what} must have shape ({x.shape[axis]},) (the "
+                           f"channels of x {shape_str(x.shape)} along axis {axis}), got "
                            f"{shape_str(v.shape)}")
     return S.reshape(v, tuple(v.shape[0] if i == axis else 1 for i in range(x.ndim)))
 
@@ -601,6 +607,10 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, tr
     if x.ndim < 2:
         raise _build_error(f"batch_norm: x must have rank >= 2, got shape {shape_str(x.shape)}")
     axis = normalize_axis(axis, x.ndim, "batch_norm")
+    if running_mean is not None:
+        running_mean = _lift(running_mean, x)
+    if running_var is not None:
+        running_var = _lift(running_var, x)
     red = tuple(i for i in range(x.ndim) if i != axis)
     if training:
         mu = R.mean(x, axis=red, keepdims=True)
