@@ -1,0 +1,298 @@
+"""max/avg pooling and their gradient ops against independent loop references."""
+import itertools
+
+import numpy as np
+import pytest
+
+import graphc as gc
+
+
+# ------------------------------------------------------------------ independent references
+def pool_out(size, k, s, p, d, ceil_mode):
+    """PyTorch's output-size formula, written out."""
+    num = size + 2 * p - d * (k - 1) - 1
+    o = (num + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (o - 1) * s >= size + p:
+        o -= 1
+    return o
+
+
+def naive_max_pool(x, k, s, p, d, ceil_mode):
+    """Returns (y, argmax positions as (row, col) per output) by direct loops."""
+    n_, c_, h, w = x.shape
+    oh, ow = pool_out(h, k[0], s[0], p[0], d[0], ceil_mode), pool_out(w, k[1], s[1], p[1], d[1],
+                                                                        ceil_mode)
+    y = np.empty((n_, c_, oh, ow))
+    arg = np.empty((n_, c_, oh, ow, 2), dtype=int)
+    for n in range(n_):
+        for c in range(c_):
+            for i in range(oh):
+                for j in range(ow):
+                    best, where = -np.inf, None
+                    for a in range(k[0]):
+                        for b in range(k[1]):
+                            r, q = i * s[0] - p[0] + a * d[0], j * s[1] - p[1] + b * d[1]
+                            if 0 <= r < h and 0 <= q < w and x[n, c, r, q] > best:
+                                best, where = x[n, c, r, q], (r, q)   # strict: first max wins
+                    y[n, c, i, j] = best
+                    arg[n, c, i, j] = where
+    return y, arg
+
+
+def naive_max_pool_grad(x, g, k, s, p, d, ceil_mode):
+    _, arg = naive_max_pool(x, k, s, p, d, ceil_mode)
+    dx = np.zeros_like(x, dtype=np.float64)
+    for n, c, i, j in np.ndindex(*g.shape):
+        r, q = arg[n, c, i, j]
+        dx[n, c, r, q] += g[n, c, i, j]
+    return dx
+
+
+def naive_avg_pool(x, k, s, p, ceil_mode, count_include_pad):
+    n_, c_, h, w = x.shape
+    oh, ow = pool_out(h, k[0], s[0], p[0], 1, ceil_mode), pool_out(w, k[1], s[1], p[1], 1,
+                                                                     ceil_mode)
+    y = np.empty((n_, c_, oh, ow))
+    for n in range(n_):
+        for c in range(c_):
+            for i in range(oh):
+                for j in range(ow):
+                    r0, q0 = i * s[0] - p[0], j * s[1] - p[1]
+                    r1, q1 = min(r0 + k[0], h + p[0]), min(q0 + k[1], w + p[1])
+                    divisor = (r1 - r0) * (q1 - q0)
+                    total, real = 0.0, 0
+                    for r in range(r0, r1):
+                        for q in range(q0, q1):
+                            if 0 <= r < h and 0 <= q < w:
+                                total += x[n, c, r, q]
+                                real += 1
+                    y[n, c, i, j] = total / (divisor if count_include_pad else real)
+    return y
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def compile1(fn, shape, dtype="float64"):
+    x = gc.input("x", shape, dtype)
+    return gc.compile([x], fn(x))
+
+
+# ------------------------------------------------------------------ forward
+def _pool_cases():
+    sizes = [(7, 7), (5, 8), (1, 1), (11, 6), (4, 13)]
+    cases = []
+    for idx, (k, s, p, ceil) in enumerate(itertools.product(
+            [1, 2, 3, (3, 2)], [None, 1, 2, (2, 3)], [0, 1], [False, True])):
+        kk = pair(k)
+        if p and any(2 * p > kd for kd in kk):
+            continue   # padding > kernel/2 is an error, tested below
+        h, w = sizes[idx % len(sizes)]
+        h, w = max(h, kk[0]), max(w, kk[1])
+        cases.append(dict(k=k, s=s, p=p, ceil=ceil, hw=(h, w),
+                          dtype=np.float32 if idx % 3 else np.float64))
+    return cases
+
+
+def _id(c):
+    return f"k{c['k']}-s{c['s']}-p{c['p']}-ceil{int(c['ceil'])}-{c['hw']}".replace(" ", "")
+
+
+@pytest.mark.parametrize("c", _pool_cases(), ids=_id)
+def test_max_pool_forward(c):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3) + c["hw"]).astype(c["dtype"])
+    out = compile1(lambda t: gc.max_pool2d(t, c["k"], c["s"], c["p"], ceil_mode=c["ceil"]),
+                   x.shape, c["dtype"])(x)
+    k = pair(c["k"])
+    ref, _ = naive_max_pool(x, k, pair(c["s"] or c["k"]), pair(c["p"]), (1, 1), c["ceil"])
+    assert out.dtype == c["dtype"]
+    np.testing.assert_array_equal(out, ref.astype(c["dtype"]))
+
+
+@pytest.mark.parametrize("c", _pool_cases(), ids=_id)
+@pytest.mark.parametrize("include_pad", [True, False])
+def test_avg_pool_forward(c, include_pad):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2) + c["hw"]).astype(c["dtype"])
+    out = compile1(lambda t: gc.avg_pool2d(t, c["k"], c["s"], c["p"], ceil_mode=c["ceil"],
+                                           count_include_pad=include_pad), x.shape, c["dtype"])(x)
+    ref = naive_avg_pool(x.astype(np.float64), pair(c["k"]), pair(c["s"] or c["k"]),
+                         pair(c["p"]), c["ceil"], include_pad)
+    assert out.dtype == c["dtype"]
+    tol = 1e-12 if c["dtype"] == np.float64 else 1e-6
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("k, s, p, d, ceil", [
+    (3, 1, 1, 2, False), ((2, 3), (1, 2), (1, 0), (2, 1), True), (2, 2, 0, 3, True)])
+def test_max_pool_dilation(k, s, p, d, ceil):
+    x = np.random.default_rng(2).standard_normal((1, 2, 9, 10))
+    out = compile1(lambda t: gc.max_pool2d(t, k, s, p, dilation=d, ceil_mode=ceil), x.shape)(x)
+    ref, _ = naive_max_pool(x, pair(k), pair(s), pair(p), pair(d), ceil)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_ceil_mode_shapes_match_pytorch_rule():
+    # 5 wide, kernel 2, stride 2: floor -> 2, ceil -> 3 (the last window holds column 4 only)
+    x = np.arange(25, dtype=np.float64).reshape(1, 1, 5, 5)
+    out = compile1(lambda t: gc.max_pool2d(t, 2, ceil_mode=True), x.shape)(x)
+    np.testing.assert_array_equal(out[0, 0], [[6, 8, 9], [16, 18, 19], [21, 23, 24]])
+    avg = compile1(lambda t: gc.avg_pool2d(t, 2, ceil_mode=True), x.shape)(x)
+    assert avg[0, 0, 2, 2] == 24.0            # a 1x1 remnant window averages one element
+    assert avg[0, 0, 0, 2] == (4 + 9) / 2
+    # a window that would start in the right padding is dropped: 4 wide, k 2, s 2, p 1
+    y = gc.max_pool2d(gc.input("x", (1, 1, 4, 4)), 2, 2, 1, ceil_mode=True)
+    assert y.shape == (1, 1, 3, 3)
+
+
+def test_avg_pool_count_include_pad_values():
+    x = np.ones((1, 1, 3, 3))
+    inc = compile1(lambda t: gc.avg_pool2d(t, 3, 1, 1), x.shape)(x)
+    exc = compile1(lambda t: gc.avg_pool2d(t, 3, 1, 1, count_include_pad=False), x.shape)(x)
+    np.testing.assert_allclose(inc[0, 0], [[4 / 9, 6 / 9, 4 / 9], [6 / 9, 1, 6 / 9],
+                                           [4 / 9, 6 / 9, 4 / 9]], rtol=1e-15)
+    np.testing.assert_array_equal(exc, np.ones((1, 1, 3, 3)))
+
+
+# ------------------------------------------------------------------ gradients
+def distinct(shape, seed):
+    """Values far apart (no ties within 1), so max pooling is smooth at the point."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(int(np.prod(shape))).reshape(shape).astype(np.float64) * 0.5
+
+
+GRAD_CASES = [(2, None, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),
+              ((2, 3), (1, 2), (1, 1), (2, 1), True), (3, 1, 0, 1, False)]
+
+
+@pytest.mark.parametrize("k, s, p, d, ceil", GRAD_CASES)
+def test_max_pool_gradient(k, s, p, d, ceil):
+    x = distinct((2, 2, 7, 6), 3)
+    gc.check_grad(lambda t: gc.max_pool2d(t, k, s, p, dilation=d, ceil_mode=ceil), [x],
+                  max_entries=40)
+
+
+@pytest.mark.parametrize("k, s, p, d, ceil", GRAD_CASES)
+def test_max_pool_grad_op_against_loops_with_ties(k, s, p, d, ceil):
+    # Small integers: many ties, so this pins down the first-max rule and accumulation.
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 3, (2, 2, 7, 6)).astype(np.float64)
+    g = rng.standard_normal(gc.max_pool2d(gc.input("x", x.shape, "float64"), k, s, p,
+                                          dilation=d, ceil_mode=ceil).shape)
+    xi, gi = gc.input("x", x.shape, "float64"), gc.input("g", g.shape, "float64")
+    y = gc.max_pool2d(xi, k, s, p, dilation=d, ceil_mode=ceil)
+    dx = gc.grad(y, xi, grad_output=gi)
+    out = gc.compile([xi, gi], dx)(x, g)
+    ref = naive_max_pool_grad(x, g, pair(k), pair(s or k), pair(p), pair(d), ceil)
+    np.testing.assert_allclose(out, ref, rtol=1e-14, atol=1e-14)
+
+
+def test_max_pool_tie_rule_first_max():
+    # All equal: every window sends its gradient to its top-left element.
+    x = np.ones((1, 1, 3, 3))
+    xi = gc.input("x", x.shape, "float64")
+    dx = gc.grad(gc.sum(gc.max_pool2d(xi, 2, stride=1)), xi)
+    np.testing.assert_array_equal(gc.compile([xi], dx)(x)[0, 0],
+                                  [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    # Ties later in the window: [[0, 7, 0], [7, 7, 0], [0, 0, 0]] with 2x2 windows, stride 1:
+    # window (0,0) = [[0, 7], [7, 7]] picks (0, 1), the row-major first 7, not (1, 0) or
+    # (1, 1); window (0,1) = [[7, 0], [7, 0]] also picks (0, 1); window (1,0) = [[7, 7],
+    # [0, 0]] picks (1, 0); window (1,1) picks (1, 1).
+    x2 = np.array([[[[0.0, 7.0, 0.0], [7.0, 7.0, 0.0], [0.0, 0.0, 0.0]]]])
+    np.testing.assert_array_equal(gc.compile([xi], dx)(x2)[0, 0],
+                                  [[0, 2, 0], [1, 1, 0], [0, 0, 0]])
+    # overlapping windows both choosing the same element accumulate
+    x3 = np.zeros((1, 1, 3, 3))
+    x3[0, 0, 1, 1] = 5.0
+    np.testing.assert_array_equal(gc.compile([xi], dx)(x3)[0, 0],
+                                  [[0, 0, 0], [0, 4, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("k, s, p, ceil, inc", [(2, None, 0, False, True), (3, 2, 1, True, True),
+                                                (3, 2, 1, True, False), ((2, 3), (3, 1), (1, 0),
+                                                                         False, False)])
+def test_avg_pool_gradient(k, s, p, ceil, inc):
+    x = np.random.default_rng(5).standard_normal((2, 2, 7, 6))
+    gc.check_grad(lambda t: gc.avg_pool2d(t, k, s, p, count_include_pad=inc, ceil_mode=ceil),
+                  [x], max_entries=40)
+
+
+def test_second_derivatives_through_pools():
+    x = distinct((1, 2, 6, 6), 6)
+    for pool in (lambda t: gc.max_pool2d(t, 3, 2, 1, ceil_mode=True),
+                 lambda t: gc.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False)):
+        # d/dx of grad(sum(pool(x)^2)) exercises the gradient ops' own gradient rules
+        gc.check_grad(lambda t: gc.grad(gc.sum(pool(t) * pool(t)), t), [x], max_entries=24)
+
+
+# ------------------------------------------------------------------ global average pooling
+def test_global_avg_pool():
+    x = np.random.default_rng(7).standard_normal((3, 4, 5, 7))
+    xi = gc.input("x", (None, 4, 5, 7), "float64")
+    y = gc.global_avg_pool2d(xi)
+    assert y.shape == ("N", 4, 1, 1)
+    out = gc.compile([xi], y)(x)
+    ref = np.array([[[[x[n, c].sum() / 35.0]] for c in range(4)] for n in range(3)])
+    np.testing.assert_allclose(out, ref, rtol=1e-13)
+    gc.check_grad(gc.global_avg_pool2d, [x], max_entries=20)
+
+
+def test_symbolic_batch_pools():
+    xi = gc.input("x", (None, 2, 6, 6), "float64")
+    y = gc.max_pool2d(xi, 2) + gc.avg_pool2d(xi, 2)
+    assert y.shape == ("N", 2, 3, 3)
+    dx = gc.grad(gc.sum(y), xi)
+    f = gc.compile([xi], [y, dx])
+    for n in (1, 3):
+        x = distinct((n, 2, 6, 6), n)
+        yv, dxv = f(x)
+        ref = naive_max_pool(x, (2, 2), (2, 2), (0, 0), (1, 1), False)[0] + naive_avg_pool(
+            x, (2, 2), (2, 2), (0, 0), False, True)
+        np.testing.assert_allclose(yv, ref, rtol=1e-14)
+        assert dxv.shape == (n, 2, 6, 6)
+        # each 2x2 block: 1 for its max, plus 1/4 everywhere from the average
+        assert dxv.sum() == pytest.approx(n * 2 * 9 * 2.0)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("fn, pattern", [
+    (lambda x: gc.max_pool2d(x, 2, padding=2), r"padding \(2, 2\) must be at most half"),
+    (lambda x: gc.avg_pool2d(x, 3, padding=(1, 2)), r"at most half the kernel size \(3, 3\)"),
+    (lambda x: gc.max_pool2d(x, 9), r"larger than the padded input H 8"),
+    (lambda x: gc.max_pool2d(x, 2, stride=0), r"stride must be >= 1"),
+])
+def test_pool_errors(fn, pattern):
+    x = gc.input("x", (1, 1, 8, 8))
+    with pytest.raises(gc.GraphBuildError, match=pattern) as e:
+        fn(x)
+    assert "test_ops_pool.py" in str(e.value)
+    assert "(1, 1, 8, 8)" in str(e.value)
+
+
+def test_pool_rank_and_dtype_errors():
+    with pytest.raises(gc.GraphBuildError, match=r"4-D .* got \(8, 8\)") as e:
+        gc.max_pool2d(gc.input("x", (8, 8)), 2)
+    assert "test_ops_pool.py" in str(e.value)
+    with pytest.raises(gc.GraphBuildError, match="float"):
+        gc.avg_pool2d(gc.input("x", (1, 1, 4, 4), "int64"), 2)
+    with pytest.raises(gc.GraphBuildError, match=r"4-D") as e:
+        gc.global_avg_pool2d(gc.input("x", (2, 3)))
+    assert "test_ops_pool.py" in str(e.value)
+
+
+# ------------------------------------------------------------------ optional oracle
+def test_against_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = np.random.default_rng(8).standard_normal((2, 3, 11, 9))
+    xt = torch.from_numpy(x)
+    for k, s, p, ceil in [(3, 2, 1, True), (2, None, 0, False), ((3, 2), (2, 1), (1, 1), True)]:
+        mp = compile1(lambda t: gc.max_pool2d(t, k, s, p, ceil_mode=ceil), x.shape)(x)
+        np.testing.assert_array_equal(mp, F.max_pool2d(xt, k, s, p, ceil_mode=ceil).numpy())
+        for inc in (True, False):
+            ap = compile1(lambda t: gc.avg_pool2d(t, k, s, p, ceil_mode=ceil,
+                                                  count_include_pad=inc), x.shape)(x)
+            ref = F.avg_pool2d(xt, k, s, p, ceil_mode=ceil, count_include_pad=inc).numpy()
+            np.testing.assert_allclose(ap, ref, rtol=1e-12, atol=1e-12)
