@@ -594,3 +594,33 @@ def test_batch_norm_symbolic_4d_gradient():
             want = inv / m * (m * dxh - dxh.sum() - xh * (dxh * xh).sum())
             np.testing.assert_allclose(got_dx[:, ch], want, rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(got_dg[ch], (rv[:, ch] * xh).sum(), rtol=1e-10)
+
+
+def test_against_torch_when_installed():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = RNG.standard_normal((6, 4, 3))
+    y = RNG.integers(0, 4, (6, 3))
+    y[0, 0] = -100
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    for red in ("mean", "sum", "none"):
+        want = F.cross_entropy(t(x), t(y), reduction=red, ignore_index=-100,
+                               label_smoothing=0.15).numpy()
+        got = run(lambda a, b: gc.cross_entropy(a, b, reduction=red, ignore_index=-100,
+                                                label_smoothing=0.15), x, y)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    z, tg, pw = RNG.standard_normal((5, 3)) * 4, RNG.uniform(0, 1, (5, 3)), RNG.uniform(0.5, 2, 3)
+    want = F.binary_cross_entropy_with_logits(t(z), t(tg), pos_weight=t(pw)).numpy()
+    got = run(lambda a, b, c: gc.binary_cross_entropy_with_logits(a, b, pos_weight=c), z, tg, pw)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    xb = RNG.standard_normal((4, 3, 2, 2))
+    g, b, rm, rv = (RNG.uniform(0.5, 2, 3), RNG.standard_normal(3), RNG.standard_normal(3),
+                    RNG.uniform(0.5, 2, 3))
+    trm, trv = t(rm.copy()), t(rv.copy())
+    want = F.batch_norm(t(xb), trm, trv, t(g), t(b), training=True, momentum=0.3, eps=1e-4)
+    got = run(lambda a, gg, bb, m, v: list(gc.batch_norm(a, gg, bb, m, v, training=True,
+                                                         momentum=0.3, eps=1e-4)),
+              xb, g, b, rm, rv)
+    np.testing.assert_allclose(got[0], want.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], trm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(got[2], trv.numpy(), rtol=1e-12)
