@@ -156,7 +156,7 @@ class Function:
                 inputs = [imap[i.id] for i in inputs]
             graph = Graph(outs, inputs)
             from .passes import optimize
-            graph, report = optimize(graph, self.optimize)
+            graph, report = optimize(graph, self.optimize, n_updates=len(self.updates))
             self.reports.append(report)
             self.graph = graph
             ex = self._cache[key] = self.backend.build(graph)

@@ -1,0 +1,241 @@
+"""Fusion: groups of ops become one `fused` node that a backend runs as one kernel.
+
+The fused node (the contract backends rely on):
+
+    node.op.name == "fused"
+    node.attrs   == {"kind": "elementwise" | "reduce" | "matmul_epilogue" | "conv_epilogue",
+                     "label": "sub+exp+sum",      # the member ops, inputs first
+                     "uid": <int>}                 # unique: keeps Node.key() distinct
+    node.value   == the inner graphc.ir.Graph: `inputs` are `input` nodes that
+                    correspond positionally to node.inputs; one output.  Besides
+                    those inputs its only leaves are scalar (shape ()) constants.
+
+Grouping rules (predictable by design; docs/optimizer.md has examples):
+
+1. Nodes are visited from the outputs backwards.  A fusable node that no group
+   holds yet roots a new group: an elementwise op (op.elementwise), or a
+   reduction (sum, mean, max, min).
+2. A group absorbs a producer p of one of its members when
+   - every user of p is already in the group (a value needed elsewhere stays
+     materialized: a group has exactly one output, nothing is recomputed),
+   - p is not a graph output (outputs, including parameter-update values,
+     are materialized),
+   - p is elementwise and has the group's iteration shape (the root's shape,
+     or the reduced input's shape for a reduction) or has a single element,
+   - the group holds fewer than `max_fusion` ops.
+   In an elementwise group, one matmul (or conv2d) producer of the group's
+   iteration shape may be absorbed too: its inputs are not, and it makes the
+   group a matmul_epilogue (conv_epilogue).
+3. A group of one op is left as the plain op.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import weakref
+from math import prod
+
+import numpy as np
+
+from ..ir.errors import GraphcError
+from ..ir.graph import Graph
+from ..ir.node import Node, TensorType
+from ..ops.base import REGISTRY, Op, register
+from .framework import register_pass
+
+REDUCE_OPS = frozenset({"sum", "mean", "max", "min"})
+MATMUL_OPS = frozenset({"matmul"})
+CONV_OPS = frozenset({"conv2d"})
+
+_INNER: "weakref.WeakValueDictionary[int, Graph]" = weakref.WeakValueDictionary()
+_uids = itertools.count()
+
+
+def inner_graph(node_or_uid) -> Graph:
+    """The inner graph of a fused node (or of its uid)."""
+    uid = node_or_uid.attrs["uid"] if isinstance(node_or_uid, Node) else node_or_uid
+    try:
+        return _INNER[uid]
+    except KeyError:
+        raise GraphcError(f"fused node uid={uid} has no inner graph (was it freed?)") from None
+
+
+def run_inner(graph: Graph, args) -> np.ndarray:
+    """Evaluate an inner graph with the ops' NumPy references (like the interpreter)."""
+    vals = {i.id: a for i, a in zip(graph.inputs, args)}
+    for n in graph.nodes:
+        if n.id in vals:
+            continue
+        if n.op.name == "constant":
+            vals[n.id] = n.value
+        elif n.op.name == "input":
+            raise GraphcError(f"fused graph reads input {n.label()} that is not among its inputs")
+        else:
+            with np.errstate(all="ignore"):
+                vals[n.id] = np.asarray(n.op.evaluate(*(vals[i.id] for i in n.inputs), **n.attrs))
+    return vals[graph.outputs[0].id]
+
+
+def infer_inner(graph: Graph, types) -> TensorType:
+    """The output type of an inner graph for (possibly new) input types."""
+    tys = {i.id: t for i, t in zip(graph.inputs, types)}
+    for n in graph.nodes:
+        if n.id in tys:
+            continue
+        if not n.inputs:
+            tys[n.id] = n.type
+        else:
+            tys[n.id] = n.op.infer([tys[i.id] for i in n.inputs], **n.attrs)
+    return tys[graph.outputs[0].id]
+
+
+@register
+class FusedOp(Op):
+    """Several ops run as one kernel; the inner graph lives in node.value."""
+    name = "fused"
+    arity = None
+    differentiable = False
+
+    def check(self, kind, label, uid):
+        if kind not in ("elementwise", "reduce", "matmul_epilogue", "conv_epilogue"):
+            raise ValueError(f"unknown fusion kind {kind!r}")
+        return {"kind": kind, "label": str(label), "uid": int(uid)}
+
+    def infer(self, types, kind, label, uid):
+        return infer_inner(inner_graph(uid), types)
+
+    def evaluate(self, *args, kind, label, uid):
+        return run_inner(inner_graph(uid), args)
+
+    def vjp(self, node, g):
+        raise GraphcError("fused nodes have no gradient rule: fusion runs after autodiff "
+                          "(differentiate the unoptimized graph, then compile)")
+
+
+# ------------------------------------------------------------------ grouping
+def _is_ew(n) -> bool:
+    return bool(n.inputs) and n.op.elementwise
+
+
+def _numel(shape):
+    return None if any(isinstance(d, str) for d in shape) else prod(shape)
+
+
+def find_groups(graph: Graph, max_size: int = 64) -> list:
+    """Fusion groups as lists of nodes (inputs first; the last one is the root)."""
+    order = graph.nodes
+    index = {n.id: k for k, n in enumerate(order)}
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs}
+    assigned: dict = {}
+    groups = []
+    for root in reversed(order):
+        if root.id in assigned or not root.inputs:
+            continue
+        if _is_ew(root):
+            domain, kind = tuple(root.shape), "elementwise"
+        elif root.op.name in REDUCE_OPS:
+            domain, kind = tuple(root.inputs[0].shape), "reduce"
+        else:
+            continue
+        members = {root.id: root}
+        heap = []
+        queued = set()
+
+        def push(n):
+            for p in n.inputs:
+                if p.id not in queued and p.id not in members:
+                    queued.add(p.id)
+                    heapq.heappush(heap, (-index[p.id], p.id, p))
+        push(root)
+        while heap and len(members) < max_size:
+            _, _, p = heapq.heappop(heap)
+            if (p.id in assigned or not p.inputs or p.id in outputs
+                    or not all(u.id in members for u in users[p.id])):
+                continue
+            if _is_ew(p) and (tuple(p.shape) == domain or _numel(p.shape) == 1):
+                members[p.id] = p
+                push(p)
+            elif (kind == "elementwise" and tuple(p.shape) == domain
+                  and p.op.name in MATMUL_OPS | CONV_OPS):
+                kind = "matmul_epilogue" if p.op.name in MATMUL_OPS else "conv_epilogue"
+                members[p.id] = p       # its inputs stay outside the group
+        if len(members) < 2:
+            continue
+        group = sorted(members.values(), key=lambda n: index[n.id])
+        for n in group:
+            assigned[n.id] = len(groups)
+        groups.append((kind, group))
+    return groups
+
+
+def _label(group) -> str:
+    names = [n.op.name for n in group]
+    if len(names) > 6:
+        return "+".join(names[:5]) + f"+...({len(names)} ops)"
+    return "+".join(names)
+
+
+def make_fused(kind: str, group: list, mapped_input) -> Node:
+    """Build the fused node for `group` (members inputs-first, root last).
+
+    `mapped_input(n)` gives the node of the new outer graph that stands for
+    the external value n.
+    """
+    member_ids = {n.id for n in group}
+    ext, inner_of = [], {}
+    inner_inputs = []
+    for n in group:
+        for i in n.inputs:
+            if i.id in member_ids or i.id in inner_of:
+                continue
+            if i.op.name == "constant" and i.shape == ():
+                inner_of[i.id] = i          # scalars become immediates inside the kernel
+                continue
+            leaf = Node(REGISTRY["input"], (), {}, i.type, name=f"in{len(ext)}", loc=i.loc)
+            inner_of[i.id] = leaf
+            inner_inputs.append(leaf)
+            ext.append(i)
+    for n in group:
+        m = Node(n.op, tuple(inner_of[i.id] for i in n.inputs), n.attrs, n.type, name=n.name,
+                 loc=n.loc)
+        m.scope, m.role = n.scope, n.role
+        inner_of[n.id] = m
+    root = group[-1]
+    inner = Graph([inner_of[root.id]], inner_inputs)
+    uid = next(_uids)
+    _INNER[uid] = inner
+    attrs = {"kind": kind, "label": _label(group), "uid": uid}
+    fused = Node(REGISTRY["fused"], tuple(mapped_input(i) for i in ext), attrs, root.type,
+                 name=root.name, value=inner, loc=root.loc)
+    fused.scope, fused.role = root.scope, root.role
+    return fused
+
+
+@register_pass("fuse")
+def fuse(graph: Graph, ctx):
+    """Group elementwise chains, matmul/conv epilogues and reduction prologues."""
+    groups = find_groups(graph, ctx.max_fusion)
+    root_of = {g[-1].id: (kind, g) for kind, g in groups}
+    inside = {n.id for _, g in groups for n in g[:-1]}
+    memo: dict = {}
+    changes = []
+    for n in graph.nodes:
+        if n.id in inside:
+            continue
+        if n.id in root_of:
+            kind, g = root_of[n.id]
+            memo[n.id] = make_fused(kind, g, lambda i: memo[i.id])
+            changes.append(f"fused {kind} [{memo[n.id].attrs['label']}] ({len(g)} ops)")
+        elif n.inputs:
+            new_inputs = tuple(memo[i.id] for i in n.inputs)
+            if all(a is b for a, b in zip(new_inputs, n.inputs)):
+                memo[n.id] = n
+            else:
+                m = Node(n.op, new_inputs, n.attrs, n.type, name=n.name, value=n.value, loc=n.loc)
+                m.scope, m.role = n.scope, n.role
+                memo[n.id] = m
+        else:
+            memo[n.id] = n
+    out = Graph([memo[o.id] for o in graph.outputs], [memo.get(i.id, i) for i in graph.inputs])
+    return out, changes
