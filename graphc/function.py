@@ -69,6 +69,10 @@ class Function:
         self._check_inputs(loc)
         self._cache: dict = {}
         self.reports: list = []
+        # Parameters a result may alias (an output that is a parameter or a view
+        # of one): such results are copied before updates write in place.
+        self._state = [n for n in toposort(self.outputs + [v for _, v in self.updates])
+                       if isinstance(n, Parameter)]
 
     # ------------------------------------------------------------ validation at build
     def _check_updates(self, updates, loc):
@@ -166,10 +170,22 @@ class Function:
         arrays, bindings = self._bind(args, kwargs)
         results = self._executable(bindings)(arrays)
         n = len(self.outputs)
+        results = [self._detach(np.asarray(r)) for r in results]
         for (p, _), new in zip(self.updates, results[n:]):
             p.set_value(new)  # after every output was computed: all readers saw old values
-        outs = [np.asarray(r) for r in results[:n]]
+        outs = results[:n]
         return outs[0] if self.single else outs
+
+    def _detach(self, r):
+        """A copy of `r` if it may share memory with a parameter's storage.
+
+        Otherwise an update (or a later call) would change an output already
+        returned, and simultaneous updates such as a swap would read
+        half-written values.
+        """
+        if any(np.may_share_memory(r, p.value) for p in self._state):
+            return r.copy()
+        return r
 
     def report(self):
         return self.reports[-1] if self.reports else None
