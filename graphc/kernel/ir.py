@@ -1,0 +1,301 @@
+"""The kernel IR: loop nests over flat buffers with affine indexing.
+
+A `Kernel` reads and writes `Buffer`s (flat, typed, of known element count)
+through `Load`/`Store` at integer index expressions built from loop
+variables.  Scalars flow through `Expr` trees; per-kernel scalar variables
+(`Local`) hold accumulators.  Loops carry a schedule tag ("serial",
+"parallel", "vector", "unroll") that a backend maps onto its own machinery
+(threads, SIMD lanes, CUDA blocks/threads).  Nothing here knows about LLVM.
+
+One coarse statement, `Gemm`, names a (strided) matrix product: backends may
+emit a tuned micro-kernel for it, and `Gemm.as_loops()` gives the plain loop
+nest any backend can compile instead.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+INDEX = np.dtype("int64")
+BOOL = np.dtype("bool")
+
+_names = itertools.count()
+
+
+class Buffer:
+    """A flat array of `size` elements of `dtype` (kernel parameter)."""
+    __slots__ = ("name", "dtype", "size")
+
+    def __init__(self, name, dtype, size):
+        self.name, self.dtype, self.size = name, np.dtype(dtype), int(size)
+
+    def __repr__(self):
+        return f"{self.name}:{self.dtype}[{self.size}]"
+
+
+# ------------------------------------------------------------------ expressions
+class Expr:
+    __slots__ = ("dtype",)
+
+
+class Const(Expr):
+    __slots__ = ("value",)
+
+    def __init__(self, value, dtype):
+        self.dtype = np.dtype(dtype)
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value) if self.dtype != INDEX else str(int(self.value))
+
+
+class Var(Expr):
+    """A loop index (int64)."""
+    __slots__ = ("name",)
+
+    def __init__(self, name=None):
+        self.dtype = INDEX
+        self.name = name or f"i{next(_names)}"
+
+    def __repr__(self):
+        return self.name
+
+
+class Local(Expr):
+    """A scalar variable of the kernel (read); written by `Assign`."""
+    __slots__ = ("name",)
+
+    def __init__(self, dtype, name=None):
+        self.dtype = np.dtype(dtype)
+        self.name = name or f"t{next(_names)}"
+
+    def __repr__(self):
+        return self.name
+
+
+class Load(Expr):
+    __slots__ = ("buf", "index")
+
+    def __init__(self, buf: Buffer, index: Expr):
+        self.dtype, self.buf, self.index = buf.dtype, buf, index
+
+    def __repr__(self):
+        return f"{self.buf.name}[{self.index!r}]"
+
+
+ARITH = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "and", "or")
+COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+UNARY = ("neg", "abs", "sqrt", "exp", "log", "expm1", "log1p", "erf", "sign", "not",
+         "floor", "isnan", "recip")
+
+
+class BinOp(Expr):
+    """Arithmetic (same dtype in and out; integer div floors, like NumPy's //) or a
+    comparison (bool out).  `reassoc` lets a backend reorder a reduction."""
+    __slots__ = ("op", "a", "b", "reassoc")
+
+    def __init__(self, op, a, b, reassoc=False):
+        if op not in ARITH + COMPARE:
+            raise ValueError(f"unknown binary op {op}")
+        if a.dtype != b.dtype:
+            raise TypeError(f"{op}: operand dtypes differ ({a.dtype}, {b.dtype})")
+        self.op, self.a, self.b, self.reassoc = op, a, b, reassoc
+        self.dtype = BOOL if op in COMPARE else a.dtype
+
+    def __repr__(self):
+        return f"{self.op}({self.a!r}, {self.b!r})"
+
+
+class UnOp(Expr):
+    __slots__ = ("op", "a")
+
+    def __init__(self, op, a):
+        if op not in UNARY:
+            raise ValueError(f"unknown unary op {op}")
+        self.op, self.a = op, a
+        self.dtype = BOOL if op in ("isnan", "not") else a.dtype
+
+    def __repr__(self):
+        return f"{self.op}({self.a!r})"
+
+
+class Select(Expr):
+    __slots__ = ("cond", "a", "b")
+
+    def __init__(self, cond, a, b):
+        if cond.dtype != BOOL or a.dtype != b.dtype:
+            raise TypeError(f"select({cond.dtype}, {a.dtype}, {b.dtype})")
+        self.cond, self.a, self.b, self.dtype = cond, a, b, a.dtype
+
+    def __repr__(self):
+        return f"select({self.cond!r}, {self.a!r}, {self.b!r})"
+
+
+class Cast(Expr):
+    __slots__ = ("a",)
+
+    def __init__(self, a, dtype):
+        self.a, self.dtype = a, np.dtype(dtype)
+
+    def __repr__(self):
+        return f"{self.dtype}({self.a!r})"
+
+
+# ------------------------------------------------------------------ statements
+class Stmt:
+    __slots__ = ()
+
+
+class Loop(Stmt):
+    """for var in range(extent): body.  kind: serial | parallel | vector | unroll."""
+    __slots__ = ("var", "extent", "body", "kind")
+
+    def __init__(self, var, extent, body, kind="serial"):
+        self.var, self.extent, self.body, self.kind = var, int(extent), list(body), kind
+
+
+class Store(Stmt):
+    __slots__ = ("buf", "index", "value")
+
+    def __init__(self, buf, index, value):
+        if value.dtype != buf.dtype:
+            raise TypeError(f"store of {value.dtype} into {buf!r}")
+        self.buf, self.index, self.value = buf, index, value
+
+
+class Assign(Stmt):
+    __slots__ = ("local", "value")
+
+    def __init__(self, local, value):
+        if value.dtype != local.dtype:
+            raise TypeError(f"assign of {value.dtype} to {local.dtype} local")
+        self.local, self.value = local, value
+
+
+class If(Stmt):
+    __slots__ = ("cond", "body")
+
+    def __init__(self, cond, body):
+        self.cond, self.body = cond, list(body)
+
+
+class Gemm(Stmt):
+    """C[m, n] (+)= sum_k A[m, k] B[k, n] over strided views of flat buffers.
+
+    Each operand is (buffer, base offset Expr, row stride, column stride).
+    """
+    __slots__ = ("M", "N", "K", "a", "b", "c", "accumulate")
+
+    def __init__(self, M, N, K, a, b, c, accumulate=False):
+        self.M, self.N, self.K = int(M), int(N), int(K)
+        self.a, self.b, self.c, self.accumulate = a, b, c, accumulate
+
+    def as_loops(self):
+        """The reference loop nest (i, k, j order: unit-stride inner loop over C's row)."""
+        (A, ao, ars, acs), (B, bo, brs, bcs), (C, co, crs, ccs) = self.a, self.b, self.c
+        i, j, k = Var("gi"), Var("gj"), Var("gk")
+        dt = C.dtype
+        cidx = add(co, add(mul(i, idx(crs)), mul(j, idx(ccs))))
+        out = []
+        if not self.accumulate:
+            out.append(Loop(i, self.M, [Loop(j, self.N, [Store(C, cidx, Const(0, dt))],
+                                             "vector")]))
+        av = Load(A, add(ao, add(mul(i, idx(ars)), mul(k, idx(acs)))))
+        bv = Load(B, add(bo, add(mul(k, idx(brs)), mul(j, idx(bcs)))))
+        upd = Store(C, cidx, BinOp("add", Load(C, cidx), BinOp("mul", av, bv)))
+        out.append(Loop(i, self.M, [Loop(k, self.K, [Loop(j, self.N, [upd], "vector")])]))
+        return out
+
+    @property
+    def flops(self):
+        return 2 * self.M * self.N * self.K
+
+
+class Kernel:
+    """One function over `buffers`: what a backend compiles and calls."""
+
+    def __init__(self, name, buffers, body, flops=0):
+        self.name, self.buffers, self.body, self.flops = name, list(buffers), list(body), flops
+
+    def format(self) -> str:
+        lines = [f"kernel {self.name}({', '.join(map(repr, self.buffers))}):"]
+        _fmt(self.body, lines, 1)
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def _fmt(body, lines, depth):
+    pad = "  " * depth
+    for s in body:
+        if isinstance(s, Loop):
+            tag = "" if s.kind == "serial" else f"  # {s.kind}"
+            lines.append(f"{pad}for {s.var!r} in 0..{s.extent}:{tag}")
+            _fmt(s.body, lines, depth + 1)
+        elif isinstance(s, Store):
+            lines.append(f"{pad}{s.buf.name}[{s.index!r}] = {s.value!r}")
+        elif isinstance(s, Assign):
+            lines.append(f"{pad}{s.local!r} = {s.value!r}")
+        elif isinstance(s, If):
+            lines.append(f"{pad}if {s.cond!r}:")
+            _fmt(s.body, lines, depth + 1)
+        elif isinstance(s, Gemm):
+            lines.append(f"{pad}gemm M={s.M} N={s.N} K={s.K} C{'+' if s.accumulate else ''}="
+                         f"{s.c[0].name}@{s.c[1]!r} A={s.a[0].name}@{s.a[1]!r}{s.a[2:]} "
+                         f"B={s.b[0].name}@{s.b[1]!r}{s.b[2:]}")
+
+
+# ------------------------------------------------------------------ index helpers
+def idx(v) -> Expr:
+    return v if isinstance(v, Expr) else Const(int(v), INDEX)
+
+
+def add(a, b) -> Expr:
+    a, b = idx(a), idx(b)
+    if isinstance(a, Const) and a.value == 0:
+        return b
+    if isinstance(b, Const) and b.value == 0:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return idx(a.value + b.value)
+    return BinOp("add", a, b)
+
+
+def mul(a, b) -> Expr:
+    a, b = idx(a), idx(b)
+    for x, y in ((a, b), (b, a)):
+        if isinstance(x, Const):
+            if x.value == 0:
+                return idx(0)
+            if x.value == 1:
+                return y
+    if isinstance(a, Const) and isinstance(b, Const):
+        return idx(a.value * b.value)
+    return BinOp("mul", a, b)
+
+
+def affine(vars_, strides, base=0) -> Expr:
+    """base + sum(v * s), skipping zero strides."""
+    e = idx(base)
+    for v, s in zip(vars_, strides):
+        if s:
+            e = add(e, mul(v, s))
+    return e
+
+
+def contiguous_strides(shape) -> tuple:
+    st, acc = [], 1
+    for d in reversed(shape):
+        st.append(acc)
+        acc *= d
+    return tuple(reversed(st))
+
+
+def loop_nest(shape, make_body, inner_kind="vector"):
+    """Loops over `shape` (outermost first); make_body(vars) -> list of statements."""
+    vars_ = [Var(f"d{k}") for k in range(len(shape))]
+    body = make_body(vars_)
+    for k in reversed(range(len(shape))):
+        body = [Loop(vars_[k], shape[k], body, inner_kind if k == len(shape) - 1 else "serial")]
+    return body

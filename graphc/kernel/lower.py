@@ -1,0 +1,389 @@
+"""Lower a shape-concrete graph to a `Program`: buffers plus kernels in order.
+
+Each graph value gets a Buffer; reshape aliases its input's buffer (graph
+values are contiguous row-major arrays).  Leaves are *external* buffers whose
+storage the runtime supplies at call time (inputs, parameters, constants);
+everything else is a *temporary* the runtime lays out in its arena.
+Lowering rules live in the table `LOWER` (op name -> function); ops without a
+rule are collected and reported together by `NotLoweredError`.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from ..ir.errors import NotLoweredError
+from . import ir as K
+from .ir import (BOOL, INDEX, Assign, BinOp, Buffer, Cast, Const, Gemm, If, Kernel, Load, Local,
+                 Loop, Select, Store, UnOp, Var, affine, contiguous_strides, idx)
+from .scalar import SCALAR, nan_max, nan_min, scalar_expr
+
+LOWER: dict = {}
+
+
+def rule(*names):
+    def deco(fn):
+        for n in names:
+            LOWER[n] = fn
+        return fn
+    return deco
+
+
+class Program:
+    """What a backend compiles: buffers, kernels (in order), and where data lives."""
+
+    def __init__(self):
+        self.kernels: list = []
+        self.externals: list = []   # (Buffer, ("input", i) | ("param"|"const", node))
+        self.temps: list = []       # Buffers the runtime allocates
+        self.outputs: list = []     # Buffer per graph output
+        self.kernel_nodes: list = []  # the graph node each kernel came from (for errors/profiles)
+
+    def format(self) -> str:
+        return "\n\n".join(k.format() for k in self.kernels)
+
+
+def _shape(node):
+    return tuple(int(d) for d in node.shape)
+
+
+class Lowerer:
+    def __init__(self, graph):
+        self.graph = graph
+        self.prog = Program()
+        self.bufs: dict = {}
+        self._count = 0
+
+    def new_buffer(self, dtype, size, hint="t", temp=True):
+        self._count += 1
+        b = Buffer(f"{hint}{self._count}", dtype, max(int(size), 1))
+        if temp:
+            self.prog.temps.append(b)
+        return b
+
+    def buf(self, node) -> Buffer:
+        return self.bufs[node.id]
+
+    def emit(self, node, kernels):
+        for k in kernels:
+            self.prog.kernels.append(k)
+            self.prog.kernel_nodes.append(node)
+
+    def run(self):
+        g = self.graph
+        for n in g.nodes:
+            if n.op.name == "input" and not any(n is i for i in g.inputs):
+                raise NotLoweredError(f"graph input {n.label()} is not among the graph's inputs")
+        missing = [n for n in g.nodes if not n.is_leaf and n.op.name not in LOWER
+                   and not _fused_ok(n)]
+        if missing:
+            lines = [f"  {n.op.name} ({n.type}) built at {n.loc}" for n in missing]
+            names = sorted({n.op.name for n in missing})
+            raise NotLoweredError(
+                f"the llvm backend cannot lower op(s) {', '.join(names)} yet:\n" + "\n".join(lines))
+        input_pos = {n.id: k for k, n in enumerate(g.inputs)}
+        for n in g.nodes:
+            name = n.op.name
+            if n.is_leaf:
+                b = self.new_buffer(n.dtype, prod(_shape(n)), hint=name[:5], temp=False)
+                src = ("input", input_pos[n.id]) if name == "input" else (name[:5], n)
+                self.prog.externals.append((b, src))
+                self.bufs[n.id] = b
+                continue
+            if name == "reshape":
+                self.bufs[n.id] = self.buf(n.inputs[0])
+                continue
+            self.bufs[n.id] = self.new_buffer(n.dtype, prod(_shape(n)), hint="v")
+            self.emit(n, LOWER[name](self, n) if name in LOWER else lower_fused(self, n))
+        self.prog.outputs = [self.buf(o) for o in g.outputs]
+        return self.prog
+
+
+def lower_graph(graph) -> Program:
+    return Lowerer(graph).run()
+
+
+# ------------------------------------------------------------------ elementwise
+def broadcast_strides(in_shape, out_shape):
+    """Element strides of a contiguous `in_shape` array broadcast to `out_shape`."""
+    st = contiguous_strides(in_shape)
+    lead = len(out_shape) - len(in_shape)
+    out = [0] * lead
+    for d, s, o in zip(in_shape, st, out_shape[lead:]):
+        out.append(s if d == o and d != 1 else 0)
+    return out
+
+
+def collapse(shape, stride_lists):
+    """Merge adjacent loop dims where every operand is contiguous across them."""
+    shape = list(shape)
+    sts = [list(s) for s in stride_lists]
+    k = len(shape) - 2
+    while k >= 0:
+        if all(s[k] == s[k + 1] * shape[k + 1] for s in sts):
+            shape[k] *= shape[k + 1]
+            del shape[k + 1]
+            for s in sts:
+                s[k] = s[k + 1]
+                del s[k + 1]
+        k -= 1
+    return shape, sts
+
+
+def elementwise_kernel(name, out_buf, out_shape, in_bufs, in_shapes, make_expr, flops_per=1):
+    """out[p] = make_expr([in_k[proj_k(p)]]) over the output shape, with broadcasting."""
+    out_shape = tuple(out_shape)
+    strides = [broadcast_strides(s, out_shape) for s in in_shapes]
+    shape, sts = collapse(out_shape, [contiguous_strides(out_shape)] + strides)
+    if not shape:
+        shape, sts = [1], [[0] for _ in sts]
+
+    def body(vs):
+        loads = [Load(b, affine(vs, st)) for b, st in zip(in_bufs, sts[1:])]
+        return [Store(out_buf, affine(vs, sts[0]), make_expr(loads))]
+    size = prod(out_shape)
+    return Kernel(name, _uniq([out_buf] + list(in_bufs)), K.loop_nest(shape, body),
+                  flops=size * flops_per)
+
+
+def _uniq(bufs):
+    seen, out = set(), []
+    for b in bufs:
+        if id(b) not in seen:
+            seen.add(id(b))
+            out.append(b)
+    return out
+
+
+ELEMENTWISE = set(SCALAR) - {"broadcast_to"}
+
+
+@rule(*ELEMENTWISE, "broadcast_to")
+def lower_elementwise(lw, n):
+    return [elementwise_kernel(
+        n.op.name, lw.buf(n), _shape(n), [lw.buf(i) for i in n.inputs],
+        [_shape(i) for i in n.inputs],
+        lambda xs: scalar_expr(n.op.name, n.attrs, xs, n.dtype))]
+
+
+# ------------------------------------------------------------------ fused groups
+def _fused_ok(n):
+    return n.op.name == "fused"
+
+
+def lower_fused(lw, n):
+    """Elementwise groups become one loop nest; other kinds expand their inner graph."""
+    inner = n.value
+    inner_nodes = inner.nodes
+    pure = n.attrs.get("kind") == "elementwise" and all(
+        m.op.name in SCALAR or m.is_leaf for m in inner_nodes)
+    if not pure:
+        return _expand_inner(lw, n)
+    out_shape = _shape(n)
+    pos = {i.id: k for k, i in enumerate(inner.inputs)}
+    extra = []   # constant leaves that are not scalars: read from their arrays
+    ext_bufs = [lw.buf(i) for i in n.inputs]
+    ext_shapes = [_shape(i) for i in n.inputs]
+    for m in inner_nodes:
+        if m.op.name == "parameter" or (m.op.name == "constant" and m.value.size != 1):
+            b = lw.new_buffer(m.dtype, m.value.size, hint="c", temp=False)
+            lw.prog.externals.append((b, ("const" if m.op.name == "constant" else "param", m)))
+            pos[m.id] = len(ext_bufs)
+            ext_bufs.append(b)
+            ext_shapes.append(_shape(m))
+            extra.append(m)
+
+    def make(loads):
+        vals = {}
+        for m in inner_nodes:
+            if m.id in pos:
+                vals[m.id] = loads[pos[m.id]]
+            elif m.op.name == "constant":   # a scalar: baked into the code
+                v = np.asarray(m.value).reshape(-1)[0]
+                vals[m.id] = Const(v.item(), m.dtype)
+            elif m.op.name == "input":
+                raise NotLoweredError(f"fused node input {m.label()} has no outer value")
+            else:
+                vals[m.id] = scalar_expr(m.op.name, m.attrs, [vals[i.id] for i in m.inputs],
+                                         m.dtype)
+        return vals[inner.outputs[0].id]
+    return [elementwise_kernel("fused", lw.buf(n), out_shape, ext_bufs, ext_shapes, make,
+                               flops_per=len(inner_nodes))]
+
+
+def _expand_inner(lw, n):
+    """Lower a fused node's inner graph op by op (correct, not fused)."""
+    inner = n.value
+    for i_in, o_in in zip(inner.inputs, n.inputs):
+        lw.bufs[i_in.id] = lw.buf(o_in)
+    out_id = inner.outputs[0].id
+    kernels_before = len(lw.prog.kernels)
+    for m in inner.nodes:
+        if m.id in lw.bufs:
+            continue
+        if m.is_leaf:
+            b = lw.new_buffer(m.dtype, prod(_shape(m)), hint="c", temp=False)
+            lw.prog.externals.append((b, (m.op.name[:5], m)))
+            lw.bufs[m.id] = b
+            continue
+        if m.op.name not in LOWER and m.op.name != "fused":
+            raise NotLoweredError(f"the llvm backend cannot lower op {m.op.name} (inside a fused "
+                                  f"node) yet; built at {m.loc}")
+        if m.op.name == "reshape":
+            lw.bufs[m.id] = lw.buf(m.inputs[0])
+        else:
+            lw.bufs[m.id] = lw.buf(n) if m.id == out_id else lw.new_buffer(m.dtype,
+                                                                           prod(_shape(m)))
+            lw.emit(m, LOWER[m.op.name](lw, m) if m.op.name in LOWER else lower_fused(lw, m))
+    if lw.bufs[out_id] is not lw.buf(n):   # the output is an alias (reshape) or a leaf
+        src = lw.bufs[out_id]
+        lw.emit(n, [elementwise_kernel("copy", lw.buf(n), (prod(_shape(n)),), [src],
+                                       [(prod(_shape(n)),)], lambda xs: xs[0])])
+    return []
+
+
+# ------------------------------------------------------------------ shape ops
+@rule("reshape")
+def lower_reshape(lw, n):
+    # Reshape aliases its input's buffer (handled in Lowerer.run); never called.
+    raise AssertionError("reshape is an alias")
+
+
+@rule("transpose")
+def lower_transpose(lw, n):
+    x = n.inputs[0]
+    perm = n.attrs["perm"]
+    in_st = contiguous_strides(_shape(x))
+    st = [in_st[p] for p in perm]
+    out, src = lw.buf(n), lw.buf(x)
+    shape = _shape(n)
+
+    def body(vs):
+        return [Store(out, affine(vs, contiguous_strides(shape)), Load(src, affine(vs, st)))]
+    return [Kernel("transpose", [out, src], K.loop_nest(shape, body))]
+
+
+@rule("numel")
+def lower_numel(lw, n):
+    v = prod(_shape(n.inputs[0])[a] for a in n.attrs["axes"])
+    out = lw.buf(n)
+    return [Kernel("numel", [out], [Store(out, idx(0), Const(v, n.dtype))])]
+
+
+# ------------------------------------------------------------------ reductions
+def _reduce_axes(n):
+    x = n.inputs[0]
+    return n.op.axes(x.ndim, n.attrs["axis"])
+
+
+def _ident(op, dtype):
+    if op == "sum" or op == "mean":
+        return Const(0, dtype)
+    big = np.inf if dtype.kind == "f" else np.iinfo(dtype).max
+    if dtype == BOOL:
+        return Const(op == "min", dtype)
+    return Const(-big if op == "max" else big, dtype)
+
+
+def _combine(op, acc, v):
+    if op in ("sum", "mean"):
+        return BinOp("add", acc, v, reassoc=True)
+    if v.dtype == BOOL:
+        return BinOp("or" if op == "max" else "and", acc, v)
+    return nan_max(v, acc) if op == "max" else nan_min(v, acc)
+
+
+@rule("sum", "mean", "max", "min")
+def lower_reduce(lw, n):
+    op = n.op.name
+    x = n.inputs[0]
+    xs = _shape(x)
+    axes = set(_reduce_axes(n))
+    acc_dt = n.dtype
+    src, out = lw.buf(x), lw.buf(n)
+    kept = [d for d in range(len(xs)) if d not in axes]
+    kept_shape = [xs[d] for d in kept]
+    out_st = contiguous_strides(kept_shape)
+    in_st = contiguous_strides(xs)
+    count = prod(xs[d] for d in axes)
+    vs = {d: Var(f"r{d}") for d in range(len(xs))}
+
+    def load():
+        v = Load(src, affine([vs[d] for d in range(len(xs))], in_st))
+        return v if v.dtype == acc_dt else Cast(v, acc_dt)
+    out_idx = affine([vs[d] for d in kept], out_st)
+
+    def finish(e):
+        if op == "mean":
+            return BinOp("div", e, Const(float(count), acc_dt))
+        return e
+    if not xs or (len(xs) - 1) in axes:
+        # Reduce the innermost (contiguous) axis: a register accumulator per output.
+        acc = Local(acc_dt, "acc")
+        body = [Assign(acc, _combine(op, acc, load()))]
+        red = sorted(axes)
+        for k, d in enumerate(reversed(red)):
+            body = [Loop(vs[d], xs[d], body, "vector" if k == 0 else "serial")]
+        body = [Assign(acc, _ident(op, acc_dt))] + body + [Store(out, out_idx, finish(acc))]
+        for d in reversed(kept):
+            body = [Loop(vs[d], xs[d], body)]
+        return [Kernel(op, [out, src], body, flops=prod(xs))]
+    # Innermost axis kept: accumulate into the output rows (unit-stride, vectorizes).
+    init = K.loop_nest(kept_shape, lambda v: [Store(out, affine(v, out_st), _ident(op, acc_dt))])
+    upd = [Store(out, out_idx, _combine(op, Load(out, out_idx), load()))]
+    for d in reversed(range(len(xs))):
+        upd = [Loop(vs[d], xs[d], upd, "vector" if d == len(xs) - 1 else "serial")]
+    body = init + upd
+    if op == "mean":
+        body += K.loop_nest(kept_shape, lambda v: [Store(out, affine(v, out_st),
+                                                         finish(Load(out, affine(v, out_st))))])
+    return [Kernel(op, [out, src], body, flops=prod(xs))]
+
+
+@rule("argmax", "argmin")
+def lower_argreduce(lw, n):
+    x = n.inputs[0]
+    xs = _shape(x)
+    axis = n.attrs["axis"]
+    src, out = lw.buf(x), lw.buf(n)
+    if axis is None:
+        xs = (prod(xs),)
+        axis = 0
+    axis %= max(len(xs), 1)
+    outer, size, inner = prod(xs[:axis]), xs[axis], prod(xs[axis + 1:])
+    o, r, i = Var("o"), Var("r"), Var("i")
+    best, bi = Local(x.dtype, "best"), Local(INDEX, "bi")
+    v = Load(src, affine([o, r, i], [size * inner, inner, 1]))
+    better = BinOp("gt", v, best) if n.op.name == "argmax" else BinOp("lt", v, best)
+    if x.dtype.kind == "f":
+        better = BinOp("or", better, BinOp("and", UnOp("isnan", v),
+                                           UnOp("not", UnOp("isnan", best))))
+    first = Load(src, affine([o, i], [size * inner, 1]))
+    body = [Assign(best, first), Assign(bi, idx(0)),
+            Loop(r, size, [Assign(bi, Select(better, r, bi)), Assign(best, Select(better, v, best))]),
+            Store(out, affine([o, i], [inner, 1]), bi)]
+    return [Kernel(n.op.name, [out, src], [Loop(o, outer, [Loop(i, inner, body)])])]
+
+
+# ------------------------------------------------------------------ matmul
+@rule("matmul")
+def lower_matmul(lw, n):
+    a, b = n.inputs
+    ash, bsh, osh = _shape(a), _shape(b), _shape(n)
+    M, Kd, N = ash[-2], ash[-1], bsh[-1]
+    batch = osh[:-2]
+    A, B, C = lw.buf(a), lw.buf(b), lw.buf(n)
+    dtype = n.dtype
+    if A.dtype != dtype or B.dtype != dtype:
+        raise NotLoweredError(f"matmul of mixed dtypes {A.dtype}, {B.dtype} (node at {n.loc})")
+    a_bst = broadcast_strides(ash[:-2], batch) if batch else []
+    b_bst = broadcast_strides(bsh[:-2], batch) if batch else []
+    vs = [Var(f"b{k}") for k in range(len(batch))]
+    g = Gemm(M, N, Kd, (A, affine(vs, [s * M * Kd for s in a_bst]), Kd, 1),
+             (B, affine(vs, [s * Kd * N for s in b_bst]), N, 1),
+             (C, affine(vs, [s * M * N for s in contiguous_strides(batch)]), N, 1))
+    body = [g]
+    for v, d in reversed(list(zip(vs, batch))):
+        body = [Loop(v, d, body)]
+    return [Kernel("matmul", _uniq([C, A, B]), body, flops=2 * M * N * Kd * prod(batch))]
