@@ -40,7 +40,7 @@ class Parameter(Node):
                 arr = arr.astype(np.float32)  # Python floats/lists: float32 by default
             arr = arr.astype(dt.as_dtype(arr.dtype), copy=False)
         super().__init__(REGISTRY["parameter"], (), {}, TensorType(arr.dtype, arr.shape),
-                         name=name, value=np.ascontiguousarray(arr), loc=user_location())
+                         name=name, value=np.require(arr, requirements="C"), loc=user_location())
         self.trainable = trainable
 
     def set_value(self, new) -> None:

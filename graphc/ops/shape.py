@@ -8,7 +8,8 @@ from math import prod
 
 import numpy as np
 
-from ..ir.node import Node, TensorType
+from ..ir.errors import GraphBuildError
+from ..ir.node import Node, TensorType, user_location
 from ..ir.shapes import broadcast_shapes, normalize_shape, shape_str, symbols
 from .base import Op, apply, register
 
@@ -104,7 +105,7 @@ class BroadcastToOp(Op):
         lead = len(shape) - a.ndim
         concrete = tuple(a.shape[i - lead] if isinstance(d, str) else d
                          for i, d in enumerate(shape))
-        return np.ascontiguousarray(np.broadcast_to(a, concrete))
+        return np.array(np.broadcast_to(a, concrete))  # a writable, contiguous copy
 
     def vjp(self, node, g):
         from .elementwise import unbroadcast
@@ -134,7 +135,7 @@ class TransposeOp(Op):
         return TensorType(a.dtype, tuple(a.shape[p] for p in perm))
 
     def evaluate(self, a, perm):
-        return np.ascontiguousarray(np.transpose(a, perm))
+        return np.array(np.transpose(a, perm), order="C")
 
     def vjp(self, node, g):
         inv = tuple(int(i) for i in np.argsort(node.attrs["perm"]))
@@ -161,9 +162,11 @@ def flatten(a, start_dim=1, end_dim=-1):
     nd = a.ndim
     s, e = start_dim % nd, end_dim % nd
     if s > e:
-        raise ValueError(f"flatten: start_dim {start_dim} is after end_dim {end_dim}")
+        raise GraphBuildError(f"flatten: start_dim {start_dim} is after end_dim {end_dim}\n"
+                              f"  at {user_location()}")
     mid = a.shape[s:e + 1]
     if len(symbols(mid)) > 1 or (symbols(mid) and len(mid) > 1):
-        raise ValueError(f"flatten: cannot merge symbolic dimensions {mid}")
+        raise GraphBuildError(f"flatten: cannot merge symbolic dimensions {mid}\n"
+                              f"  at {user_location()}")
     merged = mid[0] if len(mid) == 1 else prod(mid)
     return reshape(a, tuple(a.shape[:s]) + (merged,) + tuple(a.shape[e + 1:]))
