@@ -206,8 +206,6 @@ def test_update_with_constant_and_counter():
     np.testing.assert_array_equal(w.value, [0.0, 0.0])
 
 
-@pytest.mark.xfail(strict=True, reason="tensor.py: Parameter stores its value with "
-                   "np.ascontiguousarray, which turns a 0-d array into shape (1,)")
 def test_scalar_parameter_counter():
     step = gc.Parameter(np.array(0, np.int64), name="step")
     assert step.value.shape == ()

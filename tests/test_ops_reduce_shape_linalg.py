@@ -316,3 +316,18 @@ def test_linear_errors():
     x = gc.input("x", (5, 3), "float32")
     with pytest.raises(gc.GraphBuildError, match=r"test_ops_reduce_shape_linalg"):
         gc.linear(x, gc.input("w", (4, 2), "float32"))
+
+
+def test_build_errors_outside_type_rules_also_name_the_file():
+    x = gc.input("x", (2, 3), "float32")
+    with pytest.raises(gc.GraphBuildError, match=r"argmax(.|\n)*int(.|\n)*test_ops_reduce_shape"):
+        gc.argmax(x, axis=(0, 1))
+    with pytest.raises(gc.GraphBuildError, match=r"start_dim(.|\n)*test_ops_reduce_shape"):
+        gc.flatten(x, 1, 0)
+    with pytest.raises(gc.GraphBuildError, match=r"scalars(.|\n)*test_ops_reduce_shape"):
+        gc.matmul(x, 2.0)
+    with pytest.raises(gc.GraphBuildError, match=r"2-D(.|\n)*test_ops_reduce_shape"):
+        gc.linear(x, gc.input("w", (3,), "float32"))
+    b = gc.input("b", (None, "T", 2), "float32")
+    with pytest.raises(gc.GraphBuildError, match=r"symbolic(.|\n)*test_ops_reduce_shape"):
+        gc.flatten(b, 0, 1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import dtypes as dt
-from ..ir.node import Node, TensorType
+from ..ir.errors import GraphBuildError
+from ..ir.node import Node, TensorType, user_location
 from ..ir.shapes import broadcast_shapes, shape_str
 from .base import Op, apply, register
 
@@ -54,8 +55,9 @@ def matmul(a, b):
     from .base import as_node
     a, b = as_node(a), as_node(b)
     if a.ndim == 0 or b.ndim == 0:
-        raise ValueError(f"matmul: operands must not be scalars (got shapes "
-                         f"{shape_str(a.shape)} and {shape_str(b.shape)})")
+        raise GraphBuildError(f"matmul: operands must not be scalars (got shapes "
+                              f"{shape_str(a.shape)} and {shape_str(b.shape)})\n"
+                              f"  at {user_location()}")
     va, vb = a.ndim == 1, b.ndim == 1
     if va:
         a = reshape(a, (1, a.shape[0]))
@@ -76,6 +78,7 @@ def linear(x, weight, bias=None):
     """x @ weight.T + bias, with weight shaped (out_features, in_features)."""
     from .shape import transpose
     if weight.ndim != 2:
-        raise ValueError(f"linear: weight must be 2-D (out, in), got {shape_str(weight.shape)}")
+        raise GraphBuildError(f"linear: weight must be 2-D (out, in), got "
+                              f"{shape_str(weight.shape)}\n  at {user_location()}")
     y = matmul(x, transpose(weight))
     return y + bias if bias is not None else y

@@ -127,6 +127,8 @@ class _ArgOp(Op):
     np_fn = None
 
     def check(self, axis=None, keepdims=False):
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
+            raise TypeError(f"{self.name}: axis must be an int or None, got {axis!r}")
         return {"axis": axis, "keepdims": bool(keepdims)}
 
     def infer(self, types, axis, keepdims):
