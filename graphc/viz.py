@@ -134,7 +134,8 @@ def _attr_str(v) -> str:
 def _key_attrs(n: Node, limit: int = 4) -> list:
     out = []
     for k, v in sorted(n.attrs.items()):
-        if v is None or (k in ("stride", "dilation", "groups") and _attr_str(v) == "1"):
+        if v is None or v is False or (k in ("stride", "dilation", "groups")
+                                       and _attr_str(v) == "1"):
             continue  # defaults that say nothing
         s = f"{k}={_attr_str(v)}"
         out.append(s if len(s) <= 32 else s[:29] + "...")
@@ -250,6 +251,9 @@ class _Builder:
         self.roles_seen = set()
         self.leaves_seen = set()
         self.has_fused = False
+        self.has_assign = False
+        self.update_owner = {}
+        self.key = {}
         # Where a node's value leaves from (fused nodes: their inner output).
         self.tail = {}
 
@@ -293,12 +297,65 @@ class _Builder:
         attrs["tooltip"] = f"{n.op.name} {n.label()}: {n.type}  ({n.loc})"
         return _html_label(title, lines, _type_str(n), note, type_colour), attrs
 
-    def cluster_key(self, n: Node) -> tuple:
+    def _own_key(self, n: Node) -> tuple:
         scope = tuple(n.scope or ())
-        if (self.split_roles and n.op.name not in ("input", "parameter")
-                and n.role in ("backward", "update")):
-            return (f"~{n.role}",) + scope
+        if self.split_roles and n.role == "update":
+            owner = self.update_owner.get(n.id)
+            return ("~update",) + ((owner.label(),) if owner is not None else ())
+        if self.split_roles and n.role == "backward":
+            return ("~backward",) + scope
         return scope
+
+    def assign_clusters(self) -> None:
+        """cluster key of every node.
+
+        Computed nodes go to their scope (backward/update ones under their own
+        role's cluster).  Update nodes are grouped per parameter they update.
+        Parameters and constants built outside any scope (a module's weights
+        are created in __init__, not in forward) join the deepest cluster
+        shared by the nodes that read them, so a layer's weights sit inside
+        the layer's box.
+        """
+        owners = defaultdict(dict)          # node id -> {parameter id: parameter}
+        for p, v in self.updates:
+            stack, seen = [v], set()
+            while stack:
+                n = stack.pop()
+                if n.id in seen or n.role != "update" or not n.inputs:
+                    continue
+                seen.add(n.id)
+                owners[n.id][p.id] = p
+                stack.extend(n.inputs)
+        self.update_owner = {}
+        for nid, ps in owners.items():
+            main = _main_owner(list(ps.values()))
+            if main is not None:
+                self.update_owner[nid] = main
+        users = defaultdict(list)
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i.id].append(n)
+        self.key = {}
+        for n in self.nodes:
+            if n.inputs or n.op.name == "input":
+                self.key[n.id] = self._own_key(n) if n.inputs else ()
+        for n in self.nodes:
+            if n.id in self.key:
+                continue
+            if n.scope or not users[n.id]:
+                self.key[n.id] = (("~" + n.role,) if self.split_roles and n.role in
+                                  ("backward", "update") and n.op.name == "constant" else ()) \
+                    + tuple(n.scope or ())
+                continue
+            readers = users[n.id]
+            if n.op.name == "parameter":
+                fwd = [u for u in readers if u.role == "forward"]
+                readers = fwd or readers
+            keys = [self.key[u.id] for u in readers if u.id in self.key]
+            self.key[n.id] = _common_prefix(keys)
+
+    def cluster_key(self, n: Node) -> tuple:
+        return self.key.get(n.id, ())
 
     # -- the whole picture ----------------------------------------------
     def build(self, title=None, rankdir="TB", legend=True):
@@ -316,8 +373,8 @@ class _Builder:
         if not self.show_constants:
             skipped = {n.id for n in self.nodes if n.op.name == "constant"}
 
-        # Group node statements by cluster key; each body is a list of callables
-        # run against the (sub)graph that will hold it.
+        self.assign_clusters()
+        # Group node statements by cluster key.
         groups = defaultdict(list)
         for n in self.nodes:
             if n.id in skipped:
@@ -328,6 +385,12 @@ class _Builder:
             else:
                 groups[key].append(("node", n))
                 self.tail[n.id] = f"n{n.id}"
+        # Each update ends in a "new value of p" node, drawn in its cluster
+        # rather than as an edge back up to p, so the picture flows one way.
+        for p, v in self.updates:
+            key = self.cluster_key(v) if v.inputs and v.role == "update" else \
+                (("~update",) if self.split_roles else ())
+            groups[key].append(("set", (p, v)))
 
         # Fused nodes first: their tails must be known before edges are drawn.
         for key, items in groups.items():
@@ -348,11 +411,8 @@ class _Builder:
                     continue
                 self._edge(g, i, f"n{n.id}", n.role)
         for p, v in self.updates:
-            if v.id not in self.tail or p.id not in self.tail:
-                continue
-            g.edge(self.tail[v.id], f"n{p.id}", style="dashed", color=ROLE_STYLE["update"]["color"],
-                   label="assign", constraint="false")
-            self.roles_seen.add("update")
+            if v.id in self.tail:
+                g.edge(self.tail[v.id], f"set{p.id}", color=ROLE_STYLE["update"]["color"])
         if legend:
             self._legend(g)
         return g
@@ -381,6 +441,8 @@ class _Builder:
                 if kind == "node":
                     label, attrs = self.node_attrs(n)
                     sub.node(f"n{n.id}", label, **attrs)
+                elif kind == "set":
+                    self._emit_set(sub, *n)
                 else:
                     self._emit_fused(sub, n)
             for ck in sorted(children.get(key, []), key=_scope_sort_key):
@@ -388,7 +450,7 @@ class _Builder:
                 c = self.gv.Digraph(name=name)
                 part = ck[-1]
                 if part.startswith("~"):
-                    label = "backward (gradients)" if part == "~backward" else "updates"
+                    label = "backward (gradients)" if part == "~backward" else "parameter updates"
                     style = ROLE_STYLE[part[1:]]
                     c.attr(label=label, style="dashed,rounded", color=style["color"],
                            fontcolor=style["color"], fontsize="12")
@@ -399,6 +461,23 @@ class _Builder:
                 sub.subgraph(c)
 
         fill(g, ())
+
+    def _emit_set(self, sub, p, v):
+        """The node standing for `p <- v` at the end of a step."""
+        self.roles_seen.add("update")
+        self.has_assign = True
+        attrs = dict(LEAF_STYLE["parameter"])
+        attrs.update(style="filled,dashed", penwidth="1.5", color=ROLE_STYLE["update"]["color"])
+        note, type_colour = None, "#555555"
+        if p.id in self.grad_norms:
+            norm = self.grad_norms[p.id]
+            fill = self.scale.colour(norm)
+            type_colour = _text_colour(fill)
+            attrs.update(fillcolor=fill, fontcolor=type_colour)
+            note = f"|grad| = {norm:.3g}"
+        label = _html_label(f"{p.label()} \u2190", ["new value"], _type_str(p), note, type_colour)
+        attrs["tooltip"] = f"parameter {p.label()} is assigned this value after the step"
+        sub.node(f"set{p.id}", label, **attrs)
 
     # -- fused nodes --------------------------------------------------------
     def _fused_parts(self, n):
@@ -454,6 +533,8 @@ class _Builder:
         for role in ("forward", "backward", "update"):
             if role in self.roles_seen:
                 rows.append((ROLE_STYLE[role]["fillcolor"], _ROLE_TITLES[role]))
+        if self.has_assign:
+            rows.append((LEAF_STYLE["parameter"]["fillcolor"], "p \u2190 new value (dashed)"))
         if self.has_fused:
             rows.append(("#f6f6f6", "fused kernel (cluster)"))
         cells = "".join(f'<TR><TD BGCOLOR="{c}" WIDTH="18"> </TD><TD ALIGN="LEFT">{html.escape(t)}'
@@ -474,6 +555,32 @@ class _Builder:
         table = (f'<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="2" CELLPADDING="3">'
                  f'<TR><TD COLSPAN="2"><B>legend</B></TD></TR>{cells}</TABLE>>')
         g.node("legend", table, shape="plaintext", fontsize="9")
+
+
+def _main_owner(params):
+    """The parameter a shared update node belongs to: optimizer buffers are
+    named after their parameter ("w.momentum_buffer"), so w owns both."""
+    if len(params) == 1:
+        return params[0]
+    root = min(params, key=lambda q: len(q.label()))
+    prefix = root.label() + "."
+    if all(q is root or q.label().startswith(prefix) for q in params):
+        return root
+    return None
+
+
+def _common_prefix(keys) -> tuple:
+    if not keys:
+        return ()
+    first = keys[0]
+    n = len(first)
+    for k in keys[1:]:
+        n = min(n, len(k))
+        for j in range(n):
+            if k[j] != first[j]:
+                n = j
+                break
+    return tuple(first[:n])
 
 
 def _safe(s: str) -> str:

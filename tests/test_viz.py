@@ -1,0 +1,205 @@
+"""Rendering graphs with graphviz: files, labels, clusters, roles, gradients, errors."""
+import re
+import types
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import viz
+from graphc.ir.node import Node, TensorType
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def lenet_loss(batch="N"):
+    """LeNet-5 (LeCun et al. 1998 shapes) from nn layers, so modules give scopes."""
+    from graphc import nn
+    nn.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    x = gc.input("x", (batch, 1, 28, 28))
+    y = gc.input("y", (batch,), dtype="int64")
+    loss = gc.cross_entropy(model(x), y)
+    return model, x, y, loss
+
+
+def small_net():
+    rng = np.random.default_rng(0)
+    x = gc.input("x", (None, 1, 6, 6))
+    with gc.name_scope("block"):
+        with gc.name_scope("conv"):
+            w = gc.Parameter(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), name="w")
+            h = gc.relu(gc.conv2d(x, w, padding=1))
+        with gc.name_scope("head"):
+            v = gc.Parameter(rng.standard_normal((72, 3)).astype(np.float32), name="v")
+            out = gc.flatten(h) @ v
+    loss = gc.mean(out * out)
+    return x, w, v, loss
+
+
+def svg_text_of(svg: str) -> str:
+    """The visible text of an SVG (labels), HTML entities unescaped."""
+    import html
+    return html.unescape(" ".join(re.findall(r">([^<>]+)</text>", svg)))
+
+
+# ------------------------------------------------------------------ LeNet files
+def test_lenet_forward_png_and_svg(tmp_path):
+    _, _, _, loss = lenet_loss()
+    png = gc.render(loss, tmp_path / "fwd.png")
+    assert open(png, "rb").read(8) == PNG_MAGIC
+    svg_path = gc.render(loss, tmp_path / "fwd.svg", title="LeNet-5 forward")
+    svg = open(svg_path).read()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    text = svg_text_of(svg)
+    assert "conv2d" in text and "LeNet-5 forward" in text
+    assert "conv2d_grad_weight" not in text          # forward only
+    # the module scopes became clusters
+    assert svg.count('class="cluster"') >= 5
+
+
+def test_layer_weights_sit_in_their_layer_cluster():
+    model, _, _, loss = lenet_loss()
+    src = gc.to_dot(loss).source
+    w = dict(model.named_parameters())["0.weight"]
+    start = src.index("subgraph cluster_Sequential__0_Conv2d {")
+    end = src.index("subgraph cluster_Sequential__1_ReLU {")
+    assert start < src.index(f"\tn{w.id} [") < end
+
+
+def test_lenet_training_graph_png_svg_names_gradient_nodes(tmp_path):
+    _, _, _, loss = lenet_loss()
+    png = gc.render(loss, tmp_path / "train.png", backward=True)
+    assert open(png, "rb").read(8) == PNG_MAGIC
+    svg = open(gc.render(loss, tmp_path / "train.svg", backward=True)).read()
+    text = svg_text_of(svg)
+    for name in ("conv2d", "conv2d_grad_input", "conv2d_grad_weight", "backward (gradients)"):
+        assert name in text, name
+    # the legend tells the roles apart
+    assert "backward (gradient) op" in text and "forward op" in text
+    # a gradient node names the parameter it is the gradient of
+    assert re.search(r"grad of \S*weight", text)
+
+
+def test_pdf_and_explicit_format(tmp_path):
+    x, w, v, loss = small_net()
+    p = gc.render(loss, tmp_path / "g.pdf")
+    assert open(p, "rb").read(5) == b"%PDF-"
+    p = gc.render(loss, tmp_path / "noext", format="svg")
+    assert "<svg" in open(p).read()
+    with pytest.raises(ValueError, match="format"):
+        gc.render(loss, tmp_path / "g.jpeg2")
+
+
+# ------------------------------------------------------------------ structure of the dot source
+def test_labels_show_op_attrs_and_shape():
+    x, w, v, loss = small_net()
+    src = gc.to_dot(loss).source
+    assert "conv2d" in src and "padding=1" in src
+    assert "f32[N,2,6,6]" in src                       # output type with the symbolic batch
+    assert "invhouse" in src and "cylinder" in src     # input and parameter styles
+    # nested clusters: block contains conv and head
+    assert "cluster_block" in src and "cluster_block__conv" in src
+    assert "cluster_block__head" in src
+    block = src.index("subgraph cluster_block {")
+    inner = src.index("subgraph cluster_block__conv {")
+    assert inner > block
+
+
+def test_roles_coloured_apart_and_update_edges():
+    x, w, v, loss = small_net()
+    gw, gv = gc.grad(loss, [w, v])
+    with gc.ir.role("update"):
+        new_w, new_v = w - 0.1 * gw, v - 0.1 * gv
+    f = gc.compile([x], [loss], updates={w: new_w, v: new_v})
+    src = gc.to_dot(f).source
+    fwd, bwd = viz.ROLE_STYLE["forward"]["fillcolor"], viz.ROLE_STYLE["backward"]["fillcolor"]
+    assert fwd in src and bwd in src
+    # each update ends in a "w <-" node inside that parameter's update cluster
+    for p, val in f.updates:
+        assert f"n{val.id} -> set{p.id}" in src
+        assert f"<B>{p.label()} \u2190</B>" in src
+    upd = src.index("subgraph cluster__update__w {")
+    assert src.index(f"set{w.id} [", upd) > upd
+    assert "parameter update" in src and "parameter updates" in src   # legend, cluster
+
+
+def test_fused_node_drawn_as_cluster_with_inner_graph():
+    a = gc.input("a", (3,))
+    b = gc.input("b", (3,))
+    pa, pb = gc.input("p0", (3,)), gc.input("p1", (3,))
+    inner = gc.Graph([gc.relu(pa * pb + 1.0)], [pa, pb])
+    fused_op = types.SimpleNamespace(name="fused")
+    node = Node(fused_op, (a, b), {}, TensorType("float32", (3,)), value=inner)
+    out = gc.exp(node)
+    src = gc.to_dot(out).source
+    assert f"cluster_fused_{node.id}" in src
+    assert "relu" in src and "mul" in src and "add" in src
+    # outer inputs feed the placeholders, the inner output feeds exp
+    assert f"n{a.id} -> n{node.id}_{pa.id}" in src
+    relu_id = inner.outputs[0].id
+    assert f"n{node.id}_{relu_id} -> n{out.id}" in src
+    assert "fused kernel" in src
+
+
+def test_gradient_annotation_colours_by_log_magnitude(tmp_path):
+    x, w, v, loss = small_net()
+    big, tiny = np.full(w.shape, 10.0), np.full(v.shape, 1e-6)
+    src = gc.to_dot(loss, backward=True, grad_values={w: big, "v": tiny}).source
+    nw, nv = np.linalg.norm(big), np.linalg.norm(tiny)
+    assert f"|grad| = {nw:.3g}" in src and f"|grad| = {nv:.3g}" in src
+    # largest norm -> hottest end of the map, smallest -> coldest
+    assert viz._grad_colour(1.0) in src and viz._grad_colour(0.0) in src
+    assert "gradient norm (log scale)" in src
+    # the gradient node of w is annotated too (parameter + its grad node)
+    assert src.count(f"|grad| = {nw:.3g}") == 2
+    with pytest.raises(KeyError, match="nope"):
+        gc.to_dot(loss, grad_values={"nope": big})
+
+
+def test_gradient_values_from_a_real_step_match_manual_gradient():
+    x, w, v, loss = small_net()
+    xb = np.random.default_rng(1).standard_normal((2, 1, 6, 6)).astype(np.float32)
+    vals = viz.gradient_values(loss, [x], [xb])
+    assert set(vals) == {w, v}
+    # independent reference for d loss / d v: loss = mean(out^2), out = flat(h) @ v
+    h = np.zeros((2, 2, 6, 6))
+    xp = np.pad(xb.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for n in range(2):
+        for c in range(2):
+            for i in range(6):
+                for j in range(6):
+                    h[n, c, i, j] = np.sum(xp[n, 0, i:i + 3, j:j + 3] * w.value[c, 0])
+    h = np.maximum(h, 0).reshape(2, -1)
+    out = h @ v.value
+    ref = h.T @ (2 * out / out.size)
+    np.testing.assert_allclose(vals[v], ref, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ Jupyter + errors
+def test_graph_repr_svg_returns_svg_text():
+    x, w, v, loss = small_net()
+    svg = gc.Graph([loss])._repr_svg_()
+    assert isinstance(svg, str) and "<svg" in svg and "conv2d" in svg
+
+
+def test_missing_dot_binary_gives_install_instructions(tmp_path, monkeypatch):
+    x, w, v, loss = small_net()
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no `dot` on PATH
+    with pytest.raises(viz.GraphvizNotFoundError, match="apt-get install graphviz") as e:
+        gc.render(loss, tmp_path / "x.png")
+    assert "brew install graphviz" in str(e.value)
+    assert not (tmp_path / "x.png").exists()
+    with pytest.warns(RuntimeWarning, match="graphviz"):
+        assert gc.Graph([loss])._repr_svg_() is None
+
+
+def test_bad_arguments():
+    x, w, v, loss = small_net()
+    with pytest.raises(TypeError, match="expected a node"):
+        gc.to_dot(42)
+    with pytest.raises(ValueError, match="scalar loss"):
+        gc.to_dot(gc.relu(x), backward=True)
