@@ -387,3 +387,6 @@ def lower_matmul(lw, n):
     for v, d in reversed(list(zip(vs, batch))):
         body = [Loop(v, d, body)]
     return [Kernel("matmul", _uniq([C, A, B]), body, flops=2 * M * N * Kd * prod(batch))]
+
+
+from . import lower_nn  # noqa: E402,F401  (registers the nn rules)

@@ -155,7 +155,8 @@ class Runner:
             keep = []
             for slot, (buf, src) in enumerate(prog.externals):
                 kind, what = src
-                a = arrays[what] if kind == "input" else what.value
+                a = (arrays[what] if kind == "input" else what if kind == "array"
+                     else what.value)
                 a = np.asarray(a)
                 if a.dtype != buf.dtype or a.size != buf.size:
                     raise GraphcError(f"{kind} buffer {buf.name}: expected {buf.size} elements of "

@@ -1,0 +1,390 @@
+"""Lowering of the neural-network ops: conv2d and its gradients (im2col + Gemm),
+pooling and its gradients, and the softmax family.
+
+Out-of-range window positions (padding) never touch memory: indices are
+clamped into the buffer and the value is replaced by the padding value with a
+select, and scatters add 0 at the clamped position.  That keeps inner loops
+branch-free and every access in bounds.
+"""
+from __future__ import annotations
+
+from math import prod
+
+from ..ir import dtypes as dt
+from . import ir as K
+from .ir import (BOOL, INDEX, Assign, BinOp, Cast, Const, Gemm, Kernel, Load, Local, Loop, Select,
+                 Store, UnOp, Var, affine, idx)
+from .lower import _shape, rule
+from .scalar import nan_max
+
+
+def _clamp(e, hi):
+    """min(max(e, 0), hi) on index expressions."""
+    z, h = idx(0), idx(hi)
+    e = Select(BinOp("lt", e, z), z, e)
+    return Select(BinOp("gt", e, h), h, e)
+
+
+def _inb(e, size):
+    return BinOp("and", BinOp("ge", e, idx(0)), BinOp("lt", e, idx(size)))
+
+
+def _band(a, b):
+    return BinOp("and", a, b)
+
+
+def _zero_fill(buf):
+    v = Var("z")
+    return [Loop(v, buf.size, [Store(buf, v, Const(0, buf.dtype))], "vector")]
+
+
+# ------------------------------------------------------------------ conv2d
+class _ConvGeom:
+    def __init__(self, x_shape, w_shape, out_hw, attrs):
+        self.N, self.C, self.H, self.W = x_shape
+        self.O, self.Cg, self.kh, self.kw = w_shape
+        self.OH, self.OW = out_hw
+        self.sh, self.sw = attrs["stride"]
+        (self.pt, _), (self.pl, _) = attrs["padding"]
+        self.dh, self.dw = attrs["dilation"]
+        self.G = attrs["groups"]
+        self.Og = self.O // self.G
+        self.P = self.OH * self.OW
+        self.CKK = self.Cg * self.kh * self.kw
+
+    @property
+    def direct(self):
+        """1x1, stride 1, no padding: the input image already is the column matrix."""
+        return (self.kh == self.kw == 1 and self.sh == self.sw == 1 and self.pt == 0
+                and self.pl == 0 and self.OH == self.H and self.OW == self.W)
+
+    def im2col(self, x, cols, n, g):
+        """cols[(c, k, l), (i, j)] = x[n, g*Cg + c, i*sh + k*dh - pt, j*sw + l*dw - pl] (0 outside)."""
+        c, k, l, i, j = (Var(s) for s in "cklij")
+        hi = affine([i, k], [self.sh, self.dh], -self.pt)
+        wi = affine([j, l], [self.sw, self.dw], -self.pl)
+        base = affine([n, g], [self.C * self.H * self.W, self.Cg * self.H * self.W])
+        src = K.add(base, affine([c, _clamp(hi, self.H - 1), _clamp(wi, self.W - 1)],
+                                 [self.H * self.W, self.W, 1]))
+        val = Select(_band(_inb(hi, self.H), _inb(wi, self.W)), Load(x, src), Const(0, x.dtype))
+        dst = affine([c, k, l, i, j], [self.kh * self.kw * self.P, self.kw * self.P, self.P,
+                                       self.OW, 1])
+        body = [Store(cols, dst, val)]
+        for v, ext in reversed(list(zip((c, k, l, i, j),
+                                        (self.Cg, self.kh, self.kw, self.OH, self.OW)))):
+            body = [Loop(v, ext, body, "vector" if v is j else "serial")]
+        return body
+
+    def col2im_add(self, cols, dx, n, g):
+        """dx[n, g*Cg + c, hi, wi] += cols[(c, k, l), (i, j)] for in-range (hi, wi)."""
+        c, k, l, i, j = (Var(s) for s in "cklij")
+        hi = affine([i, k], [self.sh, self.dh], -self.pt)
+        wi = affine([j, l], [self.sw, self.dw], -self.pl)
+        base = affine([n, g], [self.C * self.H * self.W, self.Cg * self.H * self.W])
+        dst = K.add(base, affine([c, _clamp(hi, self.H - 1), _clamp(wi, self.W - 1)],
+                                 [self.H * self.W, self.W, 1]))
+        src = affine([c, k, l, i, j], [self.kh * self.kw * self.P, self.kw * self.P, self.P,
+                                       self.OW, 1])
+        val = Select(_band(_inb(hi, self.H), _inb(wi, self.W)), Load(cols, src),
+                     Const(0, dx.dtype))
+        body = [Store(dx, dst, BinOp("add", Load(dx, dst), val))]
+        for v, ext in reversed(list(zip((c, k, l, i, j),
+                                        (self.Cg, self.kh, self.kw, self.OH, self.OW)))):
+            body = [Loop(v, ext, body)]
+        return body
+
+
+def _same_dtype(lw, n, bufs):
+    for b in bufs:
+        if b.dtype != n.dtype:
+            from ..ir.errors import NotLoweredError
+            raise NotLoweredError(f"{n.op.name} with mixed dtypes (node at {n.loc})")
+
+
+@rule("conv2d")
+def lower_conv2d(lw, n):
+    x, w = n.inputs
+    X, Wb, Y = lw.buf(x), lw.buf(w), lw.buf(n)
+    _same_dtype(lw, n, [X, Wb])
+    gm = _ConvGeom(_shape(x), _shape(w), _shape(n)[2:], n.attrs)
+    nv, gv = Var("n"), Var("g")
+    y_off = affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P])
+    a = (Wb, affine([gv], [gm.Og * gm.CKK]), gm.CKK, 1)
+    if gm.direct:
+        bufs = [Y, X, Wb]
+        b = (X, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), gm.P, 1)
+        inner = [Gemm(gm.Og, gm.P, gm.CKK, a, b, (Y, y_off, gm.P, 1))]
+    else:
+        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+        bufs = [Y, X, Wb, cols]
+        inner = gm.im2col(X, cols, nv, gv) + [
+            Gemm(gm.Og, gm.P, gm.CKK, a, (cols, idx(0), gm.P, 1), (Y, y_off, gm.P, 1))]
+    body = [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
+    return [Kernel("conv2d", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+
+
+@rule("conv2d_grad_input")
+def lower_conv2d_grad_input(lw, n):
+    gnode, w = n.inputs
+    Gb, Wb, DX = lw.buf(gnode), lw.buf(w), lw.buf(n)
+    _same_dtype(lw, n, [Gb, Wb])
+    gm = _ConvGeom(_shape(n), _shape(w), _shape(gnode)[2:], n.attrs)
+    nv, gv = Var("n"), Var("g")
+    a = (Wb, affine([gv], [gm.Og * gm.CKK]), 1, gm.CKK)           # w_g^T: (CKK x Og)
+    b = (Gb, affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P]), gm.P, 1)
+    if gm.direct:
+        c = (DX, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), gm.P, 1)
+        body = [Loop(nv, gm.N, [Loop(gv, gm.G, [Gemm(gm.CKK, gm.P, gm.Og, a, b, c)])])]
+        return [Kernel("conv2d_grad_input", [DX, Gb, Wb], body,
+                       flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+    cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+    inner = [Gemm(gm.CKK, gm.P, gm.Og, a, b, (cols, idx(0), gm.P, 1))] + \
+        gm.col2im_add(cols, DX, nv, gv)
+    body = _zero_fill(DX) + [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
+    return [Kernel("conv2d_grad_input", [DX, Gb, Wb, cols], body,
+                   flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+
+
+@rule("conv2d_grad_weight")
+def lower_conv2d_grad_weight(lw, n):
+    x, gnode = n.inputs
+    X, Gb, DW = lw.buf(x), lw.buf(gnode), lw.buf(n)
+    _same_dtype(lw, n, [X, Gb])
+    gm = _ConvGeom(_shape(x), _shape(n), _shape(gnode)[2:], n.attrs)
+    nv, gv = Var("n"), Var("g")
+    a = (Gb, affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P]), gm.P, 1)   # (Og x P)
+    c = (DW, affine([gv], [gm.Og * gm.CKK]), gm.CKK, 1)
+    if gm.direct:
+        bufs = [DW, X, Gb]
+        b = (X, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), 1, gm.P)   # (P x Cg)
+        inner = [Gemm(gm.Og, gm.CKK, gm.P, a, b, c, accumulate=True)]
+    else:
+        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+        bufs = [DW, X, Gb, cols]
+        inner = gm.im2col(X, cols, nv, gv) + [
+            Gemm(gm.Og, gm.CKK, gm.P, a, (cols, idx(0), 1, gm.P), c, accumulate=True)]
+    body = _zero_fill(DW) + [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
+    return [Kernel("conv2d_grad_weight", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+
+
+# ------------------------------------------------------------------ pooling
+def _pool_geom(in_hw, attrs):
+    from ..ops.pool import _geometry
+    dil = attrs.get("dilation", (1, 1))
+    ohw, pads = _geometry(in_hw, attrs["kernel_size"], attrs["stride"], attrs["padding"], dil,
+                          attrs["ceil_mode"])
+    return ohw, pads, dil
+
+
+def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_window_post=None):
+    """Loops n, c, i, j (windows) and k, l (window elements).
+
+    make_body(hi, wi, inb, plane) -> statements for one window element, where
+    plane is the flat offset of x[n, c] and (hi, wi) the unclamped position.
+    """
+    N, C, H, W = x_shape
+    OH, OW = out_hw
+    kh, kw = attrs["kernel_size"]
+    sh, sw = attrs["stride"]
+    ph, pw = attrs["padding"]
+    nv, cv, i, j, k, l = (Var(s) for s in ("n", "c", "i", "j", "k", "l"))
+    hi = affine([i, k], [sh, dil[0]], -ph)
+    wi = affine([j, l], [sw, dil[1]], -pw)
+    inb = _band(_inb(hi, H), _inb(wi, W))
+    plane = affine([nv, cv], [C * H * W, H * W])
+    pos = K.add(plane, affine([_clamp(hi, H - 1), _clamp(wi, W - 1)], [W, 1]))
+    out_pos = affine([nv, cv, i, j], [C * OH * OW, OH * OW, OW, 1])
+    inner = [Loop(k, kh, [Loop(l, kw, make_body(pos, inb))])]
+    body = (per_window_pre(out_pos) if per_window_pre else []) + inner + \
+        (per_window_post(out_pos) if per_window_post else [])
+    return [Loop(nv, N, [Loop(cv, C, [Loop(i, OH, [Loop(j, OW, body)])])])]
+
+
+def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish):
+    """Per window: (best value, flat position of the first maximum among real elements)."""
+    best, bpos, found = Local(x_buf.dtype, "best"), Local(INDEX, "bpos"), Local(BOOL, "found")
+
+    def body(pos, inb):
+        v = Load(x_buf, pos)
+        better = BinOp("or", BinOp("gt", v, best),
+                       BinOp("and", UnOp("isnan", v), UnOp("not", UnOp("isnan", best))))
+        take = _band(inb, BinOp("or", better, UnOp("not", found)))
+        return [Assign(bpos, Select(take, pos, bpos)), Assign(best, Select(take, v, best)),
+                Assign(found, BinOp("or", found, inb))]
+
+    def pre(out_pos):
+        return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, idx(0)),
+                Assign(found, Const(False, BOOL))]
+    return _windows(x_shape, out_hw, attrs, dil, body, pre,
+                    lambda out_pos: finish(out_pos, best, bpos))
+
+
+@rule("max_pool2d")
+def lower_max_pool2d(lw, n):
+    x = n.inputs[0]
+    X, Y = lw.buf(x), lw.buf(n)
+    ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
+    body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
+                          lambda op, best, bpos: [Store(Y, op, best)])
+    return [Kernel("max_pool2d", [Y, X], body, flops=prod(_shape(n)) * prod(n.attrs["kernel_size"]))]
+
+
+@rule("max_pool2d_grad")
+def lower_max_pool2d_grad(lw, n):
+    x, g = n.inputs
+    X, Gb, DX = lw.buf(x), lw.buf(g), lw.buf(n)
+    _same_dtype(lw, n, [X, Gb])
+    ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
+    body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos: [
+        Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))])
+    return [Kernel("max_pool2d_grad", [DX, X, Gb], _zero_fill(DX) + body)]
+
+
+@rule("max_pool2d_gather")
+def lower_max_pool2d_gather(lw, n):
+    x, h = n.inputs
+    X, Hb, Y = lw.buf(x), lw.buf(h), lw.buf(n)
+    _same_dtype(lw, n, [X, Hb])
+    ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
+    body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
+                          lambda op, best, bpos: [Store(Y, op, Load(Hb, bpos))])
+    return [Kernel("max_pool2d_gather", [Y, X, Hb], body)]
+
+
+@rule("avg_pool2d")
+def lower_avg_pool2d(lw, n):
+    x = n.inputs[0]
+    X, Y = lw.buf(x), lw.buf(n)
+    attrs = dict(n.attrs, dilation=(1, 1))
+    ohw, _, _ = _pool_geom(_shape(x)[2:], n.attrs)
+    div = _divisor_buffer(lw, n, _shape(x)[2:], attrs, ohw)
+    acc = Local(X.dtype, "acc")
+    OH, OW = ohw
+
+    def body(pos, inb):
+        return [Assign(acc, BinOp("add", acc, Select(inb, Load(X, pos), Const(0, X.dtype))))]
+
+    def post(op):
+        dpos = K.add(K.mul(BinOp("mod", BinOp("div", op, idx(OW)), idx(OH)), OW),
+                     BinOp("mod", op, idx(OW)))
+        return [Store(Y, op, BinOp("div", acc, Load(div, dpos)))]
+    loops = _windows(_shape(x), ohw, attrs, (1, 1), body,
+                     lambda op: [Assign(acc, Const(0, X.dtype))], post)
+    return [Kernel("avg_pool2d", [Y, X, div], loops)]
+
+
+def _divisor_buffer(lw, n, in_hw, attrs, ohw):
+    """The (OH, OW) divisors as a constant buffer (computed by the pool module's rule)."""
+    import numpy as np
+    from ..ops.pool import _divisor
+    d = _divisor(in_hw, attrs["kernel_size"], attrs["stride"], attrs["padding"], ohw,
+                 attrs["count_include_pad"], n.dtype)
+    d = np.ascontiguousarray(d, dtype=n.dtype)
+    buf = lw.new_buffer(n.dtype, d.size, hint="div", temp=False)
+    lw.prog.externals.append((buf, ("array", d)))
+    return buf
+
+
+@rule("avg_pool2d_grad")
+def lower_avg_pool2d_grad(lw, n):
+    g = n.inputs[0]
+    Gb, DX = lw.buf(g), lw.buf(n)
+    in_hw = n.attrs["input_size"]
+    attrs = dict(n.attrs, dilation=(1, 1))
+    ohw, _, _ = _pool_geom(in_hw, attrs)
+    div = _divisor_buffer(lw, n, in_hw, attrs, ohw)
+    OH, OW = ohw
+    x_shape = tuple(_shape(g)[:2]) + tuple(in_hw)
+    share = Local(DX.dtype, "share")
+
+    def pre(op):
+        dpos = K.add(K.mul(BinOp("mod", BinOp("div", op, idx(OW)), idx(OH)), OW),
+                     BinOp("mod", op, idx(OW)))
+        return [Assign(share, BinOp("div", Load(Gb, op), Load(div, dpos)))]
+
+    def body(pos, inb):
+        return [Store(DX, pos, BinOp("add", Load(DX, pos),
+                                     Select(inb, share, Const(0, DX.dtype))))]
+    loops = _windows(x_shape, ohw, attrs, (1, 1), body, pre)
+    return [Kernel("avg_pool2d_grad", [DX, Gb, div], _zero_fill(DX) + loops)]
+
+
+# ------------------------------------------------------------------ softmax family
+def _rows(shape, axis):
+    return prod(shape[:axis]), shape[axis], prod(shape[axis + 1:])
+
+
+def _row_stats(X, o, i, C, inner, dtype):
+    """Statements computing m = max_r x (0 if not finite) and s = sum_r exp(x - m)."""
+    r1, r2 = Var("r"), Var("r")
+    m, s = Local(dtype, "m"), Local(dtype, "s")
+    at = lambda r: Load(X, affine([o, r, i], [C * inner, inner, 1]))
+    finite = BinOp("lt", UnOp("abs", m), Const(float("inf"), dtype))
+    stmts = [Assign(m, Const(float("-inf"), dtype)),
+             Loop(r1, C, [Assign(m, nan_max(at(r1), m))], "vector"),
+             Assign(m, Select(finite, m, Const(0.0, dtype))),
+             Assign(s, Const(0.0, dtype)),
+             Loop(r2, C, [Assign(s, BinOp("add", s, UnOp("exp", BinOp("sub", at(r2), m)),
+                                          reassoc=True))], "vector")]
+    return stmts, m, s, at
+
+
+@rule("softmax", "log_softmax")
+def lower_softmax(lw, n):
+    x = n.inputs[0]
+    X, Y = lw.buf(x), lw.buf(n)
+    outer, C, inner = _rows(_shape(x), n.attrs["axis"] % x.ndim)
+    o, i, r = Var("o"), Var("i"), Var("r")
+    stats, m, s, at = _row_stats(X, o, i, C, inner, n.dtype)
+    z = BinOp("sub", at(r), m)
+    if n.op.name == "softmax":
+        inv = Local(n.dtype, "inv")
+        fin = [Assign(inv, BinOp("div", Const(1.0, n.dtype), s)),
+               Loop(r, C, [Store(Y, affine([o, r, i], [C * inner, inner, 1]),
+                                 BinOp("mul", UnOp("exp", z), inv))], "vector")]
+    else:
+        ls = Local(n.dtype, "ls")
+        fin = [Assign(ls, UnOp("log", s)),
+               Loop(r, C, [Store(Y, affine([o, r, i], [C * inner, inner, 1]),
+                                 BinOp("sub", z, ls))], "vector")]
+    body = [Loop(o, outer, [Loop(i, inner, stats + fin)])]
+    return [Kernel(n.op.name, [Y, X], body, flops=4 * prod(_shape(x)))]
+
+
+@rule("softmax_cross_entropy")
+def lower_softmax_xent(lw, n):
+    """Per sample: m + log(sum exp(x - m)) - x[label] (label smoothing and ignore_index too).
+
+    A label outside [0, C) reads a clamped (valid) address and yields NaN; the
+    NumPy reference raises instead.
+    """
+    x, y = n.inputs
+    X, L, OUT = lw.buf(x), lw.buf(y), lw.buf(n)
+    cax = 1 if x.ndim >= 2 else 0
+    outer, C, inner = _rows(_shape(x), cax)
+    d = n.dtype
+    o, i, r = Var("o"), Var("i"), Var("r")
+    stats, m, s, at = _row_stats(X, o, i, C, inner, d)
+    lab = Cast(Load(L, affine([o, i], [inner, 1])), INDEX)
+    ok = _inb(lab, C)
+    lse = BinOp("add", m, UnOp("log", s))                      # logsumexp of the row
+    picked = at(_clamp(lab, C - 1))
+    loss = BinOp("sub", lse, picked)                            # -logp[label]
+    eps = n.attrs["label_smoothing"]
+    body = list(stats)
+    if eps:
+        tot = Local(d, "tot")
+        body += [Assign(tot, Const(0.0, d)),
+                 Loop(r, C, [Assign(tot, BinOp("add", tot, at(r), reassoc=True))], "vector")]
+        mean_logp = BinOp("sub", BinOp("div", tot, Const(float(C), d)), lse)
+        loss = BinOp("sub", BinOp("mul", Const(1.0 - eps, d), loss),
+                     BinOp("mul", Const(eps, d), mean_logp))
+    ii = n.attrs["ignore_index"]
+    if ii is not None:
+        valid = BinOp("ne", Load(L, affine([o, i], [inner, 1])), Const(ii, L.dtype))
+        ok = BinOp("or", ok, UnOp("not", valid))
+        loss = Select(valid, loss, Const(0.0, d))
+    loss = Select(ok, loss, Const(float("nan"), d))
+    body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
+    return [Kernel("softmax_cross_entropy", [OUT, X, L],
+                   [Loop(o, outer, [Loop(i, inner, body)])], flops=4 * prod(_shape(x)))]
