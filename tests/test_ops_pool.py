@@ -296,3 +296,12 @@ def test_against_torch():
                                                   count_include_pad=inc), x.shape)(x)
             ref = F.avg_pool2d(xt, k, s, p, ceil_mode=ceil, count_include_pad=inc).numpy()
             np.testing.assert_allclose(ap, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_propagates_nan():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 1, 0] = np.nan
+    out = compile1(lambda t: gc.max_pool2d(t, 2), x.shape, "float32")(x)
+    assert np.isnan(out[0, 0, 0, 0])
+    np.testing.assert_array_equal(out[0, 0, 0, 1], 7.0)
+    np.testing.assert_array_equal(out[0, 0, 1], [13.0, 15.0])

@@ -109,8 +109,21 @@ def windows(xp: np.ndarray, kernel, stride, dilation, out_hw) -> np.ndarray:
     return v[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, ::dh, ::dw]
 
 
+def im2col(x: np.ndarray, padding, kernel, stride, dilation, out_hw, groups) -> np.ndarray:
+    """Windows of padded x as a (G, Cg*kH*kW, N*OH*OW) matrix.
+
+    This layout keeps the source's contiguous (OH, OW) run innermost, which makes the
+    copy several times faster than the classic (N*OH*OW, C*kH*kW) one."""
+    n, c = x.shape[:2]
+    (kh, kw), (oh, ow), cg = kernel, out_hw, x.shape[1] // groups
+    win = windows(pad_nchw(x, padding), kernel, stride, dilation, out_hw)
+    return (win.reshape(n, groups, cg, oh, ow, kh, kw).transpose(1, 2, 5, 6, 0, 3, 4)
+            .reshape(groups, cg * kh * kw, n * oh * ow))
+
+
 def scatter_windows(cols: np.ndarray, padded_hw, stride, dilation) -> np.ndarray:
-    """Adjoint of `windows`: cols (N, C, kH, kW, OH, OW) summed into a padded (N, C, Hp, Wp)."""
+    """Adjoint of `windows`: cols (A, B, kH, kW, OH, OW) summed into a padded (A, B, Hp, Wp)
+    (A, B are N, C or C, N: whichever order the caller's data is laid out in)."""
     n, c, kh, kw, oh, ow = cols.shape
     (sh, sw), (dh, dw) = stride, dilation
     out = np.zeros((n, c) + tuple(padded_hw), dtype=cols.dtype)
@@ -195,12 +208,9 @@ class Conv2dOp(_ConvBase):
         c_out, cg, kh, kw = w.shape
         gs, og = groups, c_out // groups
         oh, ow = self._out_hw((h, wd), (kh, kw), stride, padding, dilation)
-        win = windows(pad_nchw(x, padding), (kh, kw), stride, dilation, (oh, ow))
-        cols = (win.reshape(n, gs, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-                .reshape(gs, n * oh * ow, cg * kh * kw))
-        wm = w.reshape(gs, og, cg * kh * kw)
-        y = np.matmul(cols, wm.transpose(0, 2, 1))            # (G, N*OH*OW, Og)
-        y = y.reshape(gs, n, oh, ow, og).transpose(1, 0, 4, 2, 3).reshape(n, c_out, oh, ow)
+        cols = im2col(x, padding, (kh, kw), stride, dilation, (oh, ow), gs)  # (G, K, P)
+        y = np.matmul(w.reshape(gs, og, cg * kh * kw), cols)                   # (G, Og, P)
+        y = y.reshape(gs * og, n, oh, ow).transpose(1, 0, 2, 3)
         return np.ascontiguousarray(y, dtype=dtype)
 
     def vjp(self, node, g):
@@ -248,14 +258,16 @@ class Conv2dGradInputOp(_ConvBase):
         n, c_out, oh, ow = g.shape
         _, cg, kh, kw = w.shape
         gs, og = groups, c_out // groups
-        gm = g.reshape(n, gs, og, oh, ow).transpose(1, 0, 3, 4, 2).reshape(gs, n * oh * ow, og)
-        cols = np.matmul(gm, w.reshape(gs, og, cg * kh * kw))   # (G, N*OH*OW, Cg*kH*kW)
-        cols = (cols.reshape(gs, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3)
-                .reshape(n, gs * cg, kh, kw, oh, ow))
+        gm = g.reshape(n, gs, og, oh * ow).transpose(1, 2, 0, 3).reshape(gs, og, n * oh * ow)
+        wm = w.reshape(gs, og, cg * kh * kw)
+        cols = np.matmul(wm.transpose(0, 2, 1), gm)             # (G, Cg*kH*kW, N*OH*OW)
+        # scatter in (C, N, ...) order, which is how the columns are laid out
+        cols = cols.reshape(gs * cg, kh, kw, n, oh, ow).transpose(0, 3, 1, 2, 4, 5)
         (pt, pb), (pl, pr) = padding
         h, wd = input_size
         dxp = scatter_windows(cols, (h + pt + pb, wd + pl + pr), stride, dilation)
-        return np.ascontiguousarray(crop(dxp, padding, input_size), dtype=dtype)
+        dx = crop(dxp, padding, input_size).transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(dx, dtype=dtype)
 
     def vjp(self, node, h):
         # dx = A_w^T g  =>  <h, dx> = <conv2d(h, w), g>
@@ -307,11 +319,9 @@ class Conv2dGradWeightOp(_ConvBase):
         kh, kw = kernel_size
         gs = groups
         cg, og = c_in // gs, c_out // gs
-        win = windows(pad_nchw(x, padding), (kh, kw), stride, dilation, (oh, ow))
-        cols = (win.reshape(n, gs, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-                .reshape(gs, n * oh * ow, cg * kh * kw))
-        gm = g.reshape(n, gs, og, oh, ow).transpose(1, 2, 0, 3, 4).reshape(gs, og, n * oh * ow)
-        dw = np.matmul(gm, cols)                                 # (G, Og, Cg*kH*kW)
+        cols = im2col(x, padding, (kh, kw), stride, dilation, (oh, ow), gs)  # (G, K, P)
+        gm = g.reshape(n, gs, og, oh * ow).transpose(1, 2, 0, 3).reshape(gs, og, n * oh * ow)
+        dw = np.matmul(gm, cols.transpose(0, 2, 1))                           # (G, Og, K)
         return np.ascontiguousarray(dw.reshape(c_out, cg, kh, kw), dtype=dtype)
 
     def vjp(self, node, h):

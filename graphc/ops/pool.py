@@ -73,14 +73,40 @@ def _pool_input_type(x, what="input"):
     concrete_dims(x.shape, what)
 
 
-def _argmax_windows(x, kernel_size, stride, padding, dilation, ceil_mode):
-    """Window values (N, C, OH, OW, kH*kW) of x padded with -inf, and the argmax of each."""
-    n, c = x.shape[:2]
+def _offsets(kernel_size, stride, dilation, ohw):
+    """For each kernel offset t = k*kW + m: the strided (rows, cols) slices of the padded
+    input that hold element (k, m) of every window."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel_size, stride, dilation, ohw
+    for k in range(kh):
+        for m in range(kw):
+            yield k * kw + m, (slice(k * dh, k * dh + (oh - 1) * sh + 1, sh),
+                               slice(m * dw, m * dw + (ow - 1) * sw + 1, sw))
+
+
+def _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max of each window of x (padded with -inf) and its offset t = k*kW + m, the first
+    in row-major window order on ties; also the output size and applied padding."""
     ohw, pads = _geometry(x.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
     xp = pad_nchw(x, pads, -np.inf)
-    win = windows(xp, kernel_size, stride, dilation, ohw)
-    flat = win.reshape(n, c, ohw[0], ohw[1], kernel_size[0] * kernel_size[1])
-    return flat, np.argmax(flat, axis=-1), ohw, pads
+    if np.isnan(x).any():
+        # NaN wins (and propagates), as in np.argmax and PyTorch: use the general path
+        n, c = x.shape[:2]
+        flat = windows(xp, kernel_size, stride, dilation, ohw).reshape(
+            n, c, ohw[0], ohw[1], kernel_size[0] * kernel_size[1])
+        idx = np.argmax(flat, axis=-1)
+        return np.take_along_axis(flat, idx[..., None], -1)[..., 0], idx, ohw, pads
+    best = idx = None
+    # A running maximum over the kernel offsets: kH*kW passes over strided slices,
+    # no window copy.  Strict > keeps the first maximum.
+    for t, (rows, cols) in _offsets(kernel_size, stride, dilation, ohw):
+        v = xp[:, :, rows, cols]
+        if best is None:
+            best, idx = v.copy(), np.zeros(v.shape, dtype=np.int64)
+        else:
+            upd = v > best
+            np.copyto(best, v, where=upd)
+            np.copyto(idx, t, where=upd)
+    return best, idx, ohw, pads
 
 
 class _PoolBase(Op):
@@ -102,8 +128,7 @@ class MaxPool2dOp(_PoolBase):
         return TensorType(x.dtype, tuple(x.shape[:2]) + ohw)
 
     def evaluate(self, x, **attrs):
-        flat, idx, _, _ = _argmax_windows(x, **attrs)
-        return np.ascontiguousarray(np.take_along_axis(flat, idx[..., None], -1)[..., 0])
+        return np.ascontiguousarray(_window_argmax(x, **attrs)[0])
 
     def vjp(self, node, g):
         (x,) = node.inputs
@@ -140,14 +165,13 @@ class MaxPool2dGradOp(_MaxPoolPairOp):
 
     def evaluate(self, x, g, kernel_size, stride, padding, dilation, ceil_mode):
         dtype = dt.promote(x.dtype, g.dtype)
-        _, idx, ohw, pads = _argmax_windows(x, kernel_size, stride, padding, dilation, ceil_mode)
+        _, idx, ohw, pads = _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode)
         n, c, h, w = x.shape
-        kh, kw = kernel_size
-        cols = np.zeros(idx.shape + (kh * kw,), dtype=dtype)
-        np.put_along_axis(cols, idx[..., None], g.astype(dtype, copy=False)[..., None], -1)
-        cols = cols.reshape(n, c, ohw[0], ohw[1], kh, kw).transpose(0, 1, 4, 5, 2, 3)
-        padded = (h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1])
-        dxp = scatter_windows(cols, padded, stride, dilation)
+        g = g.astype(dtype, copy=False)
+        dxp = np.zeros((n, c, h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1]), dtype)
+        for t, (rows, cols) in _offsets(kernel_size, stride, dilation, ohw):
+            # for one offset the windows hit distinct positions: += on the slice is exact
+            dxp[:, :, rows, cols] += (idx == t) * g
         return np.ascontiguousarray(crop(dxp, pads, (h, w)))
 
     def vjp(self, node, h):
@@ -164,12 +188,12 @@ class MaxPool2dGatherOp(_MaxPoolPairOp):
 
     def evaluate(self, x, h, kernel_size, stride, padding, dilation, ceil_mode):
         dtype = dt.promote(x.dtype, h.dtype)
-        _, idx, ohw, pads = _argmax_windows(x, kernel_size, stride, padding, dilation, ceil_mode)
-        n, c = x.shape[:2]
-        hwin = windows(pad_nchw(h.astype(dtype, copy=False), pads), kernel_size, stride,
-                       dilation, ohw)
-        hflat = hwin.reshape(n, c, ohw[0], ohw[1], kernel_size[0] * kernel_size[1])
-        return np.ascontiguousarray(np.take_along_axis(hflat, idx[..., None], -1)[..., 0])
+        _, idx, ohw, pads = _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode)
+        hp = pad_nchw(h.astype(dtype, copy=False), pads)
+        out = np.zeros(idx.shape, dtype)
+        for t, (rows, cols) in _offsets(kernel_size, stride, dilation, ohw):
+            np.copyto(out, hp[:, :, rows, cols], where=idx == t)
+        return out
 
     def vjp(self, node, g):
         x, h = node.inputs
