@@ -305,3 +305,15 @@ def test_max_pool_propagates_nan():
     assert np.isnan(out[0, 0, 0, 0])
     np.testing.assert_array_equal(out[0, 0, 0, 1], 7.0)
     np.testing.assert_array_equal(out[0, 0, 1], [13.0, 15.0])
+
+
+def test_all_minus_inf_window_routes_gradient_into_the_input():
+    # The window at the top-left holds padding and real -inf values: PyTorch picks the
+    # first real element, so the gradient is not lost in the padding.
+    x = np.full((1, 1, 2, 2), -np.inf)
+    xi = gc.input("x", x.shape, "float64")
+    y = gc.max_pool2d(xi, 2, stride=2, padding=1)
+    dx = gc.grad(gc.sum(y), xi)
+    yv, dxv = gc.compile([xi], [y, dx])(x)
+    assert np.all(yv == -np.inf)
+    np.testing.assert_array_equal(dxv[0, 0], [[1, 1], [1, 1]])

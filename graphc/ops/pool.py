@@ -7,7 +7,9 @@ Ops (attributes normalized by `check`: kernel_size, stride, dilation as
     max_pool2d(x)                 max over each window; padding counts as -inf
     max_pool2d_grad(x, g)         routes g[n,c,i,j] to the argmax of window (i, j) of x
                                   (the first maximum in row-major window order on
-                                  ties, as PyTorch does); overlapping windows add up
+                                  ties, as PyTorch does; a NaN counts as the largest
+                                  value, the first NaN on several, where PyTorch takes
+                                  the last); overlapping windows add up
     max_pool2d_gather(x, h)       h read at the argmax of each window of x: the
                                   adjoint of max_pool2d_grad in g (second derivatives)
     avg_pool2d(x)                 mean over each window (count_include_pad chooses
@@ -84,28 +86,32 @@ def _offsets(kernel_size, stride, dilation, ohw):
 
 
 def _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode):
-    """Max of each window of x (padded with -inf) and its offset t = k*kW + m, the first
-    in row-major window order on ties; also the output size and applied padding."""
+    """Max of each window of x and the offset t = k*kW + m of its first maximum in row-major
+    window order (NaN counts as the largest value, so it propagates); padding never wins.
+    Also returns the output size and the applied padding."""
     ohw, pads = _geometry(x.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
     xp = pad_nchw(x, pads, -np.inf)
-    if np.isnan(x).any():
-        # NaN wins (and propagates), as in np.argmax and PyTorch: use the general path
-        n, c = x.shape[:2]
-        flat = windows(xp, kernel_size, stride, dilation, ohw).reshape(
-            n, c, ohw[0], ohw[1], kernel_size[0] * kernel_size[1])
-        idx = np.argmax(flat, axis=-1)
-        return np.take_along_axis(flat, idx[..., None], -1)[..., 0], idx, ohw, pads
-    best = idx = None
-    # A running maximum over the kernel offsets: kH*kW passes over strided slices,
-    # no window copy.  Strict > keeps the first maximum.
+    h, w = x.shape[2:]
+    (pt, _), (pl, _) = pads
+    has_nan = bool(np.isnan(x).any())
+    best = np.full(x.shape[:2] + ohw, -np.inf, dtype=x.dtype)
+    idx = np.zeros(best.shape, dtype=np.int64)
+    found = np.zeros(best.shape, dtype=bool)
+    # A running maximum over the kernel offsets: kH*kW passes over strided slices, no
+    # window copy.  Like PyTorch, a window's first real element is its initial candidate,
+    # so an all -inf window still points into the input, never into the padding.
     for t, (rows, cols) in _offsets(kernel_size, stride, dilation, ohw):
         v = xp[:, :, rows, cols]
-        if best is None:
-            best, idx = v.copy(), np.zeros(v.shape, dtype=np.int64)
-        else:
-            upd = v > best
-            np.copyto(best, v, where=upd)
-            np.copyto(idx, t, where=upd)
+        r = np.arange(rows.start, rows.stop, rows.step) - pt
+        c = np.arange(cols.start, cols.stop, cols.step) - pl
+        real = np.logical_and.outer((r >= 0) & (r < h), (c >= 0) & (c < w))
+        upd = (v > best) | ~found
+        if has_nan:
+            upd |= np.isnan(v) & ~np.isnan(best)
+        upd &= real
+        np.copyto(best, v, where=upd)
+        np.copyto(idx, t, where=upd)
+        found |= real
     return best, idx, ohw, pads
 
 
