@@ -36,17 +36,19 @@ def _say(msg: str = "") -> None:
 
 
 def _model_input_shape(name: str, image_size: int) -> tuple:
-    """The input shape (with a symbolic batch) the model of `name` reads."""
-    if name == "lenet":
-        return (None, 1, image_size, image_size)
-    return (None, image_size * image_size)
+    """The input shape (with a symbolic batch) the model of `name` reads (NCHW images)."""
+    return (None, 1, image_size, image_size)
 
 
 def _build_model(name: str, seed: int, image_size: int = 8):
+    """A freshly initialized model; weights drawn from a generator seeded by `seed`."""
+    import numpy as np
+
     from . import models
+    rng = np.random.default_rng(seed)
     if name == "lenet":
-        return models.lenet5(seed=seed)
-    return models.mlp(in_features=image_size * image_size, seed=seed)
+        return models.lenet5(rng=rng)
+    return models.mlp(in_features=image_size * image_size, rng=rng)
 
 
 def load_data(spec: str, model: str):
@@ -66,13 +68,9 @@ def load_data(spec: str, model: str):
         if xtr.shape[2:] != (28, 28):
             raise CLIError(f"--data {spec}: expected 28x28 images, got {xtr.shape[2]}x"
                            f"{xtr.shape[3]}")
-        if model == "mlp":
-            raise CLIError("--data mnist: is for lenet (the mlp reads the 8x8 digits)")
         desc = f"MNIST from {path}: {len(xtr)} train / {len(xte)} test"
     else:
         raise CLIError(f"--data must be 'digits' or 'mnist:PATH', got {spec!r}")
-    if model == "mlp":
-        xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
     return xtr, ytr, xte, yte, desc
 
 
@@ -169,32 +167,28 @@ def cmd_docs_ops(args) -> int:
 def cmd_render(args) -> int:
     import graphc as gc
     from . import viz
-    shape = _model_input_shape(args.model, 28 if args.model == "lenet" else 8)
-    model = _build_model(args.model, args.seed)
-    x = gc.input("x", shape)
+    size = 28 if args.model == "lenet" else 8
+    model = _build_model(args.model, args.seed, size)
+    x = gc.input("x", _model_input_shape(args.model, size))
     if not args.backward:
-        out = model(x)
-        target, backward = out, False
+        target = model(x)
         title = f"{args.model}: forward graph"
     else:
         y = gc.input("y", (None,), dtype="int64")
-        target = training_graph(model, x, y, lr=DEFAULTS[args.model]["lr"])
-        backward = False
-        title = f"{args.model}: training graph (forward, backward, SGD update)"
-    path = viz.render(target, args.output, backward=backward, title=title)
+        target = training_step(model, x, y, DEFAULTS[args.model]["lr"], "numpy")
+        title = f"{args.model}: training graph (forward, backward, SGD-momentum update)"
+    path = viz.render(target, args.output, title=title)
     _say(f"wrote {path}")
     return 0
 
 
-def training_graph(model, x, y, lr: float):
-    """Loss, gradients and SGD updates of a model, as one graph (what a step runs)."""
+def training_step(model, x, y, lr: float, backend: str):
+    """The compiled training step `graphc train` runs: cross-entropy, SGD with momentum."""
     import graphc as gc
-    loss = gc.cross_entropy(model(x), y)
-    params = list(model.parameters())
-    grads = gc.grad(loss, params)
-    with gc.ir.role("update"):
-        updates = {p: p - lr * g for p, g in zip(params, grads)}
-    return gc.compile([x, y], [loss], updates=updates)
+    from . import optim
+    opt = optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return opt.compile_step(lambda xb, yb: gc.cross_entropy(model(xb), yb), x, y,
+                            backend=backend)
 
 
 def cmd_bench(args, rest) -> int:
@@ -207,8 +201,102 @@ def cmd_bench(args, rest) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import train as training
-    raise NotImplementedError
+    import json
+
+    import numpy as np
+
+    import graphc as gc
+    from . import nn, viz
+    from .train import fit
+
+    cfg = dict(DEFAULTS[args.model])
+    for k in ("epochs", "batch_size", "lr"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    out = args.out or os.path.join("runs", args.model)
+    try:
+        xtr, ytr, xte, yte, desc = load_data(args.data, args.model)
+    except (OSError, ValueError) as e:   # missing directory/file, malformed IDX file
+        raise CLIError(f"--data {args.data}: {e}") from None
+    os.makedirs(out, exist_ok=True)
+
+    nn.manual_seed(args.seed)
+    image_size = xtr.shape[-1]
+    model = _build_model(args.model, args.seed, image_size)
+    x = gc.input("x", (None,) + xtr.shape[1:])
+    y = gc.input("y", (None,), dtype="int64")
+    step = training_step(model, x, y, cfg["lr"], args.backend)
+    _say(f"graphc train {args.model}: {model.num_parameters():,} parameters; data: {desc}")
+    _say(f"  backend {args.backend}, {cfg['epochs']} epochs, batch size {cfg['batch_size']}, "
+         f"SGD lr {cfg['lr']:g} momentum 0.9, seed {args.seed}")
+    t0 = time.perf_counter()
+    history = fit(model, step, (xtr, ytr), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                  eval_data=(xte, yte), seed=args.seed, backend=args.backend)
+    elapsed = time.perf_counter() - t0
+    acc = history["accuracy"][-1] if history.get("accuracy") else float("nan")
+    _say(f"done in {elapsed:.1f} s: final training loss {history['loss'][-1]:.4f}, "
+         f"test accuracy {acc:.2%}")
+
+    files = []
+    weights = os.path.join(out, "weights.npz")
+    model.save(weights)
+    files.append(weights)
+    hist_path = os.path.join(out, "history.json")
+    with open(hist_path, "w") as f:
+        json.dump({"model": args.model, "config": cfg, "backend": args.backend,
+                   "seed": args.seed, "data": args.data, "history": history}, f, indent=1)
+    files.append(hist_path)
+    curve = plot_history(history, os.path.join(out, "curves.png"), title=f"{args.model} on "
+                         f"{args.data.split(':')[0]}")
+    if curve:
+        files.append(curve)
+    else:
+        _say("(no loss/accuracy plot: matplotlib is not installed; pip install 'graphc[plot]')")
+
+    if not args.no_render:
+        model.eval()
+        loss = gc.cross_entropy(model(x), y)
+        xb, yb = xtr[:cfg["batch_size"]], ytr[:cfg["batch_size"]]
+        grads = viz.gradient_values(loss, [x, y], [xb, yb], params=model.parameters(),
+                                    backend=args.backend)
+        files.append(viz.render(loss, os.path.join(out, "forward.png"),
+                                title=f"{args.model}: forward graph (loss)"))
+        files.append(viz.render(loss, os.path.join(out, "backward.png"), backward=True,
+                                grad_values=grads,
+                                title=f"{args.model}: forward + backward graph, gradient norms "
+                                      f"from one batch of the trained model"))
+        files.append(viz.render(step, os.path.join(out, "train_step.svg"),
+                                title=f"{args.model}: one compiled training step (forward, "
+                                      f"backward, SGD-momentum update)"))
+        _say("per-layer gradient norms (one batch): " + ", ".join(
+            f"{p.label()} {np.linalg.norm(g):.2e}" for p, g in grads.items()
+            if p.label().endswith("weight")))
+    _say("wrote " + ", ".join(files))
+    return 0
+
+
+def plot_history(history: dict, path: str, title: str = "") -> str | None:
+    """Loss and accuracy per epoch as a PNG; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    epochs = list(range(1, len(history["loss"]) + 1))
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    ax1.plot(epochs, history["loss"], "o-", color="tab:blue", label="training loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss", color="tab:blue")
+    if history.get("accuracy"):
+        ax2 = ax1.twinx()
+        ax2.plot(epochs, history["accuracy"], "s-", color="tab:orange", label="test accuracy")
+        ax2.set_ylabel("test accuracy", color="tab:orange")
+    ax1.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------ argument parsing
