@@ -173,7 +173,7 @@ def test_shape_ops():
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 13, 17), (33, 1, 5), (64, 48, 40),
-                                   (3, 130, 97)])
+                                   (3, 130, 97), (37, 300, 45), (150, 20, 70)])
 def test_matmul_shapes(m, k, n):
     a = gc.input("a", (m, k))
     b = gc.input("b", (k, n))
