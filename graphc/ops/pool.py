@@ -95,8 +95,10 @@ def _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode):
     (pt, _), (pl, _) = pads
     has_nan = bool(np.isnan(x).any())
     best = np.full(x.shape[:2] + ohw, -np.inf, dtype=x.dtype)
-    idx = np.zeros(best.shape, dtype=np.int64)
+    nk = kernel_size[0] * kernel_size[1]
+    idx = np.zeros(best.shape, dtype=np.int16 if nk <= 2**15 else np.int64)
     found = np.zeros(best.shape, dtype=bool)
+    all_found = False
     # A running maximum over the kernel offsets: kH*kW passes over strided slices, no
     # window copy.  Like PyTorch, a window's first real element is its initial candidate,
     # so an all -inf window still points into the input, never into the padding.
@@ -104,14 +106,22 @@ def _window_argmax(x, kernel_size, stride, padding, dilation, ceil_mode):
         v = xp[:, :, rows, cols]
         r = np.arange(rows.start, rows.stop, rows.step) - pt
         c = np.arange(cols.start, cols.stop, cols.step) - pl
-        real = np.logical_and.outer((r >= 0) & (r < h), (c >= 0) & (c < w))
-        upd = (v > best) | ~found
+        r_ok, c_ok = (r >= 0) & (r < h), (c >= 0) & (c < w)
+        real = None if r_ok.all() and c_ok.all() else np.logical_and.outer(r_ok, c_ok)
+        upd = v > best
+        if not all_found:
+            upd |= ~found
         if has_nan:
             upd |= np.isnan(v) & ~np.isnan(best)
-        upd &= real
-        np.copyto(best, v, where=upd)
+        if real is not None:
+            upd &= real
+        np.maximum(best, v, out=best)   # == where(upd, v, best) at real positions
         np.copyto(idx, t, where=upd)
-        found |= real
+        if not all_found:
+            if real is None:
+                all_found = True
+            else:
+                found |= real
     return best, idx, ohw, pads
 
 
@@ -133,8 +143,16 @@ class MaxPool2dOp(_PoolBase):
         ohw, _ = _geometry(x.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
         return TensorType(x.dtype, tuple(x.shape[:2]) + ohw)
 
-    def evaluate(self, x, **attrs):
-        return np.ascontiguousarray(_window_argmax(x, **attrs)[0])
+    def evaluate(self, x, kernel_size, stride, padding, dilation, ceil_mode):
+        # The value alone needs no argmax: a running np.maximum over the kernel offsets
+        # (NaN propagates; -inf padding never beats a real element).
+        ohw, pads = _geometry(x.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
+        xp = pad_nchw(x, pads, -np.inf)
+        best = None
+        for _, (rows, cols) in _offsets(kernel_size, stride, dilation, ohw):
+            v = xp[:, :, rows, cols]
+            best = v.copy() if best is None else np.maximum(best, v, out=best)
+        return best
 
     def vjp(self, node, g):
         (x,) = node.inputs
@@ -241,10 +259,13 @@ class AvgPool2dOp(Op):
 
     def evaluate(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
         ohw, pads = _geometry(x.shape[2:], kernel_size, stride, padding, (1, 1), ceil_mode)
-        win = windows(pad_nchw(x, pads), kernel_size, stride, (1, 1), ohw)
+        xp = pad_nchw(x, pads)
+        total = np.zeros(x.shape[:2] + ohw, dtype=x.dtype)
+        for _, (rows, cols) in _offsets(kernel_size, stride, (1, 1), ohw):
+            total += xp[:, :, rows, cols]      # kH*kW strided adds beat a window-view sum
         div = _divisor(x.shape[2:], kernel_size, stride, padding, ohw, count_include_pad,
                        x.dtype)
-        return np.ascontiguousarray(win.sum(axis=(-2, -1)) / div, dtype=x.dtype)
+        return np.ascontiguousarray(total / div, dtype=x.dtype)
 
     def vjp(self, node, g):
         (x,) = node.inputs
