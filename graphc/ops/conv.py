@@ -114,7 +114,7 @@ def im2col(x: np.ndarray, padding, kernel, stride, dilation, out_hw, groups) -> 
 
     This layout keeps the source's contiguous (OH, OW) run innermost, which makes the
     copy several times faster than the classic (N*OH*OW, C*kH*kW) one."""
-    n, c = x.shape[:2]
+    n = x.shape[0]
     (kh, kw), (oh, ow), cg = kernel, out_hw, x.shape[1] // groups
     win = windows(pad_nchw(x, padding), kernel, stride, dilation, out_hw)
     return (win.reshape(n, groups, cg, oh, ow, kh, kw).transpose(1, 2, 5, 6, 0, 3, 4)
