@@ -97,7 +97,10 @@ def constant(value, dtype=None, name=None) -> Node:
     arr = np.array(value, dtype=dt.as_dtype(dtype) if dtype is not None else None)
     if dtype is None:
         if arr.dtype.kind == "f":
-            arr = arr.astype(dt.float32) if arr.dtype != dt.float64 else arr
+            # Python floats and lists default to float32 (the working precision);
+            # a NumPy float64 array keeps its dtype.
+            from_numpy = isinstance(value, (np.ndarray, np.generic))
+            arr = arr if (from_numpy and arr.dtype == dt.float64) else arr.astype(dt.float32)
         elif arr.dtype.kind in "iu":
             arr = arr.astype(dt.int64)
         arr = arr.astype(dt.as_dtype(arr.dtype))
