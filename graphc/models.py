@@ -9,7 +9,15 @@ from collections import OrderedDict
 
 from . import nn
 
-__all__ = ["lenet5", "mlp"]
+__all__ = ["lenet5", "mlp", "LeNet5", "MLP"]
+
+
+class LeNet5(nn.Sequential):
+    """The Sequential `lenet5` returns (its own class, so pictures and reprs say LeNet5)."""
+
+
+class MLP(nn.Sequential):
+    """The Sequential `mlp` returns."""
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
@@ -24,7 +32,7 @@ def _activation(name: str):
 
 
 def lenet5(num_classes: int = 10, in_channels: int = 1, activation: str = "relu",
-           pool: str = "max", input_size: int = 28, rng=None) -> nn.Sequential:
+           pool: str = "max", input_size: int = 28, rng=None) -> LeNet5:
     """LeNet-5: conv 6@5×5, pool 2, conv 16@5×5, pool 2, flatten, 120, 84, num_classes.
 
     For 28×28 inputs the first convolution pads by 2 (so the feature maps are
@@ -38,7 +46,7 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, activation: str = "relu"
         raise ValueError(f"lenet5: pool must be 'max' or 'avg', got {pool!r}")
     Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
     pad = 2 if input_size == 28 else 0
-    return nn.Sequential(OrderedDict([
+    return LeNet5(OrderedDict([
         ("conv1", nn.Conv2d(in_channels, 6, 5, padding=pad, rng=rng)),
         ("act1", _activation(activation)),
         ("pool1", Pool(2)),
@@ -55,7 +63,7 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, activation: str = "relu"
 
 
 def mlp(in_features: int = 64, hidden=(128, 64), num_classes: int = 10,
-        activation: str = "relu", dropout: float = 0.0, rng=None) -> nn.Sequential:
+        activation: str = "relu", dropout: float = 0.0, rng=None) -> MLP:
     """Flatten, then Linear + activation (+ Dropout) per hidden size, then Linear.
 
     Children: flatten, fc1, act1, [drop1,] fc2, ..., fc<k+1> (the classifier).
@@ -69,4 +77,4 @@ def mlp(in_features: int = 64, hidden=(128, 64), num_classes: int = 10,
             layers.append((f"drop{i}", nn.Dropout(dropout, rng=rng)))
         prev = h
     layers.append((f"fc{len(hidden) + 1}", nn.Linear(prev, num_classes, rng=rng)))
-    return nn.Sequential(OrderedDict(layers))
+    return MLP(OrderedDict(layers))

@@ -106,7 +106,8 @@ def fit(model, step, train_data, epochs: int = 1, batch_size: int = 32, eval_dat
     """Train with a compiled `step` (from `optimizer.compile_step`) for `epochs`.
 
     train_data: a tuple of arrays fed to step batch by batch, e.g. (images, labels);
-      batches are shuffled reproducibly from (seed, epoch).
+      batches are shuffled reproducibly from (seed, epoch).  A graphc.data.DataLoader
+      is used as it is (its own batch size, shuffling and seed; epoch set per epoch).
     eval_data: (images, labels) scored with `evaluate` after every epoch, or
       eval_fn(model) → a float or a dict of metrics.
     on_epoch(epoch, record): called after each epoch with that epoch's record;
@@ -121,9 +122,20 @@ def fit(model, step, train_data, epochs: int = 1, batch_size: int = 32, eval_dat
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"fit: need epochs >= 0 and batch_size >= 1, got {epochs}, "
                          f"{batch_size}")
-    arrays = tuple(np.asarray(a) for a in train_data)
-    n = len(arrays[0])
-    n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    loader = train_data if hasattr(train_data, "set_epoch") else None  # a data.DataLoader
+    if loader is None:
+        arrays = tuple(np.asarray(a) for a in train_data)
+        n = len(arrays[0])
+        n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    else:
+        n_batches = len(loader)
+
+    def epoch_batches(epoch):
+        if loader is not None:
+            loader.set_epoch(epoch)
+            return iter(loader)
+        return batches(arrays, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                       epoch=epoch)
     history: dict = {"loss": [], "time": [], "samples_per_s": [], "lr": []}
     opt = getattr(step, "optimizer", None)
     global_step = 0
@@ -132,8 +144,7 @@ def fit(model, step, train_data, epochs: int = 1, batch_size: int = 32, eval_dat
         t0 = time.perf_counter()
         total, seen = 0.0, 0
         try:
-            for i, batch in enumerate(batches(arrays, batch_size, shuffle=shuffle, seed=seed,
-                                              drop_last=drop_last, epoch=epoch)):
+            for i, batch in enumerate(epoch_batches(epoch)):
                 loss = float(np.asarray(step(*batch)))
                 global_step += 1
                 if not math.isfinite(loss):

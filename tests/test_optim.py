@@ -281,3 +281,23 @@ def test_optimizer_argument_errors():
         optim.SGD([np.zeros(2)], lr=0.1)
     with pytest.raises(ValueError, match="scalar"):
         optim.SGD([p], lr=0.1).updates(p * 2.0)
+
+
+def test_compile_step_returns_extra_outputs_from_the_same_build():
+    nn.manual_seed(0)
+    model = nn.Linear(3, 1, dtype="float64")
+    x = gc.input("x", (None, 3), dtype="float64")
+    y = gc.input("y", (None, 1), dtype="float64")
+    opt = optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(a, t):
+        pred = model(a)
+        return gc.mean(gc.square(pred - t)), pred
+    step = opt.compile_step(loss_fn, x, y, outputs=[gc.sum(x)])
+    w0, b0 = model.weight.value.copy(), model.bias.value.copy()
+    loss, pred, sx = step(X, Y[:, None])
+    want = X @ w0.T + b0                            # outputs see the pre-update weights
+    np.testing.assert_allclose(pred, want, rtol=1e-12)
+    assert loss == pytest.approx(np.mean((want - Y[:, None]) ** 2), rel=1e-12)
+    assert sx == pytest.approx(X.sum(), rel=1e-12)
+    assert not np.array_equal(model.weight.value, w0)

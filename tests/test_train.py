@@ -133,3 +133,19 @@ def test_predict_handles_partial_batches_and_accuracy_helper():
     assert accuracy(np.array([[0.1, 0.9], [2.0, 1.0]]), np.array([1, 1])) == 0.5
     with pytest.raises(ValueError, match="do not match"):
         accuracy(full, yte[:-1])
+
+
+def test_fit_accepts_a_dataloader_with_the_same_batches():
+    (xtr, ytr), _ = digits(8)
+    results = []
+    for use_loader in (False, True):
+        nn.manual_seed(5)
+        model = models.mlp(hidden=(16,))
+        _, step = make_step(model, optim.SGD, (1, 8, 8), lr=0.1)
+        train = data.DataLoader((xtr[:300], ytr[:300]), 64, seed=9) if use_loader \
+            else (xtr[:300], ytr[:300])
+        hist = fit(model, step, train, epochs=2, batch_size=64, seed=9, progress=False)
+        results.append((hist["loss"], model.state_dict()))
+    assert results[0][0] == results[1][0]
+    for k, v in results[0][1].items():
+        np.testing.assert_array_equal(v, results[1][1][k])
