@@ -381,3 +381,31 @@ def test_model_zoo_shapes_and_parameter_counts():
     assert m.num_parameters() == (64 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10)
     assert tuple(m(gc.input("x", (None, 1, 8, 8))).shape) == ("N", 10)
     assert "fc1" in repr(lenet) and "Conv2d" in repr(lenet)
+
+
+def test_layers_match_torch_when_installed():
+    torch = pytest.importorskip("torch")
+    nn.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, dtype="float64"),
+                          nn.BatchNorm2d(3, dtype="float64"), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4, dtype="float64"))
+    tmodel = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                                 torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(12, 4)).double()
+    tmodel.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()},
+                           strict=False)
+    x = R.normal(size=(5, 2, 4, 4))
+    xi = gc.input("x", (None, 2, 4, 4), dtype="float64")
+    opt = optim.SGD(model.parameters(), lr=0.0)     # lr 0: only the state updates act
+    step = opt.compile_step(lambda a: gc.sum(model(a)), xi, outputs=[])
+    step(x)
+    tmodel.train()
+    tmodel(torch.tensor(x))
+    bn, tbn = model[1], tmodel[1]
+    np.testing.assert_allclose(bn.running_mean.value, tbn.running_mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.value, tbn.running_var.numpy(), rtol=1e-12)
+    model.eval()
+    tmodel.eval()
+    with torch.no_grad():
+        want = tmodel(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(run(model, x, "float64"), want, rtol=1e-10, atol=1e-12)

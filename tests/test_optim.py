@@ -301,3 +301,25 @@ def test_compile_step_returns_extra_outputs_from_the_same_build():
     assert loss == pytest.approx(np.mean((want - Y[:, None]) ** 2), rel=1e-12)
     assert sx == pytest.approx(X.sum(), rel=1e-12)
     assert not np.array_equal(model.weight.value, w0)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("Adam", dict(lr=0.02, weight_decay=0.1, amsgrad=True)),
+    ("AdamW", dict(lr=0.02, betas=(0.8, 0.95))),
+])
+def test_optimizers_match_torch_when_installed(name, kw):
+    torch = pytest.importorskip("torch")
+    w, b, opt, step = build(lambda ps: getattr(optim, name)(ps, **kw))
+    tw = torch.tensor(W0.copy(), requires_grad=True)
+    tb = torch.tensor(B0.copy(), requires_grad=True)
+    topt = getattr(torch.optim, name)([tw, tb], **kw)
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for _ in range(5):
+        step(X, Y)
+        topt.zero_grad()
+        torch.mean((tx @ tw + tb - ty) ** 2).backward()
+        topt.step()
+    np.testing.assert_allclose(w.value, tw.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b.value, tb.detach().numpy(), rtol=1e-10, atol=1e-12)
