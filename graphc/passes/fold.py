@@ -8,7 +8,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.shapes import is_symbolic
 from ..ops.base import constant
-from .framework import register_pass, rebuild
+from .framework import is_tensor, register_pass, rebuild
 
 # Ops never folded: they have effects or fresh randomness, or their value is
 # only known at run time even with constant inputs.
@@ -33,6 +33,8 @@ def _size(node):
 def try_fold(n, limit: int):
     """The constant `n` evaluates to, or None when it must not be folded."""
     if not n.inputs or n.op.name in _NEVER_FOLD or _is_stateful(n.op):
+        return None
+    if not is_tensor(n) or not all(is_tensor(i) for i in n.inputs):
         return None
     size = _size(n)
     if size is None or size > limit:
@@ -83,7 +85,10 @@ def eliminate_common_subexpressions(graph: Graph, ctx):
         if n.op.name in ("input", "parameter"):
             return None
         k = n.key()
-        first = seen.get(k)
+        try:
+            first = seen.get(k)
+        except TypeError:      # an unhashable attribute: never merged
+            return None
         if first is None:
             seen[k] = n
             return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..ir import node as _node_mod
 from ..ir.graph import Graph, clone_with_inputs, toposort
+from ..ir.node import TensorType
 
 PASSES: dict = {}
 
@@ -92,6 +93,11 @@ def rebuild(graph: Graph, visit, max_steps: int = 8):
         memo[n.id] = m
     out = Graph([memo[o.id] for o in graph.outputs], [memo.get(i.id, i) for i in graph.inputs])
     return out, count
+
+
+def is_tensor(node) -> bool:
+    """False for tuple-valued nodes (a loop's results), which have no single shape."""
+    return isinstance(node.type, TensorType)
 
 
 def count_kernels(graph: Graph) -> int:

@@ -41,7 +41,7 @@ from ..ir.errors import GraphcError
 from ..ir.graph import Graph
 from ..ir.node import Node, TensorType
 from ..ops.base import REGISTRY, Op, register
-from .framework import register_pass
+from .framework import is_tensor, register_pass
 
 REDUCE_OPS = frozenset({"sum", "mean", "max", "min"})
 MATMUL_OPS = frozenset({"matmul"})
@@ -114,7 +114,7 @@ class FusedOp(Op):
 
 # ------------------------------------------------------------------ grouping
 def _is_ew(n) -> bool:
-    return bool(n.inputs) and n.op.elementwise
+    return bool(n.inputs) and n.op.elementwise and is_tensor(n)
 
 
 def _numel(shape):
@@ -134,7 +134,7 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
             continue
         if _is_ew(root):
             domain, kind = tuple(root.shape), "elementwise"
-        elif root.op.name in REDUCE_OPS:
+        elif root.op.name in REDUCE_OPS and is_tensor(root.inputs[0]):
             domain, kind = tuple(root.inputs[0].shape), "reduce"
         else:
             continue
@@ -156,8 +156,8 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
             if _is_ew(p) and (tuple(p.shape) == domain or _numel(p.shape) == 1):
                 members[p.id] = p
                 push(p)
-            elif (kind == "elementwise" and tuple(p.shape) == domain
-                  and p.op.name in MATMUL_OPS | CONV_OPS):
+            elif (kind == "elementwise" and p.op.name in MATMUL_OPS | CONV_OPS
+                  and tuple(p.shape) == domain):
                 kind = "matmul_epilogue" if p.op.name in MATMUL_OPS else "conv_epilogue"
                 members[p.id] = p       # its inputs stay outside the group
         if len(members) < 2:
@@ -189,7 +189,7 @@ def make_fused(kind: str, group: list, mapped_input) -> Node:
         for i in n.inputs:
             if i.id in member_ids or i.id in inner_of:
                 continue
-            if i.op.name == "constant" and i.shape == ():
+            if i.op.name == "constant" and is_tensor(i) and i.shape == ():
                 inner_of[i.id] = i          # scalars become immediates inside the kernel
                 continue
             leaf = Node(REGISTRY["input"], (), {}, i.type, name=f"in{len(ext)}", loc=i.loc)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 from ..ir.graph import Graph
+from ..ir.node import TensorType
 from ..ir.shapes import is_symbolic
 
 ALIGN = 64
@@ -134,7 +135,7 @@ class _FreeList:
 def plan_memory(graph: Graph, n_updates: int = 0, inplace: bool = True):
     """A MemoryPlan for graph's schedule, or None when a shape is still symbolic."""
     order = graph.nodes
-    if any(is_symbolic(n.shape) for n in order):
+    if any(isinstance(n.type, TensorType) and is_symbolic(n.shape) for n in order):
         return None
     step = {n.id: k for k, n in enumerate(order)}
     out_ids = {o.id for o in graph.outputs}
@@ -142,7 +143,10 @@ def plan_memory(graph: Graph, n_updates: int = 0, inplace: bool = True):
     root = {}
     for n in order:
         root[n.id] = root[n.inputs[0].id] if n.op.name in VIEW_OPS and n.inputs else n.id
-    external = {n.id for n in order if not n.inputs}
+    # Leaves, and tuple-valued nodes (a loop's results) with what is read out of them,
+    # live outside the arena: the backend owns them for the whole call.
+    external = {n.id for n in order if not n.inputs or not isinstance(n.type, TensorType)
+                or n.op.name == "tuple_get"}
     external |= {root[o] for o in out_ids} | out_ids
     planned = [n for n in order if n.inputs and root[n.id] == n.id and n.id not in external]
     external |= {n.id for n in order if root[n.id] in external}

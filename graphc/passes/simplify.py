@@ -17,7 +17,7 @@ from ..ir.shapes import broadcast_shapes, is_symbolic, normalize_axes
 from ..ops import elementwise as E
 from ..ops import shape as S
 from ..ops.base import REGISTRY, apply, constant
-from .framework import adopt_provenance, fresh_id_mark, rebuild, register_pass
+from .framework import adopt_provenance, fresh_id_mark, is_tensor, rebuild, register_pass
 from .patterns import Const, P, Rule, X
 
 
@@ -302,7 +302,7 @@ def simplify(graph: Graph, ctx):
     state = {"_relu_of": {}}
 
     def visit(n):
-        if not n.inputs:
+        if not n.inputs or not is_tensor(n) or not all(is_tensor(i) for i in n.inputs):
             return None
         if n.op.name == "relu":
             state["_relu_of"].setdefault(n.inputs[0].id, n)
