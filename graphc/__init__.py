@@ -23,7 +23,8 @@ __all__ = sorted(set(_PUBLIC) | {"Parameter", "Tensor", "constant", "input", "gr
                                  "float64", "int32", "int64", "bool_"})
 
 _LAZY = {"nn": "graphc.nn", "optim": "graphc.optim", "data": "graphc.data",
-         "passes": "graphc.passes", "onnx": "graphc.onnx"}
+         "passes": "graphc.passes", "onnx": "graphc.onnx", "models": "graphc.models",
+         "train": "graphc.train", "distributed": "graphc.distributed"}
 _LAZY_ATTRS = {"render": ("graphc.viz", "render"), "to_dot": ("graphc.viz", "to_dot")}
 
 
