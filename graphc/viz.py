@@ -495,7 +495,9 @@ class _Builder:
         inner, placeholders = self._fused_parts(n)
         c = self.gv.Digraph(name=f"cluster_fused_{n.id}")
         role = n.role if n.role in ROLE_STYLE else "forward"
-        c.attr(label=f"fused  {_type_str(n)}", style="filled,rounded", fillcolor="#f6f6f6",
+        what = " ".join(str(n.attrs[k]) for k in ("kind", "label") if n.attrs.get(k))
+        c.attr(label=f"fused {what}  {_type_str(n)}".replace("  ", " ", 1) if what else
+               f"fused  {_type_str(n)}", style="filled,rounded", fillcolor="#f6f6f6",
                color=ROLE_STYLE[role]["color"], fontsize="10", penwidth="1.5")
         ph_ids = {p.id for p in placeholders}
         for k, p in enumerate(placeholders):

@@ -203,3 +203,20 @@ def test_bad_arguments():
         gc.to_dot(42)
     with pytest.raises(ValueError, match="scalar loss"):
         gc.to_dot(gc.relu(x), backward=True)
+
+
+def test_optimized_training_graph_draws_real_fused_kernels(tmp_path):
+    from graphc import optim
+    model, x, y, _ = lenet_loss()
+    step = optim.SGD(model.parameters(), lr=0.05).compile_step(
+        lambda a, b: gc.cross_entropy(model(a), b), x, y)
+    step(np.zeros((2, 1, 28, 28), np.float32), np.array([3, 7]))
+    graph = step.function.graph                   # after the optimizer (level 2)
+    fused = [n for n in graph.nodes if n.op.name == "fused"]
+    assert fused, "the optimizer fused nothing in LeNet's training graph"
+    src = gc.to_dot(graph).source
+    for n in fused:
+        assert f"cluster_fused_{n.id}" in src
+    assert "conv_epilogue conv2d+add+relu" in src
+    svg = open(gc.render(graph, tmp_path / "opt.svg")).read()
+    assert "fused kernel" in svg_text_of(svg)
