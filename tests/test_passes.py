@@ -385,3 +385,21 @@ def test_dump_env_var_prints_every_pass(capsys, monkeypatch, tmp_path):
     optimize(Graph([gc.exp(x)], [x]), 2)
     files = sorted(os.listdir(tmp_path / "dump"))
     assert files[0] == "01_fold.txt" and any(f.endswith("_fuse.txt") for f in files)
+
+
+def test_symbolic_broadcasts_are_not_invented():
+    """broadcast_to binds a symbol from its input's dim, so no rewrite may build a
+    broadcast to a symbolic dim its input lacks; the graph stays runnable."""
+    x = gc.input("x", ("N", 3), dtype="float64")
+    z = gc.zeros_like(x) + gc.ones_like(x)       # both inputs are broadcasts of scalars
+    y = x * 0.0
+    g, _ = level([z + x, y], [x], nan_unsafe=True)
+    for n in g.nodes:
+        if n.op.name == "broadcast_to":
+            assert "N" not in n.attrs["shape"] or n.inputs[0].ndim == len(n.attrs["shape"])
+    xv = np.arange(6, dtype=np.float64).reshape(2, 3)
+    from graphc.function import specialize
+    outs, imap = specialize(g.outputs, {"N": 2}, g.inputs)
+    a, b = run(Graph(outs, [imap[x.id]]), {imap[x.id].id: xv})
+    np.testing.assert_array_equal(a, xv + 1.0)
+    np.testing.assert_array_equal(b, np.zeros((2, 3)))

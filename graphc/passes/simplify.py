@@ -22,6 +22,17 @@ from .patterns import Const, P, Rule, X
 
 
 # ------------------------------------------------------------------ replacement helpers
+def _broadcast(x, shape):
+    """broadcast_to(x, shape), or None when shape has a symbolic dim that x does not carry
+    at the same (right-aligned) position: broadcast_to binds symbols from its input's dims."""
+    shape = tuple(shape)
+    lead = len(shape) - x.ndim
+    for i, d in enumerate(shape):
+        if isinstance(d, str) and (i < lead or x.shape[i - lead] != d):
+            return None
+    return apply("broadcast_to", [x], shape=shape)
+
+
 def _same(x):
     return lambda n, b: b[x]
 
@@ -43,12 +54,11 @@ def _collapse_reshape(n, b):
 
 
 def _collapse_broadcast(n, b):
-    return apply("broadcast_to", [b["x"]], shape=tuple(n.shape))
+    return _broadcast(b["x"], n.shape)
 
 
 def _zeros(n, b):
-    return apply("broadcast_to", [constant(0, n.dtype)], shape=tuple(n.shape)) \
-        if n.shape != () else constant(0, n.dtype)
+    return _broadcast(constant(0, n.dtype), n.shape) if n.shape != () else constant(0, n.dtype)
 
 
 def _strip_broadcast_inputs(n, b):
@@ -70,7 +80,7 @@ def _strip_broadcast_inputs(n, b):
     if tuple(small) != tuple(n.shape):
         if len(small) > n.ndim:
             return None
-        out = apply("broadcast_to", [out], shape=tuple(n.shape))
+        out = _broadcast(out, n.shape)
     return out
 
 
@@ -196,7 +206,7 @@ def _reshape_of_splat(n, b):
         return None
     if s.shape != ():
         s = apply("reshape", [s], shape=())
-    return apply("broadcast_to", [s], shape=tuple(n.shape)) if n.shape != () else s
+    return _broadcast(s, n.shape) if n.shape != () else s
 
 
 def _nan_unsafe(ctx):
@@ -271,7 +281,7 @@ def _fit_type(n, r):
                 return None
         except ValueError:
             return None
-        r = apply("broadcast_to", [r], shape=tuple(n.shape))
+        r = _broadcast(r, n.shape)
     return r
 
 
