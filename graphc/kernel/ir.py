@@ -24,14 +24,20 @@ _names = itertools.count()
 
 
 class Buffer:
-    """A flat array of `size` elements of `dtype` (kernel parameter)."""
-    __slots__ = ("name", "dtype", "size")
+    """A flat array of `size` elements of `dtype` (kernel parameter).
 
-    def __init__(self, name, dtype, size):
+    scope "global": one array shared by all threads; "thread": scratch private
+    to each thread (or CUDA block) running the kernel's parallel loop.
+    """
+    __slots__ = ("name", "dtype", "size", "scope")
+
+    def __init__(self, name, dtype, size, scope="global"):
         self.name, self.dtype, self.size = name, np.dtype(dtype), int(size)
+        self.scope = scope
 
     def __repr__(self):
-        return f"{self.name}:{self.dtype}[{self.size}]"
+        tag = "" if self.scope == "global" else f" {self.scope}"
+        return f"{self.name}:{self.dtype}[{self.size}]{tag}"
 
 
 # ------------------------------------------------------------------ expressions
@@ -148,7 +154,11 @@ class Stmt:
 
 
 class Loop(Stmt):
-    """for var in range(extent): body.  kind: serial | parallel | vector | unroll."""
+    """for var in range(extent): body.  kind: serial | parallel | vector | unroll.
+
+    A "parallel" loop at the top of a kernel has independent iterations that a
+    backend may split across threads (or blocks); elsewhere it runs serially.
+    """
     __slots__ = ("var", "extent", "body", "kind")
 
     def __init__(self, var, extent, body, kind="serial"):
@@ -292,10 +302,24 @@ def contiguous_strides(shape) -> tuple:
     return tuple(reversed(st))
 
 
-def loop_nest(shape, make_body, inner_kind="vector"):
-    """Loops over `shape` (outermost first); make_body(vars) -> list of statements."""
+def loop_nest(shape, make_body, inner_kind="vector", outer_kind="serial"):
+    """Loops over `shape` (outermost first); make_body(vars) -> list of statements.
+
+    outer_kind="parallel" marks the outermost loop parallel (its iterations must be
+    independent)."""
     vars_ = [Var(f"d{k}") for k in range(len(shape))]
     body = make_body(vars_)
     for k in reversed(range(len(shape))):
-        body = [Loop(vars_[k], shape[k], body, inner_kind if k == len(shape) - 1 else "serial")]
+        kind = inner_kind if k == len(shape) - 1 else "serial"
+        if k == 0 and outer_kind == "parallel":
+            kind = "parallel"
+        body = [Loop(vars_[k], shape[k], body, kind)]
     return body
+
+
+def is_spmd(kernel) -> bool:
+    """Can every thread run this kernel, sharing out its top-level parallel loops and
+    GEMMs?  (Otherwise one thread runs it.)"""
+    return bool(kernel.body) and all(
+        (isinstance(s, Loop) and s.kind == "parallel") or isinstance(s, Gemm)
+        for s in kernel.body)

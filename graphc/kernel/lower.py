@@ -55,9 +55,9 @@ class Lowerer:
         self.bufs: dict = {}
         self._count = 0
 
-    def new_buffer(self, dtype, size, hint="t", temp=True):
+    def new_buffer(self, dtype, size, hint="t", temp=True, scope="global"):
         self._count += 1
-        b = Buffer(f"{hint}{self._count}", dtype, max(int(size), 1))
+        b = Buffer(f"{hint}{self._count}", dtype, max(int(size), 1), scope)
         if temp:
             self.prog.temps.append(b)
         return b
@@ -143,8 +143,8 @@ def elementwise_kernel(name, out_buf, out_shape, in_bufs, in_shapes, make_expr, 
         loads = [Load(b, affine(vs, st)) for b, st in zip(in_bufs, sts[1:])]
         return [Store(out_buf, affine(vs, sts[0]), make_expr(loads))]
     size = prod(out_shape)
-    return Kernel(name, _uniq([out_buf] + list(in_bufs)), K.loop_nest(shape, body),
-                  flops=size * flops_per)
+    return Kernel(name, _uniq([out_buf] + list(in_bufs)),
+                  K.loop_nest(shape, body, outer_kind="parallel"), flops=size * flops_per)
 
 
 def _uniq(bufs):
@@ -261,7 +261,7 @@ def lower_transpose(lw, n):
 
     def body(vs):
         return [Store(out, affine(vs, contiguous_strides(shape)), Load(src, affine(vs, st)))]
-    return [Kernel("transpose", [out, src], K.loop_nest(shape, body))]
+    return [Kernel("transpose", [out, src], K.loop_nest(shape, body, outer_kind="parallel"))]
 
 
 @rule("numel")
@@ -327,7 +327,7 @@ def lower_reduce(lw, n):
             body = [Loop(vs[d], xs[d], body, "vector" if k == 0 else "serial")]
         body = [Assign(acc, _ident(op, acc_dt))] + body + [Store(out, out_idx, finish(acc))]
         for d in reversed(kept):
-            body = [Loop(vs[d], xs[d], body)]
+            body = [Loop(vs[d], xs[d], body, "parallel" if d == kept[0] else "serial")]
         return [Kernel(op, [out, src], body, flops=prod(xs))]
     # Innermost axis kept: accumulate into the output rows (unit-stride, vectorizes).
     init = K.loop_nest(kept_shape, lambda v: [Store(out, affine(v, out_st), _ident(op, acc_dt))])
@@ -363,7 +363,7 @@ def lower_argreduce(lw, n):
     body = [Assign(best, first), Assign(bi, idx(0)),
             Loop(r, size, [Assign(bi, Select(better, r, bi)), Assign(best, Select(better, v, best))]),
             Store(out, affine([o, i], [inner, 1]), bi)]
-    return [Kernel(n.op.name, [out, src], [Loop(o, outer, [Loop(i, inner, body)])])]
+    return [Kernel(n.op.name, [out, src], [Loop(o, outer, [Loop(i, inner, body)], "parallel")])]
 
 
 # ------------------------------------------------------------------ matmul
@@ -384,8 +384,8 @@ def lower_matmul(lw, n):
              (B, affine(vs, [s * Kd * N for s in b_bst]), N, 1),
              (C, affine(vs, [s * M * N for s in contiguous_strides(batch)]), N, 1))
     body = [g]
-    for v, d in reversed(list(zip(vs, batch))):
-        body = [Loop(v, d, body)]
+    for k, (v, d) in reversed(list(enumerate(zip(vs, batch)))):
+        body = [Loop(v, d, body, "parallel" if k == 0 else "serial")]
     return [Kernel("matmul", _uniq([C, A, B]), body, flops=2 * M * N * Kd * prod(batch))]
 
 

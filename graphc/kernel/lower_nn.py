@@ -115,11 +115,11 @@ def lower_conv2d(lw, n):
         b = (X, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), gm.P, 1)
         inner = [Gemm(gm.Og, gm.P, gm.CKK, a, b, (Y, y_off, gm.P, 1))]
     else:
-        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols", scope="thread")
         bufs = [Y, X, Wb, cols]
         inner = gm.im2col(X, cols, nv, gv) + [
             Gemm(gm.Og, gm.P, gm.CKK, a, (cols, idx(0), gm.P, 1), (Y, y_off, gm.P, 1))]
-    body = [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
+    body = [Loop(nv, gm.N, [Loop(gv, gm.G, inner)], "parallel")]
     return [Kernel("conv2d", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
 
 
@@ -134,15 +134,26 @@ def lower_conv2d_grad_input(lw, n):
     b = (Gb, affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P]), gm.P, 1)
     if gm.direct:
         c = (DX, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), gm.P, 1)
-        body = [Loop(nv, gm.N, [Loop(gv, gm.G, [Gemm(gm.CKK, gm.P, gm.Og, a, b, c)])])]
+        body = [Loop(nv, gm.N, [Loop(gv, gm.G, [Gemm(gm.CKK, gm.P, gm.Og, a, b, c)])],
+                     "parallel")]
         return [Kernel("conv2d_grad_input", [DX, Gb, Wb], body,
                        flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
-    cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+    cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols", scope="thread")
     inner = [Gemm(gm.CKK, gm.P, gm.Og, a, b, (cols, idx(0), gm.P, 1))] + \
         gm.col2im_add(cols, DX, nv, gv)
-    body = _zero_fill(DX) + [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
+    image = gm.C * gm.H * gm.W
+    z = Var("z")
+    zero = [Loop(z, image, [Store(DX, affine([nv, z], [image, 1]), Const(0, DX.dtype))], "vector")]
+    body = [Loop(nv, gm.N, zero + [Loop(gv, gm.G, inner)], "parallel")]
     return [Kernel("conv2d_grad_input", [DX, Gb, Wb, cols], body,
                    flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+
+
+def _image_groups(n_images, most=8):
+    """The largest divisor of n_images that is <= most: groups of consecutive images
+    whose partial sums are added in a fixed order (results do not depend on the
+    thread count)."""
+    return max(d for d in range(1, min(most, n_images) + 1) if n_images % d == 0)
 
 
 @rule("conv2d_grad_weight")
@@ -151,20 +162,37 @@ def lower_conv2d_grad_weight(lw, n):
     X, Gb, DW = lw.buf(x), lw.buf(gnode), lw.buf(n)
     _same_dtype(lw, n, [X, Gb])
     gm = _ConvGeom(_shape(x), _shape(n), _shape(gnode)[2:], n.attrs)
-    nv, gv = Var("n"), Var("g")
+    ng = _image_groups(gm.N)
+    per = gm.N // ng
+    size = DW.size
+    part = DW if ng == 1 else lw.new_buffer(n.dtype, ng * size, hint="part")
+    grp, nl, gv = Var("grp"), Var("nl"), Var("g")
+    nv = affine([grp, nl], [per, 1])
     a = (Gb, affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P]), gm.P, 1)   # (Og x P)
-    c = (DW, affine([gv], [gm.Og * gm.CKK]), gm.CKK, 1)
+    c = (part, affine([grp, gv], [size, gm.Og * gm.CKK]), gm.CKK, 1)
     if gm.direct:
-        bufs = [DW, X, Gb]
+        bufs = [part, X, Gb]
         b = (X, affine([nv, gv], [gm.C * gm.P, gm.Cg * gm.P]), 1, gm.P)   # (P x Cg)
         inner = [Gemm(gm.Og, gm.CKK, gm.P, a, b, c, accumulate=True)]
     else:
-        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
-        bufs = [DW, X, Gb, cols]
+        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols", scope="thread")
+        bufs = [part, X, Gb, cols]
         inner = gm.im2col(X, cols, nv, gv) + [
             Gemm(gm.Og, gm.CKK, gm.P, a, (cols, idx(0), 1, gm.P), c, accumulate=True)]
-    body = _zero_fill(DW) + [Loop(nv, gm.N, [Loop(gv, gm.G, inner)])]
-    return [Kernel("conv2d_grad_weight", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+    z = Var("z")
+    zero = [Loop(z, size, [Store(part, affine([grp, z], [size, 1]), Const(0, DW.dtype))],
+                 "vector")]
+    body = [Loop(grp, ng, zero + [Loop(nl, per, [Loop(gv, gm.G, inner)])], "parallel")]
+    kernels = [Kernel("conv2d_grad_weight", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+    if ng > 1:
+        e, r = Var("e"), Var("r")
+        acc = Local(DW.dtype, "acc")
+        red = [Loop(e, size, [Assign(acc, Const(0, DW.dtype)),
+                              Loop(r, ng, [Assign(acc, BinOp("add", acc, Load(
+                                  part, affine([r, e], [size, 1]))))]),
+                              Store(DW, e, acc)], "parallel")]
+        kernels.append(Kernel("sum_partials", [DW, part], red, flops=ng * size))
+    return kernels
 
 
 # ------------------------------------------------------------------ pooling
@@ -176,7 +204,8 @@ def _pool_geom(in_hw, attrs):
     return ohw, pads, dil
 
 
-def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_window_post=None):
+def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_window_post=None,
+             zero_buf=None):
     """Loops n, c, i, j (windows) and k, l (window elements).
 
     make_body(hi, wi, inb, plane) -> statements for one window element, where
@@ -187,20 +216,23 @@ def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_wi
     kh, kw = attrs["kernel_size"]
     sh, sw = attrs["stride"]
     ph, pw = attrs["padding"]
-    nv, cv, i, j, k, l = (Var(s) for s in ("n", "c", "i", "j", "k", "l"))
+    nc, i, j, k, l = (Var(s) for s in ("nc", "i", "j", "k", "l"))
     hi = affine([i, k], [sh, dil[0]], -ph)
     wi = affine([j, l], [sw, dil[1]], -pw)
     inb = _band(_inb(hi, H), _inb(wi, W))
-    plane = affine([nv, cv], [C * H * W, H * W])
+    plane = affine([nc], [H * W])
     pos = K.add(plane, affine([_clamp(hi, H - 1), _clamp(wi, W - 1)], [W, 1]))
-    out_pos = affine([nv, cv, i, j], [C * OH * OW, OH * OW, OW, 1])
+    out_pos = affine([nc, i, j], [OH * OW, OW, 1])
     inner = [Loop(k, kh, [Loop(l, kw, make_body(pos, inb))])]
     body = (per_window_pre(out_pos) if per_window_pre else []) + inner + \
         (per_window_post(out_pos) if per_window_post else [])
-    return [Loop(nv, N, [Loop(cv, C, [Loop(i, OH, [Loop(j, OW, body)])])])]
+    z = Var("z")
+    zero = [] if zero_buf is None else [
+        Loop(z, H * W, [Store(zero_buf, K.add(plane, z), Const(0, zero_buf.dtype))], "vector")]
+    return [Loop(nc, N * C, zero + [Loop(i, OH, [Loop(j, OW, body)])], "parallel")]
 
 
-def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish):
+def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=None):
     """Per window: (best value, flat position of the first maximum among real elements)."""
     best, bpos, found = Local(x_buf.dtype, "best"), Local(INDEX, "bpos"), Local(BOOL, "found")
 
@@ -216,7 +248,7 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish):
         return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, idx(0)),
                 Assign(found, Const(False, BOOL))]
     return _windows(x_shape, out_hw, attrs, dil, body, pre,
-                    lambda out_pos: finish(out_pos, best, bpos))
+                    lambda out_pos: finish(out_pos, best, bpos), zero_buf)
 
 
 @rule("max_pool2d")
@@ -236,8 +268,8 @@ def lower_max_pool2d_grad(lw, n):
     _same_dtype(lw, n, [X, Gb])
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos: [
-        Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))])
-    return [Kernel("max_pool2d_grad", [DX, X, Gb], _zero_fill(DX) + body)]
+        Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))], zero_buf=DX)
+    return [Kernel("max_pool2d_grad", [DX, X, Gb], body)]
 
 
 @rule("max_pool2d_gather")
@@ -305,8 +337,8 @@ def lower_avg_pool2d_grad(lw, n):
     def body(pos, inb):
         return [Store(DX, pos, BinOp("add", Load(DX, pos),
                                      Select(inb, share, Const(0, DX.dtype))))]
-    loops = _windows(x_shape, ohw, attrs, (1, 1), body, pre)
-    return [Kernel("avg_pool2d_grad", [DX, Gb, div], _zero_fill(DX) + loops)]
+    loops = _windows(x_shape, ohw, attrs, (1, 1), body, pre, zero_buf=DX)
+    return [Kernel("avg_pool2d_grad", [DX, Gb, div], loops)]
 
 
 # ------------------------------------------------------------------ softmax family
@@ -347,7 +379,7 @@ def lower_softmax(lw, n):
         fin = [Assign(ls, UnOp("log", s)),
                Loop(r, C, [Store(Y, affine([o, r, i], [C * inner, inner, 1]),
                                  BinOp("sub", z, ls))], "vector")]
-    body = [Loop(o, outer, [Loop(i, inner, stats + fin)])]
+    body = [Loop(o, outer, [Loop(i, inner, stats + fin)], "parallel")]
     return [Kernel(n.op.name, [Y, X], body, flops=4 * prod(_shape(x)))]
 
 
@@ -387,4 +419,5 @@ def lower_softmax_xent(lw, n):
     loss = Select(ok, loss, Const(float("nan"), d))
     body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
     return [Kernel("softmax_cross_entropy", [OUT, X, L],
-                   [Loop(o, outer, [Loop(i, inner, body)])], flops=4 * prod(_shape(x)))]
+                   [Loop(o, outer, [Loop(i, inner, body)], "parallel")],
+                   flops=4 * prod(_shape(x)))]

@@ -22,4 +22,20 @@ def build(graph):
     return compile_program(prog, graph)
 
 
-__all__ = ["build", "NEEDS_CONCRETE_SHAPES", "host_description"]
+__all__ = ["build", "NEEDS_CONCRETE_SHAPES", "host_description", "runners", "profile_table"]
+
+
+def runners(function) -> list:
+    """The native runners a compiled gc.Function holds (one per specialized shape):
+    each has .kernels() (names and FLOPs) and, with GRAPHC_PROFILE=1, .profile()."""
+    return list(function._cache.values())
+
+
+def profile_table(function) -> str:
+    """Per-kernel time table of a function compiled with GRAPHC_PROFILE=1."""
+    lines = [f"{'kernel':<32} {'MFLOP':>10} {'ms/call':>10} {'GFLOP/s':>9}"]
+    for r in runners(function):
+        for name, flops, sec in r.profile():
+            rate = flops / sec / 1e9 if sec > 0 else 0.0
+            lines.append(f"{name:<32} {flops / 1e6:>10.2f} {sec * 1e3:>10.3f} {rate:>9.1f}")
+    return "\n".join(lines)

@@ -31,19 +31,24 @@ def mem_type(dtype):
 
 
 class ModuleBuilder:
-    def __init__(self, name="graphc", fn_attrs=(), debug_bounds=False):
+    def __init__(self, name="graphc", fn_attrs=(), debug_bounds=False, nthreads=1):
         self.module = ir.Module(name=name)
+        self.nthreads = nthreads
         self.math = MathLib(self.module)
         self.fn_attrs = dict(fn_attrs)   # e.g. {"prefer-vector-width": "512"}
         self.debug_bounds = debug_bounds
         self.error_fn = None
 
     def kernel(self, kern: K.Kernel, index: int):
-        fnty = ir.FunctionType(ir.VoidType(), [PTR] * len(kern.buffers))
+        # buffers..., thread id, thread count
+        fnty = ir.FunctionType(ir.VoidType(), [PTR] * len(kern.buffers) + [I64, I64])
         fn = ir.Function(self.module, fnty, name=f"k{index}_{kern.name}")
         fn.linkage = "internal"
         fn.attributes.add("nounwind")
-        for a in fn.args:
+        # Kernels stay separate functions: inlining them all into `entry` makes one huge
+        # function whose optimization time grows much faster than the code.
+        fn.attributes.add("noinline")
+        for a in fn.args[:-2]:
             a.add_attribute("noalias")
         KernelEmitter(self, fn, kern, index).emit()
         return fn
@@ -65,11 +70,19 @@ class ModuleBuilder:
 class KernelEmitter:
     def __init__(self, mb: ModuleBuilder, fn, kern: K.Kernel, index):
         self.mb, self.fn, self.kern = mb, fn, kern
-        self.ptr = {id(bf): a for bf, a in zip(kern.buffers, fn.args)}
-        self.vars = {}
-        self.locals = {}
+        self.tid, self.nt = fn.args[-2], fn.args[-1]
+        self.depth = 0
         entry = fn.append_basic_block("entry")
         self.alloca_builder = ir.IRBuilder(entry)
+        self.ptr = {}
+        for bf, a in zip(kern.buffers, fn.args):
+            if bf.scope == "thread":   # the runtime allocates one copy per thread
+                off = self.alloca_builder.mul(self.tid, ir.Constant(I64, bf.size))
+                a = self.alloca_builder.gep(a, [off], inbounds=True,
+                                            source_etype=mem_type(bf.dtype))
+            self.ptr[id(bf)] = a
+        self.vars = {}
+        self.locals = {}
         body = fn.append_basic_block("body")
         self.b = ir.IRBuilder(body)
 
@@ -87,6 +100,9 @@ class KernelEmitter:
         b = self.b
         if s.extent <= 0:
             return
+        lo, hi = ir.Constant(I64, 0), ir.Constant(I64, s.extent)
+        if s.kind == "parallel" and self.depth == 0:
+            lo, hi = self.chunk(s.extent)
         pre = b.block
         head = self.fn.append_basic_block(f"{s.var.name}.head")
         body = self.fn.append_basic_block(f"{s.var.name}.body")
@@ -94,15 +110,29 @@ class KernelEmitter:
         b.branch(head)
         b.position_at_end(head)
         i = b.phi(I64, name=s.var.name)
-        i.add_incoming(ir.Constant(I64, 0), pre)
-        b.cbranch(b.icmp_signed("<", i, ir.Constant(I64, s.extent)), body, done)
+        i.add_incoming(lo, pre)
+        b.cbranch(b.icmp_signed("<", i, hi), body, done)
         b.position_at_end(body)
         self.vars[id(s.var)] = i
+        self.depth += 1
         self.stmts(s.body)
+        self.depth -= 1
         nxt = b.add(i, ir.Constant(I64, 1), flags=("nuw", "nsw"))
         i.add_incoming(nxt, b.block)
         b.branch(head)
         b.position_at_end(done)
+
+    def chunk(self, extent, align=None):
+        """This thread's [lo, hi) of range(extent): contiguous, fixed by (tid, nt)."""
+        b = self.b
+        if align is None:
+            align = 64 if extent >= 64 * 16 else 1   # keep vector loops on whole vectors
+        units = -(-extent // align)
+        c = lambda v: ir.Constant(I64, v)
+        lo = b.mul(b.sdiv(b.mul(c(units), self.tid), self.nt), c(align))
+        hi = b.mul(b.sdiv(b.mul(c(units), b.add(self.tid, c(1))), self.nt), c(align))
+        hi = b.select(b.icmp_signed(">", hi, c(extent)), c(extent), hi)
+        return lo, hi
 
     def s_If(self, s: K.If):
         b = self.b

@@ -76,15 +76,32 @@ def emit_gemm(em, g):
     dtype = g.c[0].dtype
     small = g.M * g.N * g.K < 32 * 32 * 32 or g.N < 8 or g.M < 4 or dtype.kind != "f"
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
-        em.stmts(g.as_loops())
+        if em.depth == 0 and em.mb.nthreads > 1:
+            # A top-level GEMM is shared out among threads; this small one runs on one.
+            with em.b.if_then(em.b.icmp_signed("==", em.tid, ir.Constant(I64, 0))):
+                em.stmts(g.as_loops())
+        else:
+            em.stmts(g.as_loops())
         return
-    fn = gemm_function(em.mb, dtype)
+    fn, ws, ws_elems, nr = gemm_function(em.mb, dtype)
     b = em.b
+    c = lambda v: ir.Constant(I64, v)
+    offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
+    n_cols = c(g.N)
+    if em.depth == 0 and em.mb.nthreads > 1:
+        # A top-level GEMM: each thread computes a band of C's columns (NR-aligned, so
+        # every element is summed in the same order whatever the thread count).
+        lo, hi = em.chunk(g.N, align=nr)
+        n_cols = b.sub(hi, lo)
+        offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
+        offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))
+    wsp = b.gep(ws, [c(0), b.mul(em.tid, c(ws_elems))], inbounds=True)
     args = []
-    for buf, off, rs, cs in (g.a, g.b, g.c):
-        args += [em.ptr[id(buf)], em.expr(off), ir.Constant(I64, rs), ir.Constant(I64, cs)]
-    args += [ir.Constant(I64, v) for v in (g.M, g.N, g.K)]
+    for (buf, _, rs, cs), off in zip((g.a, g.b, g.c), offs):
+        args += [em.ptr[id(buf)], off, c(rs), c(cs)]
+    args += [c(g.M), n_cols, c(g.K)]
     args.append(ir.Constant(ir.IntType(1), int(g.accumulate)))
+    args.append(wsp)
     b.call(fn, args)
 
 
@@ -95,7 +112,11 @@ def gemm_function(mb, dtype):
         fns = mb.gemm_fns = {}
     if dtype.name not in fns:
         from .runtime import _target
-        fns[dtype.name] = GemmEmitter(mb, dtype, params(dtype, _target()["avx512"])).build()
+        em = GemmEmitter(mb, dtype, params(dtype, _target()["avx512"]))
+        fn = em.build()
+        n = em.kc * em.nc + em.mc * em.kc
+        ws = workspace(mb, dtype, n * mb.nthreads)   # one slice per thread
+        fns[dtype.name] = (fn, ws, n, em.NR)
     return fns[dtype.name]
 
 
@@ -129,7 +150,7 @@ class GemmEmitter:
     def build(self):
         mb = self.mb
         fnty = ir.FunctionType(ir.VoidType(), [PTR, I64, I64, I64] * 3 + [I64] * 3 +
-                               [ir.IntType(1)])
+                               [ir.IntType(1), reg_type(self.dtype).as_pointer()])
         fn = ir.Function(mb.module, fnty, name=f"graphc_gemm_{self.dtype.name}")
         fn.linkage = "internal"
         fn.attributes.add("noinline")
@@ -140,11 +161,10 @@ class GemmEmitter:
         entry = fn.append_basic_block("entry")
         self.b = b = ir.IRBuilder(entry)
         (self.A, self.Ab, self.ars, self.acs, self.B, self.Bb, self.brs, self.bcs,
-         self.C, self.Cb, self.crs, self.ccs, M, N, K, accumulate) = fn.args
-        ws = workspace(mb, self.dtype, self.kc * self.nc + self.mc * self.kc)
-        # (llvmlite gives globals typed pointers: float* here; see vload/vstore)
-        self.Bp = b.gep(ws, [self.c64(0), self.c64(0)], inbounds=True)
-        self.Ap = b.gep(ws, [self.c64(0), self.c64(self.kc * self.nc)], inbounds=True)
+         self.C, self.Cb, self.crs, self.ccs, M, N, K, accumulate, ws) = fn.args
+        # The caller's workspace slice (a typed float*: see vload/vstore).
+        self.Bp = ws
+        self.Ap = b.gep(ws, [self.c64(self.kc * self.nc)], inbounds=True)
         self.tile = b.alloca(ir.ArrayType(self.ft, self.MR * self.NR))
         with counted_loop(b, fn, 0, N, self.nc, "jc") as jc:
             with counted_loop(b, fn, 0, K, self.kc, "pc") as pc:

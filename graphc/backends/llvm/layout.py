@@ -15,8 +15,10 @@ def _round(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_arena(prog):
-    """{id(buffer): byte offset} and the arena size in bytes."""
+def plan_arena(prog, nthreads=1):
+    """{id(buffer): byte offset} and the arena size in bytes.
+
+    A thread-scoped buffer gets one copy per thread, side by side."""
     first, last = {}, {}
     for k, kern in enumerate(prog.kernels):
         for b in kern.buffers:
@@ -26,12 +28,13 @@ def plan_arena(prog):
     for b in prog.outputs:
         last[id(b)] = end
     temps = [b for b in prog.temps if id(b) in first]
-    temps.sort(key=lambda b: -b.size * b.dtype.itemsize)
+    temps.sort(key=lambda b: -b.size * b.dtype.itemsize * (nthreads if b.scope == "thread" else 1))
     placed = []   # (offset, nbytes, first, last)
     offsets = {}
     top = 0
     for b in temps:
-        nbytes = _round(b.size * b.dtype.itemsize)
+        copies = nthreads if b.scope == "thread" else 1
+        nbytes = _round(b.size * b.dtype.itemsize * copies)
         lo, hi = first[id(b)], last[id(b)]
         busy = sorted((o, n) for o, n, f, l in placed if not (l < lo or f > hi))
         off, best = 0, None

@@ -91,8 +91,10 @@ def optimize_module(mod):
         pm.run(mod, pb)
 
 
-def jit(ir_text: str, dump_dir=None, name="graphc"):
-    """Parse, optimize and JIT `ir_text`; returns (engine, address of entry)."""
+def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="entry"):
+    """Parse, optimize and JIT `ir_text`; returns (engine, address of `entry`).
+
+    keep_object: a cache key; the object code is then stored in the disk cache."""
     s = _target()
     mod = llvm.parse_assembly(ir_text)
     mod.triple = s["triple"]
@@ -109,34 +111,87 @@ def jit(ir_text: str, dump_dir=None, name="graphc"):
     tm = s["target"].create_target_machine(cpu=s["cpu"], features=s["features"], opt=3,
                                            jit=True)
     engine = llvm.create_mcjit_compiler(mod, tm)
+    if keep_object is not None:
+        from . import cache
+        # MCJIT hands over the object code it generates: store it, no second codegen.
+        engine.set_object_cache(lambda m, data: cache.store(keep_object, data), None)
     engine.finalize_object()
-    return engine, engine.get_function_address("entry")
+    return engine, engine.get_function_address(entry)
 
 
 def _debug_bounds() -> bool:
     return os.environ.get("GRAPHC_DEBUG_BOUNDS", "") not in ("", "0")
 
 
-class Runner:
-    """Calls the native entry; one instance per compiled (shape-specialized) graph."""
+def num_threads() -> int:
+    """GRAPHC_NUM_THREADS, else the number of CPUs this process may use."""
+    v = os.environ.get("GRAPHC_NUM_THREADS")
+    if v:
+        n = int(v)
+        if n < 1:
+            raise ValueError(f"GRAPHC_NUM_THREADS must be >= 1, got {v!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
 
-    def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds):
+
+# Table layout after the external buffers: arena base, error record, barrier state,
+# profile counters.
+N_EXTRA = 4
+
+
+class Runner:
+    """Calls the native entry; one instance per compiled (shape-specialized) graph.
+
+    With nthreads > 1, nthreads - 1 worker threads wait on events; a call wakes
+    them and every thread runs `entry(table, tid)` (ctypes drops the GIL), meeting
+    at native barriers between kernels, so no thread needs the GIL per kernel.
+    """
+
+    def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
+                 nthreads, out_nodes, profile=False):
         self.prog = prog
         self.engine = engine   # keeps the code alive
-        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addr)
+        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr)
         self.n_inputs = n_inputs
+        self.nthreads = nthreads
         self.arena = np.empty(max(arena_bytes, 64) + 64, dtype=np.uint8)
         base = self.arena.ctypes.data
         self._shift = (-base) % 64    # align the arena base to 64 bytes
         self.offsets = offsets
         ext = prog.externals
-        self.table = np.zeros(len(ext) + 2, dtype=np.uint64)
-        self.table[len(ext)] = base + self._shift
+        self.table = np.zeros(len(ext) + N_EXTRA, dtype=np.uint64)
         self.err = np.zeros(4, dtype=np.int64)
-        self.table[len(ext) + 1] = self.err.ctypes.data
+        self.barrier = np.zeros(32, dtype=np.int64)   # count and generation, 128 B apart
+        self.prof = np.zeros(max(len(prog.kernels), 1), dtype=np.int64)
+        self.table[len(ext):] = [base + self._shift, self.err.ctypes.data,
+                                 self.barrier.ctypes.data, self.prof.ctypes.data]
         self.debug_bounds = debug_bounds
+        self.profiling = profile
+        self.calls = 0
+        self._out_nodes = out_nodes
         self._lock = threading.Lock()   # the arena is shared state: one call at a time
         self.kernel_names = [f"k{i}_{k.name}" for i, k in enumerate(prog.kernels)]
+        self._workers = []
+        if nthreads > 1:
+            self._done = threading.Semaphore(0)
+            for tid in range(1, nthreads):
+                ev = threading.Event()
+                t = threading.Thread(target=self._worker, args=(tid, ev), daemon=True,
+                                     name=f"graphc-worker-{tid}")
+                t.start()
+                self._workers.append(ev)
+
+    def _worker(self, tid, ev):
+        while True:
+            ev.wait()
+            ev.clear()
+            try:
+                self._fn(self.table.ctypes.data, tid)
+            finally:
+                self._done.release()
 
     def _view(self, buf):
         src = self._where.get(id(buf))
@@ -145,6 +200,17 @@ class Runner:
         off = self.offsets[id(buf)] + self._shift
         n = buf.size * buf.dtype.itemsize
         return self.arena[off:off + n].view(buf.dtype)
+
+    def kernels(self) -> list:
+        """(name, FLOPs) of every kernel, in the order the entry runs them."""
+        return [(n, k.flops) for n, k in zip(self.kernel_names, self.prog.kernels)]
+
+    def profile(self) -> list:
+        """(name, FLOPs, seconds per call) per kernel; needs GRAPHC_PROFILE=1 at compile."""
+        if not self.profiling:
+            raise GraphcError("compile with GRAPHC_PROFILE=1 to collect kernel times")
+        scale = 1.0 / _cycles_per_second() / max(self.calls, 1)
+        return [(n, f, int(c) * scale) for (n, f), c in zip(self.kernels(), self.prof)]
 
     def __call__(self, arrays):
         prog = self.prog
@@ -167,7 +233,14 @@ class Runner:
                 self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
                 self._where[id(buf)] = a.reshape(-1)
             self.err[:] = 0
-            self._fn(self.table.ctypes.data)
+            for ev in self._workers:
+                ev.set()
+            try:
+                self._fn(self.table.ctypes.data, 0)
+            finally:
+                for _ in self._workers:
+                    self._done.acquire()
+            self.calls += 1
             if self.err[0]:
                 k, i, n = (int(v) for v in self.err[1:])
                 node = prog.kernel_nodes[k] if k < len(prog.kernel_nodes) else None
@@ -180,19 +253,54 @@ class Runner:
             return outs
 
 
+_cps = []
+
+
+def _cycles_per_second():
+    """Calibrate llvm.readcyclecounter (the TSC on x86) against perf_counter once."""
+    if not _cps:
+        import time
+        mb = ModuleBuilder()
+        fn = ir.Function(mb.module, ir.FunctionType(I64, []), name="cycles")
+        b = ir.IRBuilder(fn.append_basic_block())
+        rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter")
+        b.ret(b.call(rc, []))
+        eng, _ = jit(mb.ir_text(), entry="cycles")
+        f = ctypes.CFUNCTYPE(ctypes.c_int64)(eng.get_function_address("cycles"))
+        c0, t0 = f(), time.perf_counter()
+        time.sleep(0.05)
+        c1, t1 = f(), time.perf_counter()
+        _cps.append((c1 - c0) / (t1 - t0))
+        _cps.append(eng)
+    return _cps[0]
+
+
 def compile_program(prog, graph):
+    from . import cache
     dump = os.environ.get("GRAPHC_DUMP_LLVM")
     debug = _debug_bounds()
-    offsets, arena_bytes = plan_arena(prog)
-    mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug)
+    profile = os.environ.get("GRAPHC_PROFILE", "") not in ("", "0")
+    nthreads = 1 if debug else num_threads()
+    offsets, arena_bytes = plan_arena(prog, nthreads)
     n_ext = len(prog.externals)
     slot_of = {id(b): k for k, (b, _) in enumerate(prog.externals)}
-    fns, calls = [], []
+    calls = [[(slot_of[id(b)], 0) if id(b) in slot_of else (n_ext, offsets[id(b)])
+              for b in kern.buffers] for kern in prog.kernels]
+    key = None
+    if not (dump or debug):
+        key = cache.key(prog, calls, nthreads, profile, _target())
+        hit = cache.load(key, _target())
+        if hit is not None:
+            engine, addr = hit
+            return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
+                          nthreads, list(graph.outputs), profile)
+    mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug, nthreads=nthreads)
+    from ...kernel.ir import is_spmd
+    fns, spmd = [], []
     for k, kern in enumerate(prog.kernels):
         fns.append(mb.kernel(kern, k))
-        calls.append([(slot_of[id(b)], 0) if id(b) in slot_of else (n_ext, offsets[id(b)])
-                      for b in kern.buffers])
-    _entry(mb, fns, calls, n_ext, debug)
+        spmd.append(nthreads > 1 and is_spmd(kern))
+    _entry(mb, fns, calls, spmd, n_ext, nthreads, profile)
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -200,27 +308,92 @@ def compile_program(prog, graph):
             f.write(prog.format())
         with open(os.path.join(dump, "graphc.ll"), "w") as f:
             f.write(text)
-    engine, addr = jit(text, dump)
-    r = Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug)
-    r._out_nodes = list(graph.outputs)
-    return r
+    engine, addr = jit(text, dump, keep_object=key)
+    return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
+                  list(graph.outputs), profile)
 
 
-def _entry(mb, fns, calls, n_ext, debug):
-    fnty = ir.FunctionType(ir.VoidType(), [PTR])
+def _barrier_fn(mb):
+    """A sense-reversing barrier over int64 state[0] (arrivals) and state[16] (generation).
+
+    Spins with `pause`, then yields the CPU (sched_yield) when the wait is long, so an
+    oversubscribed machine still makes progress.
+    """
+    fn = ir.Function(mb.module, ir.FunctionType(ir.VoidType(), [PTR, I64]), name="graphc_barrier")
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    state, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    gen_ptr = b.gep(state, [ir.Constant(I64, 16)], source_etype=I64)
+    gen = b.load_atomic(gen_ptr, "acquire", 8, typ=I64)
+    old = b.atomic_rmw("add", state, ir.Constant(I64, 1), "acq_rel")
+    last = b.icmp_signed("==", old, b.sub(n, ir.Constant(I64, 1)))
+    release = fn.append_basic_block("release")
+    wait = fn.append_basic_block("wait")
+    done = fn.append_basic_block("done")
+    b.cbranch(last, release, wait)
+    b.position_at_end(release)
+    b.atomic_rmw("xchg", state, ir.Constant(I64, 0), "monotonic")
+    b.atomic_rmw("xchg", gen_ptr, b.add(gen, ir.Constant(I64, 1)), "release")
+    b.branch(done)
+    b.position_at_end(wait)
+    spins = b.phi(I64)
+    spins.add_incoming(ir.Constant(I64, 0), fn.blocks[0])
+    cur = b.load_atomic(gen_ptr, "acquire", 8, typ=I64)
+    again = b.icmp_signed("==", cur, gen)
+    body = fn.append_basic_block("spin")
+    b.cbranch(again, body, done)
+    b.position_at_end(body)
+    pause = ir.Function(mb.module, ir.FunctionType(ir.VoidType(), []), name="llvm.x86.sse2.pause") \
+        if "x86" in _target()["triple"] else None
+    if pause is not None:
+        b.call(pause, [])
+    many = b.icmp_signed(">", spins, ir.Constant(I64, 2000))
+    with b.if_then(many):
+        yld = ir.Function(mb.module, ir.FunctionType(ir.IntType(32), []), name="sched_yield")
+        b.call(yld, [])
+    spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
+    b.branch(wait)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile):
+    fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
     fn = ir.Function(mb.module, fnty, name="entry")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    table = fn.args[0]
+    table, tid = fn.args
     slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
-             for s in range(n_ext + 2)]
-    err = slots[n_ext + 1]
+             for s in range(n_ext + N_EXTRA)]
+    err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
+    barrier = _barrier_fn(mb) if nthreads > 1 else None
+    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
+        if profile else None
     if mb.error_fn is not None:
         b.store(err, mb.err_global)
-    for kfn, args in zip(fns, calls):
+    nt = ir.Constant(I64, nthreads)
+    is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
+    dirty = False     # thread 0 ran single-threaded kernels since the last barrier
+    for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
-        b.call(kfn, ptrs)
+        if par and dirty:
+            b.call(barrier, [bar, nt])
+            dirty = False
+        t0 = b.call(rc, []) if profile else None
+        if par:
+            b.call(kfn, ptrs + [tid, nt])
+            b.call(barrier, [bar, nt])
+        else:
+            with b.if_then(is_main):
+                b.call(kfn, ptrs + [ir.Constant(I64, 0), ir.Constant(I64, 1)])
+            dirty = True
+        if profile:
+            with b.if_then(is_main):
+                slot = b.gep(prof, [ir.Constant(I64, k)], source_etype=I64)
+                b.store(b.add(b.load(slot, typ=I64), b.sub(b.call(rc, []), t0)), slot)
         if mb.error_fn is not None:
             flag = b.load(err, typ=I64)
             with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):

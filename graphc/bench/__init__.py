@@ -1,0 +1,229 @@
+"""Benchmarks: graphc's LLVM backend against NumPy and PyTorch (when installed).
+
+    python -m graphc.bench [--threads 2] [--repeat 15] [--only matmul,conv,lenet]
+    graphc bench ...                       (the CLI forwards here)
+
+Every workload is timed in one process with its peers *interleaved* (one run
+of each implementation per round, after warm-up), so machine noise hits all of
+them alike; the table shows medians and the ratio peer_time / graphc_time
+(> 1: graphc is faster).  Compile times (cold, and warm from the disk cache
+when a second compile hits it) are reported separately.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+# ------------------------------------------------------------------ timing
+def interleaved(impls: dict, repeat: int, warmup: int = 2) -> dict:
+    """{name: fn} -> {name: median seconds}; each round runs every fn once."""
+    for _ in range(warmup):
+        for fn in impls.values():
+            fn()
+    times = {k: [] for k in impls}
+    for _ in range(repeat):
+        for k, fn in impls.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _torch(threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+# ------------------------------------------------------------------ workloads
+def bench_matmul(n, threads, repeat, torch):
+    import graphc as gc
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    x, y = gc.input("a", (n, n)), gc.input("b", (n, n))
+    t0 = time.perf_counter()
+    f = gc.compile([x, y], x @ y, backend="llvm")
+    f(a, b)
+    compile_s = time.perf_counter() - t0
+    impls = {"graphc-llvm": lambda: f(a, b), "numpy": lambda: a @ b}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        impls["torch"] = lambda: torch.mm(ta, tb)
+    return f"matmul {n}x{n}x{n}", 2.0 * n ** 3, interleaved(impls, repeat), compile_s
+
+
+def bench_conv(threads, repeat, torch, backward=False, batch=32):
+    import graphc as gc
+    rng = np.random.default_rng(0)
+    shape = (batch, 64, 56, 56)
+    xv = rng.standard_normal(shape, dtype=np.float32)
+    wv = (rng.standard_normal((64, 64, 3, 3), dtype=np.float32) * 0.05)
+    x = gc.input("x", shape)
+    w = gc.input("w", (64, 64, 3, 3))
+    y = gc.conv2d(x, w, padding=1)
+    outs = [y]
+    flops = 2.0 * batch * 64 * 56 * 56 * 64 * 9
+    if backward:
+        loss = gc.sum(y * y) * 0.5
+        outs = [loss] + list(gc.grad(loss, [x, w]))
+        flops *= 3
+    t0 = time.perf_counter()
+    f = gc.compile([x, w], outs, backend="llvm")
+    f(xv, wv)
+    compile_s = time.perf_counter() - t0
+    fn = gc.compile([x, w], outs, backend="numpy")
+    impls = {"graphc-llvm": lambda: f(xv, wv), "graphc-numpy": lambda: fn(xv, wv)}
+    if torch is not None:
+        tx = torch.from_numpy(xv)
+        tw = torch.from_numpy(wv)
+        if backward:
+            def step():
+                xx = tx.clone().requires_grad_(True)
+                ww = tw.clone().requires_grad_(True)
+                yy = torch.nn.functional.conv2d(xx, ww, padding=1)
+                (0.5 * (yy * yy).sum()).backward()
+            impls["torch"] = step
+        else:
+            def fwd():
+                with torch.no_grad():
+                    torch.nn.functional.conv2d(tx, tw, padding=1)
+            impls["torch"] = fwd
+    name = f"conv2d {'fwd+bwd' if backward else 'fwd'} N={batch} 64->64 56x56 3x3"
+    return name, flops, interleaved(impls, repeat, warmup=1), compile_s
+
+
+def _lenet_graph(batch, backend, lr=0.01):
+    """LeNet-5 (28x28 input) training step as a compiled graphc function."""
+    import graphc as gc
+    rng = np.random.default_rng(0)
+    shapes = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (400, 120), (120,), (120, 84), (84,),
+              (84, 10), (10,)]
+    params = [gc.Parameter((rng.standard_normal(s) * 0.1).astype(np.float32)) for s in shapes]
+    c1, c1b, c2, c2b, f1, f1b, f2, f2b, f3, f3b = params
+    x = gc.input("x", (batch, 1, 28, 28))
+    y = gc.input("y", (batch,), dtype="int64")
+    h = gc.max_pool2d(gc.relu(gc.conv2d(x, c1, c1b, padding=2)), 2)
+    h = gc.max_pool2d(gc.relu(gc.conv2d(h, c2, c2b)), 2)
+    h = gc.reshape(h, (batch, 400))
+    h = gc.relu(h @ f1 + f1b)
+    h = gc.relu(h @ f2 + f2b)
+    loss = gc.cross_entropy(h @ f3 + f3b, y)
+    grads = gc.grad(loss, params)
+    f = gc.compile([x, y], loss, updates={p: p - lr * g for p, g in zip(params, grads)},
+                   backend=backend)
+    return f, [p.value.copy() for p in params]
+
+
+def _torch_lenet(torch, batch, init, lr=0.01):
+    ps = [torch.tensor(v, requires_grad=True) for v in init]
+    F = torch.nn.functional
+
+    def step(xb, yb):
+        c1, c1b, c2, c2b, f1, f1b, f2, f2b, f3, f3b = ps
+        h = F.max_pool2d(F.relu(F.conv2d(xb, c1, c1b, padding=2)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, c2, c2b)), 2)
+        h = h.reshape(batch, 400)
+        h = F.relu(h @ f1 + f1b)
+        h = F.relu(h @ f2 + f2b)
+        loss = F.cross_entropy(h @ f3 + f3b, yb)
+        for p in ps:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for p in ps:
+                p -= lr * p.grad
+        return loss
+    return step
+
+
+def bench_lenet(batch, threads, repeat, torch):
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    yb = rng.integers(0, 10, batch)
+    t0 = time.perf_counter()
+    f, init = _lenet_graph(batch, "llvm")
+    f(xb, yb)
+    compile_s = time.perf_counter() - t0
+    fn, _ = _lenet_graph(batch, "numpy")
+    impls = {"graphc-llvm": lambda: f(xb, yb), "graphc-numpy": lambda: fn(xb, yb)}
+    if torch is not None:
+        step = _torch_lenet(torch, batch, init)
+        tx, ty = torch.from_numpy(xb), torch.from_numpy(yb)
+        impls["torch"] = lambda: step(tx, ty)
+    flops = 3 * 2.0 * batch * (6 * 784 * 25 + 16 * 100 * 150 + 400 * 120 + 120 * 84 + 840)
+    return f"LeNet-5 train step batch {batch}", flops, interleaved(impls, repeat), compile_s
+
+
+# ------------------------------------------------------------------ report
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from ..backends.llvm import host_description
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; LLVM target {host_description()}; "
+            f"Python {platform.python_version()}, NumPy {np.__version__}")
+
+
+def format_rows(results) -> str:
+    lines = ["| workload | impl | median ms | GFLOP/s | peer time / graphc time |",
+             "|---|---|---|---|---|"]
+    for name, flops, times, compile_s in results:
+        g = times["graphc-llvm"]
+        for impl, t in times.items():
+            ratio = "—" if impl == "graphc-llvm" else f"{t / g:.2f}"
+            lines.append(f"| {name} | {impl} | {t * 1e3:.2f} | {flops / t / 1e9:.1f} | {ratio} |")
+        lines.append(f"| {name} | (graphc cold compile) | {compile_s * 1e3:.0f} | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="graphc bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)))
+    ap.add_argument("--repeat", type=int, default=11)
+    ap.add_argument("--only", default="matmul,conv,lenet",
+                    help="comma-separated subset of: matmul, conv, convbwd, lenet")
+    ap.add_argument("--sizes", default="256,1024,2048", help="matmul sizes")
+    ap.add_argument("--conv-batch", type=int, default=32)
+    args = ap.parse_args(argv)
+    os.environ["GRAPHC_NUM_THREADS"] = str(args.threads)
+    torch = _torch(args.threads)
+    only = set(args.only.split(","))
+    print(f"machine: {machine()}")
+    print(f"threads: {args.threads}; torch: {torch.__version__ if torch else 'not installed'}")
+    results = []
+
+    def run(res):
+        results.append(res)
+        name, flops, times, cs = res
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+              + f"; compile {cs:.2f} s", flush=True)
+    if "matmul" in only:
+        for n in (int(s) for s in args.sizes.split(",")):
+            run(bench_matmul(n, args.threads, args.repeat, torch))
+    if "conv" in only:
+        run(bench_conv(args.threads, max(3, args.repeat // 2), torch, batch=args.conv_batch))
+    if "convbwd" in only:
+        run(bench_conv(args.threads, max(3, args.repeat // 3), torch, backward=True,
+                       batch=args.conv_batch))
+    if "lenet" in only:
+        run(bench_lenet(64, args.threads, args.repeat, torch))
+        run(bench_lenet(1, args.threads, args.repeat * 5, torch))
+    print()
+    print(format_rows(results))
+    return 0
