@@ -134,14 +134,18 @@ def test_train_no_render_skips_pictures(capsys, tmp_path):
     assert not (out / "forward.png").exists() and not (out / "backward.png").exists()
 
 
-def test_bench_forwards_or_explains(capsys):
-    try:
-        import graphc.bench  # noqa: F401
-    except ImportError:
-        code, out, err = run_main(capsys, "bench")
-        assert code == 2 and "graphc.bench" in err and "Traceback" not in err
-    else:
-        pytest.skip("graphc.bench exists; its own tests cover it")
+def test_bench_forwards_arguments(capsys):
+    code, out, err = run_main(capsys, "bench", "--help")
+    assert code == 0 and "graphc bench" in out and "--only" in out
+
+
+def test_bench_missing_module_is_explained(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "graphc.bench", None)   # import now fails
+    import graphc
+    monkeypatch.delattr(graphc, "bench", raising=False)
+    code, out, err = run_main(capsys, "bench")
+    assert code == 2 and "graphc.bench" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_docs_ops_to_stdout(capsys):

@@ -80,3 +80,91 @@ def test_docs_link_targets_exist():
     for name in ("user_guide.md", "architecture.md"):
         for target in re.findall(r"\]\(([^)#:]+\.md)", read(name)):
             assert os.path.exists(os.path.join(DOCS, target)), f"{name} links to {target}"
+
+
+# ------------------------------------------------------------------ the layering of architecture.md
+def _imports(path, module):
+    """(graphc subpackage imported, at module level?) for every import in a file."""
+    import ast
+    is_pkg = path.endswith("__init__.py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_pkg else base[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                if node.module:
+                    names = [".".join(base + [node.module])]
+                else:
+                    names = [".".join(base + [a.name]) for a in node.names]
+            else:
+                names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(n, id(node) in top) for n in names if n.startswith("graphc")]
+    return found
+
+
+def _layer(name):
+    parts = name.split(".")
+    if len(parts) < 2:
+        return "graphc"
+    if parts[1] == "backends" and len(parts) > 2:
+        return "backends." + parts[2]
+    return parts[1]
+
+
+def _layer_imports():
+    edges = {}
+    pkg = os.path.join(ROOT, "graphc")
+    for dirpath, _, files in os.walk(pkg):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+            module = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+            me = _layer(module)
+            for target, top_level in _imports(path, module):
+                other = _layer(target)
+                if other != me:
+                    edges.setdefault(me, []).append((other, top_level, rel))
+    return edges
+
+
+NEVER = {   # layer -> layers it must never import (docs/architecture.md)
+    "ir": {"ops", "passes", "backends", "kernel", "autodiff", "function", "nn", "optim", "viz",
+           "cli"},
+    "ops": {"passes", "backends", "function", "nn", "optim", "viz", "cli"},
+    "autodiff": {"backends", "passes", "function"},
+    "passes": {"backends"},
+    "nn": {"backends"},
+    "optim": {"backends"},
+    "viz": {"backends", "passes"},
+    "data": {"backends", "ops", "ir", "passes"},
+    "kernel": {"passes", "backends"},
+}
+
+
+def test_architecture_import_rules_hold():
+    edges = _layer_imports()
+    bad = []
+    for me, rules in NEVER.items():
+        for other, top_level, where in edges.get(me, []):
+            target = other.split(".")[0]
+            if target not in rules:
+                continue
+            if me == "ir" and other == "viz" and not top_level:
+                continue        # Graph._repr_svg_: a lazy, in-method import for Jupyter
+            bad.append(f"{where} imports graphc.{other}")
+    backends = [k for k in edges if k.startswith("backends.")]
+    for b in backends:
+        for other, _, where in edges[b]:
+            if other.startswith("backends.") and other != b:
+                bad.append(f"{where} (backend) imports another backend graphc.{other}")
+    assert not bad, "layering violations (see docs/architecture.md):\n" + "\n".join(bad)
