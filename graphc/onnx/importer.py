@@ -291,6 +291,8 @@ class Context:
 
     def static(self, v, what: str, allow_symbols=False) -> np.ndarray:
         """The value of `v` at load time, or a clear error."""
+        if isinstance(v, Node) and v.op.name == "parameter":
+            return np.array(v.value)  # an initializer read as a value (e.g. Pad's constant)
         if isinstance(v, Node):
             from ..ir.graph import toposort
             leaves = [n for n in toposort([v]) if not n.inputs]
@@ -350,6 +352,14 @@ def _check_supported(graph, model):
         raise UnsupportedOperatorError(
             f"the ONNX model uses {len(bad)} operator type(s) graphc cannot import:\n"
             + "\n".join(lines), dict(bad))
+
+
+def _shape_value(v):
+    """A shape value: an object array while it holds symbols, int64 once it does not."""
+    arr = np.asarray(v, dtype=object)
+    if any(isinstance(d, str) for d in arr.ravel()):
+        return arr
+    return arr.astype(np.int64)
 
 
 def _fold(outs):
@@ -466,6 +476,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
         try:
             if symbolic and n.op_type in SYMBOLIC:
                 outs = SYMBOLIC[n.op_type](ctx, args, attrs)
+                outs = [_shape_value(o) for o in (outs if isinstance(outs, list) else [outs])]
             else:
                 outs = OPS[n.op_type](ctx, args, attrs)
                 if not isinstance(outs, (list, tuple)):

@@ -872,6 +872,12 @@ op("ReduceSum")(_reduce(gc.sum, 13))
 op("ReduceMean")(_reduce(gc.mean, 18))
 op("ReduceMax")(_reduce(gc.max, 18))
 op("ReduceMin")(_reduce(gc.min, 18))
+op("ReduceLogSumExp")(_reduce(gc.logsumexp, 18))
+
+
+@op("Softplus")
+def _softplus(ctx, args, attrs):
+    return gc.softplus(ctx.node(args[0]))
 
 
 # ================================================================ losses

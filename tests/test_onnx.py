@@ -1,0 +1,388 @@
+"""gc.onnx: importing hand-built ONNX models, exporting graphc graphs, round trips.
+
+References are written independently in NumPy (or run by onnx's reference
+evaluator / onnxruntime when installed); gradients of imported models are
+checked against central finite differences in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+import graphc as gc  # noqa: E402
+from graphc.onnx import OnnxImportError, UnsupportedOperatorError  # noqa: E402
+
+F32, F64, I64 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs,
+                          initializer=[numpy_helper.from_array(v, k) for k, v in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _vi(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _np_softmax(z, axis):
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ---------------------------------------------------------------- import
+def _mlp_model(rng, dtype=np.float32, elem=F32):
+    w1 = rng.standard_normal((4, 6)).astype(dtype)
+    b1 = rng.standard_normal(6).astype(dtype)
+    w2 = rng.standard_normal((3, 6)).astype(dtype)  # Gemm with transB=1
+    b2 = rng.standard_normal(3).astype(dtype)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+             helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Tanh", ["h1"], ["h"]),
+             helper.make_node("Gemm", ["h", "w2", "b2"], ["z"], transB=1, alpha=0.5, beta=2.0),
+             helper.make_node("Softmax", ["z"], ["y"], axis=1)]
+    m = _model(nodes, [_vi("x", elem, ["batch", 4])], [_vi("y", elem, ["batch", 3])],
+               [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)])
+    return m, (w1, b1, w2, b2)
+
+
+def test_import_mlp_values_names_and_symbolic_batch():
+    rng = np.random.default_rng(0)
+    m, (w1, b1, w2, b2) = _mlp_model(rng)
+    model = gc.onnx.load(m.SerializeToString())
+    assert [i.name for i in model.inputs] == ["x"]
+    assert model.inputs[0].shape == ("batch", 4)
+    assert sorted(p.name for p in model.parameters) == ["b1", "b2", "w1", "w2"]
+    assert all(isinstance(p, gc.Parameter) for p in model.parameters)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    h = np.tanh(x @ w1 + b1)
+    want = _np_softmax(0.5 * (h @ w2.T) + 2.0 * b2, axis=1)
+    (got,) = model(x)
+    assert got.shape == (5, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    (got2,) = model(x[:2])  # the symbolic batch takes another size
+    np.testing.assert_allclose(got2, want[:2], rtol=1e-5, atol=1e-6)
+
+
+def test_import_from_path_and_model_proto(tmp_path):
+    rng = np.random.default_rng(1)
+    m, _ = _mlp_model(rng)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(m, path)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    a = gc.onnx.load(str(path))(x)[0]
+    b = gc.onnx.load(m)(x)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def _fd_check(model, loss_fn, feeds, n_entries=6, eps=1e-6):
+    """gc.grad of loss w.r.t. every parameter vs central differences (float64)."""
+    loss = loss_fn(model.outputs)
+    grads = gc.grad(loss, model.parameters)
+    f = gc.compile(model.inputs, [loss] + list(grads))
+    _, *gs = f(*feeds)
+    fl = gc.compile(model.inputs, loss)
+    rng = np.random.default_rng(0)
+    for p, g in zip(model.parameters, gs):
+        flat = p.value.reshape(-1)
+        for idx in rng.choice(flat.size, size=min(n_entries, flat.size), replace=False):
+            old = flat[idx]
+            flat[idx] = old + eps
+            up = fl(*feeds)
+            flat[idx] = old - eps
+            down = fl(*feeds)
+            flat[idx] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(fd - g.reshape(-1)[idx]) <= 1e-6 + 1e-5 * abs(fd), (p.name, idx)
+
+
+def test_grad_through_imported_mlp_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    m, _ = _mlp_model(rng, np.float64, F64)
+    model = gc.onnx.load(m, dims={"batch": 3})  # dims fixes the symbolic batch size
+    assert model.inputs[0].shape == (3, 4)
+    x = rng.standard_normal((3, 4))
+    t = np.array([0, 2, 1])
+    onehot = np.eye(3)[t]
+    _fd_check(model, lambda outs: -gc.sum(gc.log(outs[0]) * gc.constant(onehot)), [x])
+
+
+def _cnn_model(rng):
+    w = rng.standard_normal((4, 2, 3, 3))
+    b = rng.standard_normal(4)
+    scale, bias = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
+    mean, var = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    fc = rng.standard_normal((4 * 2 * 2, 3))
+    shape = np.array([0, -1], np.int64)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"],
+                              epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Reshape", ["p", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    inits = [("w", w), ("b", b), ("s", scale), ("bb", bias), ("m", mean), ("v", var),
+             ("fc", fc), ("shape", shape)]
+    return _model(nodes, [_vi("x", F64, ["N", 2, 4, 4])], [_vi("y", F64, ["N", 3])], inits), \
+        dict(inits)
+
+
+def _np_cnn(x, p):
+    n, c, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((n, 4, h, wd))
+    for o in range(4):
+        for i in range(h):
+            for j in range(wd):
+                conv[:, o, i, j] = (xp[:, :, i:i + 3, j:j + 3] * p["w"][o]).sum(axis=(1, 2, 3))
+        conv[:, o] += p["b"][o]
+    ch = (slice(None), None, None)
+    bn = (conv - p["m"][ch]) / np.sqrt(p["v"][ch] + 1e-3) * p["s"][ch] + p["bb"][ch]
+    r = np.maximum(bn, 0)
+    pooled = r.reshape(n, 4, h // 2, 2, wd // 2, 2).max(axis=(3, 5))
+    return pooled.reshape(n, -1) @ p["fc"]
+
+
+def test_import_cnn_values_and_grad():
+    rng = np.random.default_rng(3)
+    m, p = _cnn_model(rng)
+    model = gc.onnx.load(m)
+    # integer initializers used as shapes are constants, not parameters
+    assert sorted(q.name for q in model.parameters) == ["b", "bb", "fc", "m", "s", "v", "w"]
+    x = rng.standard_normal((2, 2, 4, 4))
+    np.testing.assert_allclose(model(x)[0], _np_cnn(x, p), rtol=1e-10, atol=1e-10)
+    _fd_check(model, lambda outs: gc.sum(gc.square(outs[0])), [x])
+
+
+def test_shape_chain_with_symbolic_batch_is_resolved_at_load_time():
+    # the Shape -> Gather -> Unsqueeze -> Concat -> Reshape chain exporters emit for flatten
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(
+                 np.array(0, np.int64))),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    m = _model(nodes, [_vi("x", F32, ["B", 3, 2])], [_vi("y", F32, ["B", 6])],
+               [("ax", np.array([0], np.int64)), ("minus1", np.array([-1], np.int64))])
+    model = gc.onnx.load(m)
+    assert model.outputs[0].shape == ("B", 6)
+    x = np.arange(4 * 6, dtype=np.float32).reshape(4, 3, 2)
+    np.testing.assert_array_equal(model(x)[0], x.reshape(4, 6))
+
+
+def test_shape_value_inputs_specialize_per_value():
+    m = _model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+               [_vi("x", F32, [2, 6]), _vi("shape", I64, [2])], [_vi("y", F32, ["a", "b"])])
+    model = gc.onnx.load(m)
+    assert model.needs_values == ["shape"]
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    a = model(x, np.array([3, 4]))[0]
+    b = model(x, np.array([4, -1]))[0]
+    np.testing.assert_array_equal(a, x.reshape(3, 4))
+    np.testing.assert_array_equal(b, x.reshape(4, 3))
+    spec = model.specialize(shape=np.array([12, 1]))
+    assert spec.outputs[0].shape == (12, 1)
+
+
+def test_old_opset_semantics():
+    x = np.random.default_rng(4).standard_normal((2, 3, 4)).astype(np.float32)
+    # Softmax before opset 13 coerces to 2-D at `axis`: normalize over axes 1 and 2 jointly
+    m = _model([helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+               [_vi("x", F32, [2, 3, 4])], [_vi("y", F32, [2, 3, 4])], opset=11)
+    want = _np_softmax(x.reshape(2, 12), axis=1).reshape(2, 3, 4)
+    np.testing.assert_allclose(gc.onnx.load(m)(x)[0], want, rtol=1e-6, atol=1e-7)
+    # ... and from opset 13 on, over the one axis only
+    m13 = _model([helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+                 [_vi("x", F32, [2, 3, 4])], [_vi("y", F32, [2, 3, 4])], opset=13)
+    np.testing.assert_allclose(gc.onnx.load(m13)(x)[0], _np_softmax(x, 1), rtol=1e-6, atol=1e-7)
+    # Unsqueeze/ReduceSum axes as attributes (opset 11)
+    m = _model([helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0]),
+                helper.make_node("ReduceSum", ["u"], ["y"], axes=[3], keepdims=0)],
+               [_vi("x", F32, [2, 3, 4])], [_vi("y", F32, [1, 2, 3])], opset=11)
+    np.testing.assert_allclose(gc.onnx.load(m)(x)[0], x.sum(axis=2)[None], rtol=1e-6)
+
+
+def test_lstm_import_matches_numpy_recurrence():
+    rng = np.random.default_rng(5)
+    t_len, batch, inp, hid = 4, 2, 3, 5
+    w = rng.standard_normal((1, 4 * hid, inp)) * 0.5
+    r = rng.standard_normal((1, 4 * hid, hid)) * 0.5
+    b = rng.standard_normal((1, 8 * hid)) * 0.1
+    m = _model([helper.make_node("LSTM", ["x", "w", "r", "b"], ["y", "yh", "yc"],
+                                 hidden_size=hid)],
+               [_vi("x", F64, [t_len, batch, inp])],
+               [_vi("y", F64, [t_len, 1, batch, hid]), _vi("yh", F64, [1, batch, hid]),
+                _vi("yc", F64, [1, batch, hid])],
+               [("w", w), ("r", r), ("b", b)])
+    model = gc.onnx.load(m)
+    x = rng.standard_normal((t_len, batch, inp))
+    y, yh, yc = model(x)
+
+    def sig(v):
+        return 1 / (1 + np.exp(-v))
+    h = np.zeros((batch, hid))
+    c = np.zeros((batch, hid))
+    ys = []
+    for t in range(t_len):
+        g = x[t] @ w[0].T + h @ r[0].T + b[0, :4 * hid] + b[0, 4 * hid:]
+        i, o, f, cc = (g[:, k * hid:(k + 1) * hid] for k in range(4))  # ONNX order i,o,f,c
+        c = sig(f) * c + sig(i) * np.tanh(cc)
+        h = sig(o) * np.tanh(c)
+        ys.append(h)
+    np.testing.assert_allclose(y[:, 0], np.stack(ys), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(yh[0], h, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(yc[0], c, rtol=1e-10, atol=1e-12)
+    _fd_check(model, lambda outs: gc.sum(outs[0] * outs[0]) + gc.sum(outs[2]), [x])
+
+
+# ---------------------------------------------------------------- errors
+def test_unsupported_operators_are_all_listed_before_building():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
+             helper.make_node("Hardmax", ["a"], ["b"], name="hm1"),
+             helper.make_node("TopK", ["b", "k"], ["c", "ci"], name="top"),
+             helper.make_node("Hardmax", ["c"], ["d"], name="hm2"),
+             helper.make_node("MyOp", ["d"], ["y"], name="custom", domain="com.example")]
+    g = helper.make_graph(nodes, "g", [_vi("x", F32, [2, 3])], [_vi("y", F32, ["k"])],
+                          initializer=[numpy_helper.from_array(np.array([1], np.int64), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedOperatorError) as ei:
+        gc.onnx.load(m)
+    msg = str(ei.value)
+    assert "3 operator type(s)" in msg
+    assert "Hardmax (domain ai.onnx): 2 node(s): hm1, hm2" in msg
+    assert "TopK (domain ai.onnx): 1 node(s): top" in msg
+    assert "MyOp (domain com.example): 1 node(s): custom" in msg
+    assert "Relu" not in msg
+
+
+def test_malformed_and_truncated_files_raise_clear_errors(tmp_path):
+    rng = np.random.default_rng(6)
+    m, _ = _mlp_model(rng)
+    data = m.SerializeToString()
+    with pytest.raises(OnnxImportError, match="not a valid ONNX model|invalid"):
+        gc.onnx.load(data[: len(data) // 2])
+    with pytest.raises(OnnxImportError, match="not a valid ONNX model"):
+        gc.onnx.load(b"\x00\xff" * 10 + b"garbage")
+    with pytest.raises(OnnxImportError, match="not a valid ONNX model"):
+        gc.onnx.load(b"")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not protobuf at all \x80\x80")
+    with pytest.raises(OnnxImportError):
+        gc.onnx.load(str(bad))
+    with pytest.raises(OnnxImportError, match="cannot read"):
+        gc.onnx.load(str(tmp_path / "missing.onnx"))
+
+
+def test_unsupported_dtype_and_unknown_shape_inputs():
+    m = _model([helper.make_node("Identity", ["x"], ["y"])],
+               [_vi("x", TensorProto.FLOAT16, [2])], [_vi("y", TensorProto.FLOAT16, [2])])
+    with pytest.raises(OnnxImportError, match="FLOAT16"):
+        gc.onnx.load(m)
+
+
+def test_shape_input_from_parameters_is_a_clear_error():
+    # a Reshape target computed from a float initializer cannot be known at load time
+    nodes = [helper.make_node("Cast", ["sf"], ["s"], to=I64),
+             helper.make_node("Reshape", ["x", "s"], ["y"])]
+    m = _model(nodes, [_vi("x", F32, [2, 6])], [_vi("y", F32, [3, 4])],
+               [("sf", np.array([3.0, 4.0], np.float32))])
+    with pytest.raises(OnnxImportError, match="Reshape.*must be known when the model is loaded"):
+        gc.onnx.load(m)
+
+
+# ---------------------------------------------------------------- export
+def _lenet():
+    if hasattr(gc, "models") or True:
+        try:
+            from graphc import models
+            return models.lenet5(rng=np.random.default_rng(7))
+        except ImportError:
+            return None
+
+
+def test_lenet5_export_reference_evaluator_and_round_trip(tmp_path):
+    net = _lenet()
+    x = gc.input("x", ("N", 1, 28, 28))
+    if net is not None:
+        logits = net(x)
+    else:  # pragma: no cover - graphc.models not available
+        pytest.skip("graphc.models.lenet5 is not available")
+    path = tmp_path / "lenet.onnx"
+    proto = gc.onnx.export(logits, path, inputs=[x])
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    xb = np.random.default_rng(8).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    want = gc.compile([x], logits)(xb)
+    ref = ReferenceEvaluator(proto).run(None, {"x": xb})[0]
+    np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-5)
+    back = gc.onnx.load(path)
+    assert len(back.parameters) == len(list(net.parameters()))
+    np.testing.assert_allclose(back(xb)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_lenet5_export_runs_on_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    net = _lenet()
+    if net is None:  # pragma: no cover
+        pytest.skip("graphc.models.lenet5 is not available")
+    x = gc.input("x", ("N", 1, 28, 28))
+    logits = net(x)
+    path = tmp_path / "lenet.onnx"
+    gc.onnx.export(logits, path, inputs=[x])
+    xb = np.random.default_rng(9).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": xb})[0]
+    np.testing.assert_allclose(got, gc.compile([x], logits)(xb), rtol=1e-5, atol=1e-5)
+
+
+def test_export_many_ops_matches_reference_evaluator():
+    rng = np.random.default_rng(10)
+    x = gc.input("x", ("N", 3, 6, 6))
+    v = gc.input("v", ("N", 5))
+    w = gc.Parameter(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), name="w")
+    c = gc.conv2d(x, w, stride=2, padding=((1, 0), (0, 1)))
+    outs = [
+        gc.avg_pool2d(c, 2, stride=1, padding=1, count_include_pad=False),
+        gc.max_pool2d(x, 3, stride=2, padding=1, ceil_mode=True),
+        gc.log_softmax(gc.leaky_relu(v, 0.2), axis=1),
+        gc.softmax(gc.elu(v) * 2.0 - 1.0, axis=-1),
+        gc.gelu(v), gc.gelu(v, approximate="tanh"), gc.silu(v), gc.softplus(v, beta=2.0),
+        gc.log_sigmoid(v), gc.sigmoid(v) / (gc.abs(v) + 1.0), gc.sqrt(gc.square(v) + 1.0),
+        gc.mean(v, axis=1, keepdims=True), gc.max(v, axis=0), gc.sum(v), gc.logsumexp(v, 1),
+        gc.concat([v, gc.exp(-v)], axis=1), v[:, 1:5:2], v[:, ::-1],
+        gc.pad(v, ((0, 0), (2, 1)), value=3.0), gc.take(v, np.array([4, 0]), axis=1),
+        gc.where(gc.greater(v, 0.0), v, gc.erf(v)), gc.cast(gc.greater(v, 0.0), "float32"),
+        gc.broadcast_to(gc.reshape(v, ("N", 1, 5)), ("N", 2, 5)), gc.flatten(x),
+        gc.transpose(x, (0, 2, 3, 1)), gc.minimum(gc.maximum(v, -0.5), 0.5), gc.tanh(v) ** 2.0,
+        gc.conv2d_grad_input(c, w, (6, 6), stride=2, padding=((1, 0), (0, 1))),
+    ]
+    proto = gc.onnx.export(outs, None, inputs=[x, v])
+    onnx.checker.check_model(proto)
+    xb = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    vb = rng.standard_normal((2, 5)).astype(np.float32)
+    want = gc.compile([x, v], outs)(xb, vb)
+    got = ReferenceEvaluator(proto).run(None, {"x": xb, "v": vb})
+    for k, (g, e) in enumerate(zip(got, want)):
+        assert g.shape == e.shape, k
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=str(k))
+    back = gc.onnx.load(proto)(xb, vb)
+    for k, (g, e) in enumerate(zip(back, want)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=str(k))
+
+
+def test_export_rejects_ops_without_onnx_form():
+    v = gc.input("v", (3,))
+    g = gc.grad(gc.sum(gc.max_pool2d(gc.reshape(v, (1, 1, 1, 3)), (1, 2), stride=1)), [v])[0]
+    with pytest.raises(gc.onnx.OnnxExportError, match="max_pool2d_grad"):
+        gc.onnx.export(g, None, inputs=[v])
+    with pytest.raises(gc.onnx.OnnxExportError, match="not in inputs"):
+        gc.onnx.export(gc.relu(v), None, inputs=[])
