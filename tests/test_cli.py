@@ -134,6 +134,24 @@ def test_train_no_render_skips_pictures(capsys, tmp_path):
     assert not (out / "forward.png").exists() and not (out / "backward.png").exists()
 
 
+def test_no_plot_library_note_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # as if not installed
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "mlp", "--epochs", "1", "--no-render",
+                                 "--out", str(out))
+    assert code == 0, err
+    notes = [ln for ln in stdout.splitlines() if "matplotlib is not installed" in ln]
+    assert len(notes) == 1 and "graphc[plot]" in notes[0], stdout
+    assert not (out / "curves.png").exists()
+
+
+def test_plot_history_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = cli.plot_history({"loss": [2.0, 1.0, 0.5], "accuracy": [0.5, 0.8, 0.9]},
+                            str(tmp_path / "c.png"), title="t")
+    assert open(path, "rb").read(8) == PNG_MAGIC
+
+
 def test_bench_forwards_arguments(capsys):
     code, out, err = run_main(capsys, "bench", "--help")
     assert code == 0 and "graphc bench" in out and "--only" in out
