@@ -386,3 +386,20 @@ def test_export_rejects_ops_without_onnx_form():
         gc.onnx.export(g, None, inputs=[v])
     with pytest.raises(gc.onnx.OnnxExportError, match="not in inputs"):
         gc.onnx.export(gc.relu(v), None, inputs=[])
+
+
+def test_batch_dim_unifies_and_fixes_leading_dims():
+    m = _model([helper.make_node("Add", ["a", "b"], ["y"])],
+               [_vi("a", F32, ["batch_size", 3]), _vi("b", F32, [None, 3])],
+               [_vi("y", F32, ["batch_size", 3])])
+    # without batch_dim the leading dims are different symbols, which do not broadcast
+    with pytest.raises(OnnxImportError, match=r"\(Add, opset 17\).*batch_size, 3\), \(b_0, 3"):
+        gc.onnx.load(m)
+    model = gc.onnx.load(m, batch_dim="N")
+    assert [i.shape for i in model.inputs] == [("N", 3), ("N", 3)]
+    a, b = np.ones((2, 3), np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(model(a, b)[0], a + b)
+    fixed = gc.onnx.load(m, batch_dim=2)
+    assert fixed.outputs[0].shape == (2, 3)
+    with pytest.raises(ValueError, match="expects shape"):
+        fixed.compile()(np.ones((3, 3), np.float32), np.ones((3, 3), np.float32))

@@ -150,8 +150,7 @@ class OnnxModel:
             if any(vi.name == t.name for t in model.graph.initializer):
                 continue
             tt = vi.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else _symbol(d.dim_param or
-                          f"{vi.name}_{k}") for k, d in enumerate(tt.shape.dim))
+            shape = _input_shape(vi, dict(dims or {}), dict(input_shapes or {}))
             inputs.append(gc_input(vi.name, shape, elem_dtype(tt.elem_type,
                                                               f"graph input {vi.name!r}")))
         self = cls(inputs, None, list(cache.values()), [o.name for o in model.graph.output],
@@ -375,16 +374,47 @@ def _fold(outs):
     return res
 
 
-def load(source, dims=None, input_shapes=None) -> OnnxModel:
+_BATCH = object()  # key of `dims` holding load's batch_dim
+
+
+def _input_shape(vi, dims, input_shapes) -> tuple:
+    """The graphc shape of graph input `vi` (ints and symbol names)."""
+    if vi.name in input_shapes:
+        return tuple(input_shapes[vi.name])
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        raise OnnxImportError(f"graph input {vi.name!r} has no declared shape; give it with "
+                              "input_shapes={name: shape}")
+    shape = []
+    for k, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            shape.append(int(d.dim_value))
+        elif k == 0 and dims.get(_BATCH) is not None:
+            shape.append(dims[_BATCH])
+        else:
+            sym = _symbol(d.dim_param) if d.dim_param else _symbol(f"{vi.name}_{k}")
+            shape.append(dims.get(d.dim_param, dims.get(sym, sym)))
+    return tuple(shape)
+
+
+def load(source, dims=None, input_shapes=None, batch_dim=None) -> OnnxModel:
     """Import an ONNX model (path, bytes or onnx.ModelProto) as graphc graphs.
 
     dims:         {symbol: size} fixes symbolic (dim_param) dimensions to sizes.
     input_shapes: {input name: shape} overrides the declared shape of inputs
                   (ints or symbol names), e.g. to specialize a model whose
                   shape-computing sub-graphs depend on input sizes.
+    batch_dim:    a name (or a size) for the leading dimension of every input
+                  whose leading dimension is not a fixed number, unifying the
+                  different names exporters give the batch ("batch_size", "N", ...).
     Dimensions with neither a value nor a name become symbols named
-    `<input>_<axis>`.
+    `<input>_<axis>`.  Shape-like operands (Reshape's shape, Slice's bounds, ...)
+    must be known when the model is loaded; when they are graph inputs, the
+    returned model specializes on their values per call (`needs_values`).
     """
+    dims = dict(dims or {})
+    if batch_dim is not None:
+        dims[_BATCH] = batch_dim
     model = read_model(source)
     _check_supported(model.graph, model)
     cache: dict = {}
@@ -437,20 +467,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
         if not vi.type.HasField("tensor_type"):
             raise OnnxImportError(f"graph input {vi.name!r} is not a tensor")
         dtype = elem_dtype(tt.elem_type, f"graph input {vi.name!r}")
-        if vi.name in input_shapes:
-            shape = tuple(input_shapes[vi.name])
-        else:
-            if not tt.HasField("shape"):
-                raise OnnxImportError(f"graph input {vi.name!r} has no declared shape; give "
-                                      "it with input_shapes={name: shape}")
-            shape = []
-            for k, d in enumerate(tt.shape.dim):
-                if d.HasField("dim_value"):
-                    shape.append(int(d.dim_value))
-                else:
-                    sym = _symbol(d.dim_param) if d.dim_param else _symbol(f"{vi.name}_{k}")
-                    shape.append(dims.get(d.dim_param, dims.get(sym, sym)))
-            shape = tuple(shape)
+        shape = _input_shape(vi, dims, input_shapes)
         if vi.name in static_feeds:
             values[vi.name] = np.asarray(static_feeds[vi.name], dtype=dtype)
         else:
