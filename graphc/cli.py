@@ -62,7 +62,7 @@ def load_data(spec: str, model: str):
         xte, yte = data.load_digits("test", size=size)
         desc = f"UCI digits {size}x{size} (bundled): {len(xtr)} train / {len(xte)} test"
     elif spec.startswith("mnist:"):
-        path = spec[len("mnist:"):]
+        path = os.path.expanduser(spec[len("mnist:"):])   # the shell leaves "mnist:~/x" alone
         if not path:
             raise CLIError("--data mnist:PATH needs a directory of MNIST IDX files after 'mnist:'")
         xtr, ytr = data.load_mnist(path, "train")
