@@ -62,6 +62,25 @@ def test_corrupt_mnist_file_is_one_line(capsys, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_train_lenet_on_mnist_idx_files(capsys, tmp_path):
+    from graphc import data
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        data.write_idx(d / f"{prefix}-images-idx3-ubyte",
+                       rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(d / f"{prefix}-labels-idx1-ubyte.gz",
+                       rng.integers(0, 10, n, dtype=np.uint8), gzip=True)
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "lenet", "--data", f"mnist:{d}", "--epochs",
+                                 "1", "--batch-size", "16", "--no-render", "--out", str(out))
+    assert code == 0, err
+    assert f"MNIST from {d}: 40 train / 20 test" in stdout
+    with np.load(out / "weights.npz", allow_pickle=False) as z:
+        assert z["conv1.weight"].shape == (6, 1, 5, 5) and z["fc3.weight"].shape == (10, 84)
+
+
 def test_console_entry_point_exit_status_without_traceback():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "graphc", "train", "mlp", "--epochs", "-3"],
