@@ -2,9 +2,6 @@
 import os
 import re
 
-import pytest
-
-import graphc as gc
 from graphc import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
