@@ -403,3 +403,20 @@ def test_batch_dim_unifies_and_fixes_leading_dims():
     assert fixed.outputs[0].shape == (2, 3)
     with pytest.raises(ValueError, match="expects shape"):
         fixed.compile()(np.ones((3, 3), np.float32), np.ones((3, 3), np.float32))
+
+
+def test_export_module_and_imported_model(tmp_path):
+    net = _lenet()
+    if net is None:  # pragma: no cover
+        pytest.skip("graphc.models.lenet5 is not available")
+    x = gc.input("x", (None, 1, 28, 28))
+    xb = np.random.default_rng(14).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    want = gc.compile([x], net(x))(xb)
+    gc.onnx.export(net, tmp_path / "a.onnx", inputs=[x])  # a module is called on inputs
+    model = gc.onnx.load(tmp_path / "a.onnx")
+    proto = gc.onnx.export(model, tmp_path / "b.onnx", output_names=["logits"])
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    np.testing.assert_allclose(ReferenceEvaluator(proto).run(None, {"x": xb})[0], want,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gc.onnx.load(tmp_path / "b.onnx")(xb)[0], want,
+                               rtol=1e-6, atol=1e-6)
