@@ -22,7 +22,7 @@ import numpy as np
 from ..ir import dtypes as dt
 from ..ir.errors import GraphcError
 from ..ir.graph import Graph
-from ..ir.node import Node
+from ..ir.node import Node, TensorType
 from .errors import OnnxImportError, UnsupportedOperatorError
 
 __all__ = ["load", "OnnxModel"]
@@ -133,7 +133,7 @@ class OnnxModel:
         self.output_names = list(output_names)
         self.opset = opset
         self.producer = producer
-        self._compiled: dict = {}
+        self._fn = None
 
     _spec = None  # (model, dims, input_shapes, [names], param cache) when deferred
 
@@ -197,12 +197,15 @@ class OnnxModel:
         return gc_compile(self.inputs, list(self.outputs), backend=backend, optimize=optimize,
                           name="onnx_model")
 
-    def __call__(self, *args, backend="numpy", **feeds):
-        """Run the model (compiled once per backend); returns the list of outputs."""
-        f = self._compiled.get(backend)
-        if f is None:
-            f = self._compiled[backend] = self.compile(backend)
-        return f(*args, **feeds)
+    def __call__(self, *args, **feeds):
+        """Run the model on the NumPy backend (compiled once); returns the list of outputs.
+
+        Inputs go positionally (graph input order) or by name; use
+        `compile(backend=...)` for other backends.
+        """
+        if self._fn is None:
+            self._fn = self.compile()
+        return self._fn(*args, **feeds)
 
     def state_dict(self) -> dict:
         return {p.name: p.value for p in self.parameters}
@@ -367,7 +370,7 @@ def _fold(outs):
     from ..ops.reference import eval_graph
     res = []
     for o in outs:
-        if isinstance(o, Node) and o.type.__class__.__name__ == "TensorType" and all(
+        if isinstance(o, Node) and isinstance(o.type, TensorType) and all(
                 n.op.name != "input" and n.op.name != "parameter" for n in toposort([o])):
             o = eval_graph(Graph([o]), {})[0]
         res.append(o)
