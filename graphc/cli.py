@@ -273,7 +273,7 @@ def cmd_train(args) -> int:
                                 grad_values=grads,
                                 title=f"{args.model}: forward + backward graph, gradient norms "
                                       f"from one batch of the trained model"))
-        files.append(viz.render(step, os.path.join(out, "train_step.svg"),
+        files.append(viz.render(step, os.path.join(out, "train_step.svg"), grad_values=grads,
                                 title=f"{args.model}: one compiled training step (forward, "
                                       f"backward, Adam update)"))
         _say("per-layer gradient norms (one batch): " + ", ".join(

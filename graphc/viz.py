@@ -613,9 +613,40 @@ def to_dot(outputs_or_graph, backward: bool = False, title: str | None = None,
     """
     outputs, updates, grad_of = _collect(outputs_or_graph, backward)
     b_nodes = toposort(outputs + [v for _, v in updates])
+    for gid, p in _gradients_read_by_updates(updates).items():
+        grad_of.setdefault(gid, p)
     norms = _resolve_grad_values(grad_values, b_nodes, grad_of)
     builder = _Builder(outputs, updates, grad_of, norms, split_roles, show_constants)
     return builder.build(title=title, rankdir=rankdir, legend=legend)
+
+
+def _gradients_read_by_updates(updates) -> dict:
+    """{gradient node id: parameter} for a compiled training step.
+
+    An optimizer's update of p reads p's gradient: a backward node of p's
+    shape that the update-role nodes computing p's new value (and p's own
+    optimizer buffers, named "p.<buffer>") read directly.
+    """
+    found = {}
+    params = {p.id: p for p, _ in updates}
+    for p, v in updates:
+        stack, seen = [v], set()
+        while stack:
+            n = stack.pop()
+            if n.id in seen or n.role != "update" or not n.inputs:
+                continue
+            seen.add(n.id)
+            for i in n.inputs:
+                if i.role == "backward" and i.inputs and tuple(i.shape) == tuple(p.shape):
+                    owner = p
+                    # a buffer's update reads the gradient of the parameter it belongs to
+                    for q in params.values():
+                        if p.label().startswith(q.label() + ".") and \
+                                tuple(q.shape) == tuple(p.shape):
+                            owner = q
+                    found.setdefault(i.id, owner)
+                stack.append(i)
+    return found
 
 
 def _pipe(dot, fmt: str) -> bytes:

@@ -220,3 +220,20 @@ def test_optimized_training_graph_draws_real_fused_kernels(tmp_path):
     assert "conv_epilogue conv2d+add+relu" in src
     svg = open(gc.render(graph, tmp_path / "opt.svg")).read()
     assert "fused kernel" in svg_text_of(svg)
+
+
+@pytest.mark.parametrize("opt_name, kwargs", [
+    ("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}), ("Adam", {"lr": 1e-3})])
+def test_training_step_gradient_nodes_found_and_coloured(opt_name, kwargs):
+    from graphc import optim
+    x, w, v, _ = small_net()
+    opt = getattr(optim, opt_name)([w, v], **kwargs)
+    step = opt.compile_step(lambda a: gc.mean(gc.flatten(gc.relu(gc.conv2d(a, w, padding=1)))
+                                              @ v), x)
+    xb = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)
+    grads = viz.gradient_values(step.function.outputs[0], [x], [xb], params=[w, v])
+    src = gc.to_dot(step, grad_values=grads).source
+    assert "grad of w" in src and "grad of v" in src
+    for p, g in grads.items():
+        # the parameter, its gradient node and its "p <-" node carry the norm
+        assert src.count(f"|grad| = {np.linalg.norm(g):.3g}") == 3, p.label()
