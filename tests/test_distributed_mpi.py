@@ -8,6 +8,7 @@ here.  Skipped, with the reason, when mpi4py or an mpiexec is not installed
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,8 +47,17 @@ def run_job(n, mode, out, *extra, timeout=60):
     cmd = [exe, "-n", str(n), sys.executable, WORKER, mode, str(out), "--expect-size", str(n),
            *extra]
     t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    # A session of its own, so that a hung job can be killed whole (launcher and ranks).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"MPI job {mode} with {n} ranks hung for {timeout} s:\n{err[-3000:]}")
     elapsed = time.monotonic() - t0
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if "WRONG_WORLD_SIZE" in p.stderr:
         pytest.skip(f"{exe} does not start ranks of the MPI library mpi4py uses "
                     f"({p.stderr.strip().splitlines()[-1]})")

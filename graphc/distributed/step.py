@@ -21,6 +21,7 @@ initial parameters and optimizer state are broadcast to all.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 
@@ -239,6 +240,7 @@ class DistributedStep:
                                        bucket_bytes)
         self._first_input = inputs[0].name
         self.steps = 0
+        self.last_timing: dict = {}
 
     # ------------------------------------------------------------ running
     def _local(self, args, kwargs):
@@ -252,6 +254,7 @@ class DistributedStep:
         return n, outs[1 + self.n_extra:], loss, extras
 
     def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
             n, grads, loss, extras = self._local(args, kwargs)
         except Exception as e:
@@ -259,7 +262,9 @@ class DistributedStep:
                 abort(f"{type(e).__name__} in step {self.steps + 1} (computing this rank's "
                       f"gradients): {e}", self.comm, e)
             raise
+        t1 = time.perf_counter()
         views, total, loss_sum = self.buckets.reduce(grads, n, loss)
+        t2 = time.perf_counter()
         if total <= 0:
             raise DistributedError("DistributedStep: no rank had any samples in this step")
         try:
@@ -272,6 +277,11 @@ class DistributedStep:
         if self.broadcast_buffers and self.state_buffers:
             broadcast_parameters(self.state_buffers, self.comm)
         self.steps += 1
+        # Seconds of the last step: this rank's forward+backward, the gradient
+        # allreduce (packing included; it also absorbs waiting for slower
+        # ranks), the update (+ buffer broadcast).
+        self.last_timing = {"compute": t1 - t0, "allreduce": t2 - t1,
+                            "update": time.perf_counter() - t2}
         global_loss = np.asarray(loss_sum / total, dtype=self._loss_dtype)[()]
         if self.n_extra:
             return (global_loss, *extras)
