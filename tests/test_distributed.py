@@ -300,3 +300,17 @@ def test_single_process_helpers_are_identities(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="boom"):
         dist.abort("step failed", exc=RuntimeError("boom"))
     assert "rank 0 of 1: step failed" in capsys.readouterr().err
+
+
+def test_docs_example_runs_as_one_rank(tmp_path, monkeypatch, capsys):
+    """docs/distributed.md's Python block runs (one rank, no launcher) and says so."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "distributed.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.M | re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/distributed.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "epoch 2: loss" in out and (tmp_path / "mlp.npz").exists()
