@@ -317,9 +317,14 @@ def loop_nest(shape, make_body, inner_kind="vector", outer_kind="serial"):
     return body
 
 
-def is_spmd(kernel) -> bool:
-    """Can every thread run this kernel, sharing out its top-level parallel loops and
-    GEMMs?  (Otherwise one thread runs it.)"""
-    return bool(kernel.body) and all(
-        (isinstance(s, Loop) and s.kind == "parallel") or isinstance(s, Gemm)
-        for s in kernel.body)
+def is_spmd(kernel, min_work=1 << 18) -> bool:
+    """Should every thread run this kernel, sharing out its top-level parallel loops
+    and GEMMs?  Only when that is legal and the kernel does enough work to pay for
+    waking threads and a barrier (otherwise one thread runs it)."""
+    if not kernel.body or not all(
+            (isinstance(s, Loop) and s.kind == "parallel" and s.extent > 1)
+            or (isinstance(s, Gemm) and s.N >= 64 and s.M * s.N * s.K >= 1 << 15)
+            for s in kernel.body):
+        return False
+    work = max(kernel.flops, sum(b.size for b in kernel.buffers))
+    return work >= min_work

@@ -281,6 +281,9 @@ def compile_program(prog, graph):
     debug = _debug_bounds()
     profile = os.environ.get("GRAPHC_PROFILE", "") not in ("", "0")
     nthreads = 1 if debug else num_threads()
+    from ...kernel.ir import is_spmd
+    if nthreads > 1 and not any(is_spmd(k) for k in prog.kernels):
+        nthreads = 1      # nothing worth sharing: no worker threads, no barriers
     offsets, arena_bytes = plan_arena(prog, nthreads)
     n_ext = len(prog.externals)
     slot_of = {id(b): k for k, (b, _) in enumerate(prog.externals)}
@@ -295,10 +298,14 @@ def compile_program(prog, graph):
             return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
                           nthreads, list(graph.outputs), profile)
     mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug, nthreads=nthreads)
-    from ...kernel.ir import is_spmd
-    fns, spmd = [], []
+    fns, spmd, shared = [], [], {}
     for k, kern in enumerate(prog.kernels):
-        fns.append(mb.kernel(kern, k))
+        # Structurally identical kernels (same loops and shapes over other buffers)
+        # share one function: less IR to optimize.
+        sk = None if debug else _structure_key(kern)
+        if sk not in shared or sk is None:
+            shared[sk] = mb.kernel(kern, k)
+        fns.append(shared[sk])
         spmd.append(nthreads > 1 and is_spmd(kern))
     _entry(mb, fns, calls, spmd, n_ext, nthreads, profile)
     text = mb.ir_text()
@@ -311,6 +318,15 @@ def compile_program(prog, graph):
     engine, addr = jit(text, dump, keep_object=key)
     return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
                   list(graph.outputs), profile)
+
+
+def _structure_key(kern) -> str:
+    import re
+    names = {b.name: f"P{i}" for i, b in enumerate(kern.buffers)}
+    text = kern.format()
+    text = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
+                  lambda m: names[m.group(1)], text) if names else text
+    return text.split("\n", 1)[-1] + repr([(b.dtype.str, b.size, b.scope) for b in kern.buffers])
 
 
 def _barrier_fn(mb):
