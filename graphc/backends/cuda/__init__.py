@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from ...ir.errors import GraphcError
+from ...ir.errors import GraphcError, NotLoweredError
 from ...kernel.lower import lower_graph
 from .codegen import CudaProgram, generate
 from .compiler import DEFAULT_ARCH, CudaCompileError, compile_cuda, ptxas_report
@@ -42,7 +42,11 @@ def _want_emulator() -> bool:
 
 def generate_cuda(graph) -> CudaProgram:
     """The generated CUDA program (source + launch plan) of a shape-concrete graph."""
-    return generate(lower_graph(graph))
+    try:
+        prog = lower_graph(graph)
+    except NotLoweredError as e:   # the shared lowering words its message for llvm
+        raise NotLoweredError(str(e).replace("llvm backend", "cuda backend")) from None
+    return generate(prog)
 
 
 _driver_rt = None

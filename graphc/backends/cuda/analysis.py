@@ -358,15 +358,31 @@ def reduction_of(chain, body, acc_ids=None):
         elif isinstance(e, K.Cast):
             collect(e.a)
     collect(E)
-    if not others or len({key(o) for o in others}) != 1:
+    if not others:
         return None
-    v = others[0]
+    # v: the per-iteration value; every other acc-free part must be a function of v
+    # alone (as isnan(v) in NumPy's maximum), so that E(a, b) is E with acc=a, v=b
+    v = min(others, key=lambda o: sum(1 for _ in walk_exprs(o)))
+    kv = key(v)
+    for o in others:
+        if not _only_of(o, kv):
+            return None
     if any(x is acc for x in walk_exprs(v)) or v.dtype != acc.dtype:
         return None
     kind = _identity_kind(E, acc, v)
     if kind is None:
         return None
     return acc, E, v, kind
+
+
+def _only_of(e, kv) -> bool:
+    """e is built from the value with key kv and constants only."""
+    if key(e) == kv:
+        return True
+    if isinstance(e, (K.Var, K.Local, K.Load)):
+        return False
+    from .cexpr import children
+    return all(_only_of(c, kv) for c in children(e))
 
 
 def _identity_kind(E, acc, v):

@@ -1,0 +1,334 @@
+"""The CUDA backend's generated source, run on the CPU emulator, against the NumPy
+interpreter (the reference): every lowered op on small and awkward shapes (1,
+primes, sizes that are not a multiple of a block), and training steps.
+
+The emulator compiles the exact CUDA source with the host C++ compiler and
+runs every thread of a block, switching threads at __syncthreads, so shared
+memory tiling, block reductions and atomics are exercised as written.  Many
+outputs share one compiled graph to keep the C++ compiles few.
+"""
+import ctypes
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.backends import cuda as C
+from graphc.backends.cuda.codegen import Launch
+from graphc.backends.cuda.runtime import EmulatorRuntime
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="the CUDA emulator needs a host C++ compiler (g++/clang++), none found")
+
+RNG = np.random.default_rng(7)
+EPS32 = np.finfo(np.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def emulate():
+    C.set_options(emulate=True)
+    yield
+    C.set_options(emulate=None)
+
+
+def both(inputs, outputs, feeds, optimize=0):
+    got = gc.compile(inputs, outputs, backend="cuda", optimize=optimize)(*feeds)
+    want = gc.compile(inputs, outputs, backend="numpy", optimize=optimize)(*feeds)
+    return got, want
+
+
+def close(got, want, rtol, atol):
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (k, g.shape, w.shape, g.dtype, w.dtype)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"output {k}")
+
+
+# ------------------------------------------------------------------ the emulator itself
+BARRIER_SRC = r"""
+extern "C" __global__ void reverse_block(float* out, const float* in, const long long n) {
+  __shared__ float tile[64];
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  tile[threadIdx.x] = i < n ? in[i] : -1.0f;
+  __syncthreads();
+  if (i < n) out[i] = tile[blockDim.x - 1 - threadIdx.x];
+}
+extern "C" __global__ void bad_barrier(float* out) {
+  if (threadIdx.x == 0) __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+"""
+
+
+class _Prog:
+    def __init__(self, source, launches):
+        self.source, self.launches = source, launches
+
+
+def test_emulator_barriers_and_shared_memory():
+    from graphc.kernel.ir import Buffer, Var
+    out_b, in_b = Buffer("out", "float32", 128), Buffer("in", "float32", 128)
+    n = Var("n")
+    rev = Launch("reverse_block", (2, 1, 1), (64, 1, 1),
+                 [("buf", out_b), ("buf", in_b), ("var", n)], True, None, "")
+    bad = Launch("bad_barrier", (1, 1, 1), (8, 1, 1), [("buf", out_b)], True, None, "")
+    rt = EmulatorRuntime()
+    fns = rt.load(_Prog(BARRIER_SRC, [rev, bad]))
+    x = np.arange(128, dtype=np.float32)
+    din, dout = rt.alloc(x.nbytes), rt.alloc(x.nbytes)
+    rt.copy_htod(din, x)
+    rt.launch(fns["reverse_block"], rev.grid, rev.block,
+              [ctypes.c_void_p(dout), ctypes.c_void_p(din), ctypes.c_longlong(128)])
+    y = np.empty_like(x)
+    rt.copy_dtoh(y, dout)
+    want = np.concatenate([x[:64][::-1], x[64:][::-1]])
+    np.testing.assert_array_equal(y, want)
+    with pytest.raises(gc.GraphcError, match="__syncthreads"):
+        rt.launch(fns["bad_barrier"], bad.grid, bad.block, [ctypes.c_void_p(dout)])
+
+
+def test_no_gpu_without_emulation_is_a_clear_error(monkeypatch):
+    C.set_options(emulate=None)
+    monkeypatch.delenv("GRAPHC_CUDA_EMULATE", raising=False)
+    ok, _ = C.gpu_available()
+    if ok:
+        pytest.skip("a GPU is present: the driver path is used")
+    x = gc.input("x", (3,))
+    with pytest.raises(gc.GraphcError, match="GRAPHC_CUDA_EMULATE=1"):
+        gc.compile([x], [gc.relu(x)], backend="cuda")(np.ones(3, np.float32))
+
+
+def test_env_variable_selects_emulator(monkeypatch):
+    C.set_options(emulate=None)
+    monkeypatch.setenv("GRAPHC_CUDA_EMULATE", "1")
+    x = gc.input("x", (5,))
+    v = np.array([-2, -0.5, 0, 0.5, 3], np.float32)
+    np.testing.assert_array_equal(gc.compile([x], gc.relu(x), backend="cuda")(v),
+                                  np.maximum(v, 0))
+
+
+# ------------------------------------------------------------------ elementwise
+UNARY = ["neg", "abs", "sign", "exp", "log", "sqrt", "square", "reciprocal", "relu", "sigmoid",
+         "tanh", "elu", "gelu", "softplus", "erf", "silu", "log_sigmoid", "leaky_relu"]
+
+
+@pytest.mark.parametrize("dtype,shape", [("float32", (1,)), ("float32", (3, 7, 13)),
+                                         ("float64", (257,))])
+def test_unary_ops(dtype, shape):
+    x = gc.input("x", shape, dtype=dtype)
+    pos = {"log", "sqrt", "reciprocal"}
+    outs = [getattr(gc, op)(gc.abs(x) + 0.5 if op in pos else x) for op in UNARY]
+    outs.append(gc.gelu(x, approximate="tanh"))
+    v = (RNG.standard_normal(shape) * 3).astype(dtype)
+    v.reshape(-1)[0] = 0.0
+    got, want = both([x], outs, [v])
+    tol = (2e-6, 1e-6) if dtype == "float32" else (1e-13, 1e-14)
+    close(got, want, *tol)
+
+
+def test_binary_broadcast_compare_where_cast():
+    a = gc.input("a", (3, 1, 5))
+    b = gc.input("b", (4, 1))
+    i = gc.input("i", (4, 5), dtype="int64")
+    j = gc.input("j", (5,), dtype="int64")
+    outs = [a + b, a - b, a * b, a / b, gc.maximum(a, b), gc.minimum(a, b), gc.abs(a) ** b,
+            gc.less(a, b), gc.greater_equal(a, b), gc.equal(a, b), gc.not_equal(a, b),
+            gc.where(gc.greater(a, b), a, b), gc.cast(a, "int32"), gc.cast(i, "float32"),
+            i + j, i * j, i - j, gc.maximum(i, j), gc.logical_not(gc.less(i, j)),
+            gc.cast(gc.less_equal(a, b), "float64")]
+    va = RNG.standard_normal((3, 1, 5)).astype(np.float32)
+    vb = RNG.standard_normal((4, 1)).astype(np.float32)
+    va[0, 0, 0] = np.nan
+    vb[1, 0] = va[1, 0, 2]   # an equal pair
+    vi = RNG.integers(-9, 9, (4, 5))
+    vj = RNG.integers(-9, 9, (5,))
+    got, want = both([a, b, i, j], outs, [va, vb, vi, vj])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=0, equal_nan=True)
+
+
+def test_integer_floor_division_and_modulo_semantics():
+    from graphc.backends.cuda.cexpr import ExprWriter, Namer  # noqa: F401 (module imports)
+    a = gc.input("a", (12,), dtype="int64")
+    b = gc.input("b", (12,), dtype="int64")
+    va = np.array([7, -7, 7, -7, 0, 5, -5, 9, -9, 1, 3, -3])
+    vb = np.array([2, 2, -2, -2, 3, 1, 1, -1, -1, 7, -5, 5])
+    got, want = both([a, b], [a / b if False else gc.div(a, b)], [va, vb])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+# ------------------------------------------------------------------ reductions
+@pytest.mark.parametrize("shape,axis", [((1,), None), ((7,), 0), ((3, 130), 1),
+                                        ((130, 3), 0), ((13, 1, 5), (0, 2)), ((1000,), None),
+                                        ((2, 3, 67), -1), ((5, 4, 3), 1)])
+def test_reductions(shape, axis):
+    x = gc.input("x", shape)
+    outs = [gc.sum(x, axis=axis), gc.mean(x, axis=axis), gc.max(x, axis=axis),
+            gc.min(x, axis=axis)]
+    if not isinstance(axis, tuple):
+        outs += [gc.argmax(x, axis=axis), gc.argmin(x, axis=axis)]
+    v = RNG.standard_normal(shape).astype(np.float32)
+    got, want = both([x], outs, [v])
+    n = v.size if axis is None else int(np.prod([shape[a] for a in np.atleast_1d(axis)]))
+    bound = n * EPS32 * np.abs(v).sum()
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if k < 2:   # the order of additions differs (block-level trees)
+            np.testing.assert_allclose(g, w, rtol=0, atol=bound)
+        else:       # max, min, argmax, argmin are exact
+            np.testing.assert_array_equal(g, w)
+
+
+def test_max_reductions_propagate_nan():
+    x = gc.input("x", (4, 200))
+    v = RNG.standard_normal((4, 200)).astype(np.float32)
+    v[1, 150] = np.nan
+    v[3, 0] = np.nan
+    got, want = both([x], [gc.max(x, axis=1), gc.min(x, axis=1), gc.argmax(x, axis=1)], [v])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+# ------------------------------------------------------------------ matmul
+@pytest.mark.parametrize("sa,sb", [((1, 1), (1, 1)), ((7, 13), (13, 5)), ((17, 33), (33, 19)),
+                                   ((2, 3, 17), (17, 4)), ((2, 1, 3, 5), (4, 5, 6)),
+                                   ((5,), (5, 3))])
+def test_matmul(sa, sb):
+    a, b = gc.input("a", sa), gc.input("b", sb)
+    va = RNG.standard_normal(sa).astype(np.float32)
+    vb = RNG.standard_normal(sb).astype(np.float32)
+    got, want = both([a, b], [a @ b], [va, vb])
+    K = sa[-1]
+    bound = 2 * K * EPS32 * (np.abs(va) @ np.abs(vb))
+    assert got[0].shape == want[0].shape
+    assert np.all(np.abs(got[0] - want[0]) <= bound + 1e-30)
+
+
+def test_matmul_float64_and_linear():
+    x = gc.input("x", (6, 11), dtype="float64")
+    w = gc.Parameter(RNG.standard_normal((3, 11)), name="w")
+    b = gc.Parameter(RNG.standard_normal(3), name="b")
+    got, want = both([x], [gc.linear(x, w, b)], [RNG.standard_normal((6, 11))])
+    close(got, want, 1e-13, 1e-13)
+
+
+# ------------------------------------------------------------------ conv / pooling
+CONV_CASES = [
+    ((2, 3, 9, 8), (4, 3, 3, 2), (2, 2), ((1, 1), (1, 0)), (1, 1), 1),
+    ((1, 4, 7, 7), (6, 2, 3, 3), (1, 1), ((1, 1), (1, 1)), (2, 1), 2),
+    ((3, 5, 6, 5), (7, 5, 1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    ((1, 1, 5, 13), (1, 1, 5, 5), (1, 3), ((2, 2), (0, 1)), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", CONV_CASES)
+def test_conv2d_and_gradients(xs, ws, stride, padding, dilation, groups):
+    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y_shape = gc.conv2d(gc.input("x", xs), gc.input("w", ws), **a).shape
+    x, w, g = gc.input("x", xs), gc.input("w", ws), gc.input("g", y_shape)
+    outs = [gc.conv2d(x, w, **a), gc.conv2d_grad_input(g, w, xs[2:], **a),
+            gc.conv2d_grad_weight(x, g, ws[2:], **a)]
+    feeds = [RNG.standard_normal(s).astype(np.float32) for s in (xs, ws, y_shape)]
+    got, want = both([x, w, g], outs, feeds)
+    absf = gc.compile([x, w, g], outs, backend="numpy")(*[np.abs(f) for f in feeds])
+    ks = (ws[1] * ws[2] * ws[3], ws[0] // groups * ws[2] * ws[3],
+          xs[0] * y_shape[2] * y_shape[3])
+    for gv, wv, bd, k in zip(got, want, absf, ks):
+        assert gv.shape == wv.shape and gv.dtype == wv.dtype
+        assert np.all(np.abs(gv - wv) <= 2 * k * EPS32 * bd + 1e-30)
+
+
+POOL_CASES = [((2, 3, 8, 7), 2, None, 0, False), ((1, 2, 9, 9), 3, 2, 1, True),
+              ((1, 1, 11, 6), (3, 2), (2, 1), (1, 0), False)]
+
+
+@pytest.mark.parametrize("xs,k,s,p,ceil", POOL_CASES)
+def test_pooling_and_gradients(xs, k, s, p, ceil):
+    x = gc.input("x", xs)
+    ym = gc.max_pool2d(x, k, s, p, ceil_mode=ceil)
+    ya = gc.avg_pool2d(x, k, s, p, ceil_mode=ceil)
+    ya2 = gc.avg_pool2d(x, k, s, p, count_include_pad=False, ceil_mode=ceil)
+    gm = gc.input("gm", ym.shape)
+    loss = gc.sum(ym * gm) + gc.sum(ya * gm) + gc.sum(ya2 * gm)
+    dx, = gc.grad(loss, [x])
+    v = RNG.standard_normal(xs).astype(np.float32)
+    v.reshape(-1)[3] = v.reshape(-1)[4]   # a tie inside a window
+    vg = RNG.standard_normal(ym.shape).astype(np.float32)
+    got, want = both([x, gm], [ym, ya, ya2, dx], [v, vg])
+    np.testing.assert_array_equal(got[0], want[0])
+    close(got[1:], want[1:], 1e-6, 1e-6)
+
+
+# ------------------------------------------------------------------ softmax family
+@pytest.mark.parametrize("shape,axis", [((1, 1), -1), ((5, 11), -1), ((3, 70), 1),
+                                        ((4, 3, 2), 1)])
+def test_softmax_log_softmax(shape, axis):
+    x = gc.input("x", shape)
+    v = (RNG.standard_normal(shape) * 5).astype(np.float32)
+    got, want = both([x], [gc.softmax(x, axis=axis), gc.log_softmax(x, axis=axis)], [v])
+    close(got, want, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("smoothing,ignore", [(0.0, None), (0.1, 2)])
+def test_cross_entropy_and_gradient(smoothing, ignore):
+    logits = gc.input("z", (13, 7))
+    y = gc.input("y", (13,), dtype="int64")
+    loss = gc.cross_entropy(logits, y, label_smoothing=smoothing, ignore_index=ignore)
+    dz, = gc.grad(loss, [logits])
+    vz = (RNG.standard_normal((13, 7)) * 3).astype(np.float32)
+    vy = RNG.integers(0, 7, 13)
+    vy[:3] = 2
+    got, want = both([logits, y], [loss, dz], [vz, vy], optimize=2)
+    close(got, want, 1e-5, 1e-6)
+
+
+# ------------------------------------------------------------------ training
+def _mlp_losses(backend, steps=6):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((29, 17)).astype(np.float32)
+    Y = rng.integers(0, 5, 29)
+    w1 = gc.Parameter((rng.standard_normal((17, 31)) * 0.3).astype(np.float32), name="w1")
+    b1 = gc.Parameter(np.zeros(31, np.float32), name="b1")
+    w2 = gc.Parameter((rng.standard_normal((31, 5)) * 0.3).astype(np.float32), name="w2")
+    b2 = gc.Parameter(np.zeros(5, np.float32), name="b2")
+    x, y = gc.input("x", (29, 17)), gc.input("y", (29,), dtype="int64")
+    loss = gc.cross_entropy(gc.tanh(x @ w1 + b1) @ w2 + b2, y)
+    params = [w1, b1, w2, b2]
+    grads = gc.grad(loss, params)
+    step = gc.compile([x, y], loss, updates={p: p - 0.5 * g for p, g in zip(params, grads)},
+                      backend=backend)
+    losses = [float(step(X, Y)) for _ in range(steps)]
+    return losses, [p.value.copy() for p in params], step
+
+
+def test_mlp_training_matches_numpy_backend():
+    got, gparams, step = _mlp_losses("cuda")
+    want, wparams, _ = _mlp_losses("numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[-1] < got[0] * 0.8       # it really trains
+    for g, w in zip(gparams, wparams):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    runner = next(iter(step._cache.values()))
+    # parameters were uploaded once; later steps found them on the device
+    assert runner.uploads == 4
+
+
+def test_lenet_trains_on_digits_like_numpy_backend():
+    from graphc import models, optim
+    from graphc.data.digits import load_digits
+    X, Y = load_digits("train", size=28)
+    X, Y = X[:16 * 4], Y[:16 * 4]
+
+    def curve(backend):
+        m = models.lenet5(rng=np.random.default_rng(0))
+        x = gc.input("x", (16, 1, 28, 28))
+        y = gc.input("y", (16,), dtype="int64")
+        step = optim.SGD(m.parameters(), lr=0.05, momentum=0.9).compile_step(
+            lambda xb, yb: gc.cross_entropy(m(xb), yb), x, y, backend=backend)
+        return [float(step(X[k:k + 16], Y[k:k + 16])) for k in range(0, 64, 16)] * 1
+
+    got, want = curve("cuda"), curve("numpy")
+    np.testing.assert_allclose(got, want, rtol=2e-5)
