@@ -420,3 +420,32 @@ def test_export_module_and_imported_model(tmp_path):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gc.onnx.load(tmp_path / "b.onnx")(xb)[0], want,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("pads,ceil,cip,dil,strides", [
+    ([0, 1, 2, 0], 0, 0, [1, 1], [2, 1]),      # asymmetric pads (explicit padding path)
+    ([1, 1, 1, 1], 1, 1, [1, 1], [2, 2]),      # ceil mode, count_include_pad
+    ([0, 0, 0, 0], 1, 0, [2, 2], [2, 2]),      # dilated (AveragePool: depthwise conv path)
+    ([1, 0, 1, 1], 1, 0, [2, 1], [3, 2]),
+    ([2, 1, 2, 1], 0, 1, [1, 2], [1, 2]),      # pads more than half the kernel
+])
+def test_pool_geometries_match_onnxruntime(kind, pads, ceil, cip, dil, strides):
+    attrs = dict(kernel_shape=[3, 2], strides=strides, pads=pads, ceil_mode=ceil,
+                 dilations=dil)
+    if kind == "AveragePool":
+        attrs["count_include_pad"] = cip
+    m = _model([helper.make_node(kind, ["x"], ["y"], **attrs)],
+               [_vi("x", F32, [2, 3, 7, 8])], [_vi("y", F32, ["n", "c", "h", "w"])], opset=19)
+    x = np.random.default_rng(15).standard_normal((2, 3, 7, 8)).astype(np.float32)
+    try:
+        import onnxruntime as ort
+        want = ort.InferenceSession(m.SerializeToString(), providers=[
+            "CPUExecutionProvider"]).run(None, {"x": x})[0]
+    except ImportError:
+        if ceil and dil != [1, 1] and kind == "AveragePool":
+            pytest.skip("onnx's reference evaluator mis-sizes dilated ceil-mode average pools")
+        want = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    got = gc.onnx.load(m)(x)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

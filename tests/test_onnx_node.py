@@ -59,7 +59,6 @@ def _dtype(name):
 
 _3D = "3-D spatial data: graphc's conv/pool ops are 2-D (1-D data is lifted to 2-D)"
 _ARGMAX = "MaxPool's Indices output is not supported"
-_AVG_DILATION = "AveragePool with dilations (opset 19) is not supported by avg_pool2d"
 _RANDOM = "Dropout in training mode draws a random mask (the reference seeds NumPy's RNG)"
 _NOT_TENSOR = "sequence and optional types are not supported"
 
@@ -105,7 +104,6 @@ EXCLUDED = {
     "test_maxpool_3d_dilations_use_ref_impl": _3D,
     "test_maxpool_3d_dilations_use_ref_impl_large": _3D,
     "test_averagepool_3d_default": _3D,
-    "test_averagepool_2d_dilations": _AVG_DILATION,
     "test_averagepool_3d_dilations_small": _3D,
     "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_True": _3D,
     "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": _3D,

@@ -433,7 +433,9 @@ def _pool(ctx, args, attrs, kind):
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     symmetric = all(b == a and 2 * b <= kk for (b, a), kk in zip(pads, k))
     if kind == "AveragePool" and any(d != 1 for d in dil):
-        raise ctx.error(f"AveragePool with dilations {attrs.get('dilations')} is not supported")
+        y = _avg_pool_dilated(ctx, x, k, strides, dil, pads, ceil_mode,
+                              bool(attrs.get("count_include_pad", 0)))
+        return gc.squeeze(y, 2) if lifted else y
     if symmetric:
         p = tuple(b for b, _ in pads)
         if kind == "MaxPool":
@@ -457,6 +459,37 @@ def _pool(ctx, args, attrs, kind):
         if tuple(y.shape[2:]) != want:
             y = y[:, :, :want[0], :want[1]]
     return gc.squeeze(y, 2) if lifted else y
+
+
+def _avg_pool_dilated(ctx, x, k, strides, dil, pads, ceil_mode, count_include_pad):
+    """A dilated average pool as a depthwise convolution with a ones kernel, divided by
+    the number of counted positions (a convolution of the padding mask)."""
+    hw = _concrete(ctx, x.shape[2:], "AveragePool with dilations")
+    c = x.shape[1]
+    if isinstance(c, str):
+        raise ctx.error("AveragePool with dilations needs a concrete channel count")
+    want = [_onnx_pool_out(i, kk, s, d, p, ceil_mode)
+            for i, kk, s, d, p in zip(hw, k, strides, dil, pads)]
+    # extra zeros at the end so the last (ceil-mode) window fits; never counted
+    extra = [max(0, (o - 1) * s + (kk - 1) * d + 1 - (i + p[0] + p[1]))
+             for o, s, kk, d, i, p in zip(want, strides, k, dil, hw, pads)]
+    width = tuple((b, a + e) for (b, a), e in zip(pads, extra))
+    dtype = x.dtype
+
+    def window_sum(v, channels):
+        w = gc.constant(np.ones((channels, 1) + tuple(k), dtype), dtype=dtype)
+        return gc.conv2d(v, w, stride=strides, dilation=dil, groups=channels)
+    total = window_sum(gc.pad(x, ((0, 0), (0, 0)) + width), c)
+    if count_include_pad:
+        inside = np.ones((1, 1) + tuple(i + p[0] + p[1] for i, p in zip(hw, pads)), dtype)
+        mask = np.pad(inside, ((0, 0), (0, 0)) + tuple((0, e) for e in extra))
+    else:
+        mask = np.pad(np.ones((1, 1) + hw, dtype), ((0, 0), (0, 0)) + width)
+    count = window_sum(gc.constant(mask, dtype=dtype), 1)
+    y = total / count
+    if tuple(y.shape[2:]) != tuple(want):
+        y = y[:, :, :want[0], :want[1]]
+    return y
 
 
 @op("MaxPool")
