@@ -72,7 +72,7 @@ def test_conv2d_float64_with_bias_relu():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
 
 
-POOL_CASES = [((2, 3, 8, 7), 2, None, 0, 1, False), ((1, 2, 9, 9), 3, 2, 1, 1, True),
+POOL_CASES = [((2, 3, 8, 7), 2, None, 0, 1, False), ((3, 2, 6, 4), 2, None, 0, 1, False), ((1, 2, 9, 9), 3, 2, 1, 1, True),
               ((1, 1, 11, 6), (3, 2), (2, 1), (1, 0), (2, 1), False)]
 
 

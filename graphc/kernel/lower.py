@@ -135,7 +135,9 @@ def elementwise_kernel(name, out_buf, out_shape, in_bufs, in_shapes, make_expr, 
     """out[p] = make_expr([in_k[proj_k(p)]]) over the output shape, with broadcasting."""
     out_shape = tuple(out_shape)
     strides = [broadcast_strides(s, out_shape) for s in in_shapes]
-    shape, sts = collapse(out_shape, [contiguous_strides(out_shape)] + strides)
+    keep = [d for d, e in enumerate(out_shape) if e != 1]     # size-1 dims: no loop
+    sts = [[st[d] for d in keep] for st in [contiguous_strides(out_shape)] + strides]
+    shape, sts = collapse([out_shape[d] for d in keep], sts)
     if not shape:
         shape, sts = [1], [[0] for _ in sts]
 

@@ -204,6 +204,14 @@ def _pool_geom(in_hw, attrs):
     return ohw, pads, dil
 
 
+def _inside(x_shape, out_hw, attrs, dil) -> bool:
+    """No padding, and the last window ends inside the input."""
+    H, W = x_shape[2:]
+    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    return (ph == pw == 0 and (out_hw[0] - 1) * sh + dil[0] * (kh - 1) < H
+            and (out_hw[1] - 1) * sw + dil[1] * (kw - 1) < W)
+
+
 def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_window_post=None,
              zero_buf=None):
     """Loops n, c, i, j (windows) and k, l (window elements).
@@ -219,9 +227,14 @@ def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_wi
     nc, i, j, k, l = (Var(s) for s in ("nc", "i", "j", "k", "l"))
     hi = affine([i, k], [sh, dil[0]], -ph)
     wi = affine([j, l], [sw, dil[1]], -pw)
-    inb = _band(_inb(hi, H), _inb(wi, W))
     plane = affine([nc], [H * W])
-    pos = K.add(plane, affine([_clamp(hi, H - 1), _clamp(wi, W - 1)], [W, 1]))
+    if _inside(x_shape, out_hw, attrs, dil):
+        # Every window lies inside the input: no clamping, no masks.
+        inb = Const(True, BOOL)
+        pos = K.add(plane, affine([hi, wi], [W, 1]))
+    else:
+        inb = _band(_inb(hi, H), _inb(wi, W))
+        pos = K.add(plane, affine([_clamp(hi, H - 1), _clamp(wi, W - 1)], [W, 1]))
     out_pos = affine([nc, i, j], [OH * OW, OW, 1])
     inner = [Loop(k, kh, [Loop(l, kw, make_body(pos, inb))])]
     body = (per_window_pre(out_pos) if per_window_pre else []) + inner + \
@@ -267,9 +280,29 @@ def lower_max_pool2d_grad(lw, n):
     X, Gb, DX = lw.buf(x), lw.buf(g), lw.buf(n)
     _same_dtype(lw, n, [X, Gb])
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
+    xs = _shape(x)
+    (kh, kw), (sh, sw) = n.attrs["kernel_size"], n.attrs["stride"]
+    if _inside(xs, ohw, n.attrs, dil) and (sh, sw) == (kh, kw) and dil == (1, 1):
+        # Windows tile the input without overlap: each window writes its own block
+        # (g at the argmax, 0 elsewhere); no scatter-add, zero-fill only the uncovered rim.
+        H, W = xs[2:]
+        covered = ohw[0] * kh == H and ohw[1] * kw == W
+        k2, l2 = Var("k"), Var("l")
+
+        def finish(op, best, bpos):
+            i_w = BinOp("mod", BinOp("div", op, idx(ohw[1])), idx(ohw[0]))
+            j_w = BinOp("mod", op, idx(ohw[1]))
+            nc = BinOp("div", op, idx(ohw[0] * ohw[1]))
+            pos = affine([nc, i_w, k2, j_w, l2], [H * W, kh * W, W, kw, 1])
+            g = Load(Gb, op)
+            return [Loop(k2, kh, [Loop(l2, kw, [Store(DX, pos, Select(
+                BinOp("eq", pos, bpos), g, Const(0, DX.dtype)))])])]
+        body = _argmax_window(lw, n, X, xs, ohw, n.attrs, dil, finish,
+                              zero_buf=None if covered else DX)
+        return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos: [
         Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))], zero_buf=DX)
-    return [Kernel("max_pool2d_grad", [DX, X, Gb], body)]
+    return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
 
 
 @rule("max_pool2d_gather")
