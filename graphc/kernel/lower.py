@@ -178,6 +178,10 @@ def lower_fused(lw, n):
     """Elementwise groups become one loop nest; other kinds expand their inner graph."""
     inner = n.value
     inner_nodes = inner.nodes
+    root = inner.outputs[0]
+    if (n.attrs.get("kind") == "reduce" and root.op.name in ("sum", "mean", "max", "min")
+            and all(m.op.name in SCALAR or m.is_leaf for m in inner_nodes if m is not root)):
+        return _lower_fused_reduce(lw, n, root)
     pure = n.attrs.get("kind") == "elementwise" and all(
         m.op.name in SCALAR or m.is_leaf for m in inner_nodes)
     if not pure:
@@ -212,6 +216,50 @@ def lower_fused(lw, n):
         return vals[inner.outputs[0].id]
     return [elementwise_kernel("fused", lw.buf(n), out_shape, ext_bufs, ext_shapes, make,
                                flops_per=len(inner_nodes))]
+
+
+def _fused_leaves(lw, n):
+    """{inner node id: (buffer, shape)} for the inner graph's array-valued leaves."""
+    inner = n.value
+    leaves = {i.id: (lw.buf(o), _shape(o)) for i, o in zip(inner.inputs, n.inputs)}
+    for m in inner.nodes:
+        if m.op.name == "parameter" or (m.op.name == "constant" and m.value.size != 1):
+            b = lw.new_buffer(m.dtype, m.value.size, hint="c", temp=False)
+            lw.prog.externals.append((b, ("const" if m.op.name == "constant" else "param", m)))
+            leaves[m.id] = (b, _shape(m))
+    return leaves
+
+
+def _inner_expr(nodes, stop, leaves, vs, domain):
+    """Expr of inner node `stop` at loop vars `vs` over `domain` (leaves broadcast)."""
+    vals = {}
+    for m in nodes:
+        if m.id in leaves:
+            b, shp = leaves[m.id]
+            vals[m.id] = Load(b, affine(vs, broadcast_strides(shp, domain)))
+        elif m.op.name == "constant":
+            vals[m.id] = Const(np.asarray(m.value).reshape(-1)[0].item(), m.dtype)
+        elif m.is_leaf:
+            raise NotLoweredError(f"fused node leaf {m.label()} has no outer value")
+        else:
+            vals[m.id] = scalar_expr(m.op.name, m.attrs, [vals[i.id] for i in m.inputs], m.dtype)
+        if m is stop:
+            break
+    return vals[stop.id]
+
+
+def _lower_fused_reduce(lw, n, root):
+    """A reduction of an elementwise expression: one kernel, the expression inlined
+    into the reduction's loads (no intermediate array)."""
+    src = root.inputs[0]
+    xs = _shape(src)
+    axes = set(root.op.axes(src.ndim, root.attrs["axis"]))
+    leaves = _fused_leaves(lw, n)
+    nodes = [m for m in n.value.nodes if m is not root]
+    bufs = [b for b, _ in leaves.values()]
+    return [reduce_kernel(root.op.name, xs, axes, root.dtype, lw.buf(n), bufs,
+                          lambda vs: _inner_expr(nodes, src, leaves, vs, xs),
+                          name="fused_" + root.op.name)]
 
 
 def _expand_inner(lw, n):
@@ -298,23 +346,27 @@ def _combine(op, acc, v):
 
 @rule("sum", "mean", "max", "min")
 def lower_reduce(lw, n):
-    op = n.op.name
     x = n.inputs[0]
     xs = _shape(x)
-    axes = set(_reduce_axes(n))
-    acc_dt = n.dtype
-    src, out = lw.buf(x), lw.buf(n)
+    src = lw.buf(x)
+    in_st = contiguous_strides(xs)
+    return [reduce_kernel(n.op.name, xs, set(_reduce_axes(n)), n.dtype, lw.buf(n), [src],
+                          lambda vs: Load(src, affine(vs, in_st)))]
+
+
+def reduce_kernel(op, xs, axes, acc_dt, out, in_bufs, load_at, name=None):
+    """out = op over `axes` of the elements load_at(index vars over xs) (an Expr)."""
     kept = [d for d in range(len(xs)) if d not in axes]
     kept_shape = [xs[d] for d in kept]
     out_st = contiguous_strides(kept_shape)
-    in_st = contiguous_strides(xs)
     count = prod(xs[d] for d in axes)
     vs = {d: Var(f"r{d}") for d in range(len(xs))}
 
     def load():
-        v = Load(src, affine([vs[d] for d in range(len(xs))], in_st))
+        v = load_at([vs[d] for d in range(len(xs))])
         return v if v.dtype == acc_dt else Cast(v, acc_dt)
     out_idx = affine([vs[d] for d in kept], out_st)
+    bufs = _uniq([out] + list(in_bufs))
 
     def finish(e):
         if op == "mean":
@@ -330,7 +382,7 @@ def lower_reduce(lw, n):
         body = [Assign(acc, _ident(op, acc_dt))] + body + [Store(out, out_idx, finish(acc))]
         for d in reversed(kept):
             body = [Loop(vs[d], xs[d], body, "parallel" if d == kept[0] else "serial")]
-        return [Kernel(op, [out, src], body, flops=prod(xs))]
+        return Kernel(name or op, bufs, body, flops=prod(xs))
     # Innermost axis kept: accumulate into the output rows (unit-stride, vectorizes).
     init = K.loop_nest(kept_shape, lambda v: [Store(out, affine(v, out_st), _ident(op, acc_dt))])
     upd = [Store(out, out_idx, _combine(op, Load(out, out_idx), load()))]
@@ -340,7 +392,7 @@ def lower_reduce(lw, n):
     if op == "mean":
         body += K.loop_nest(kept_shape, lambda v: [Store(out, affine(v, out_st),
                                                          finish(Load(out, affine(v, out_st))))])
-    return [Kernel(op, [out, src], body, flops=prod(xs))]
+    return Kernel(name or op, bufs, body, flops=prod(xs))
 
 
 @rule("argmax", "argmin")
