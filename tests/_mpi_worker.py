@@ -15,6 +15,8 @@ MODE
   step_error  like train, but rank 1 feeds a malformed batch at step 3 (the error
               is raised inside DistributedStep, while rank 0 waits in the allreduce).
   mismatch    rank 1 builds a wider hidden layer: the structure check must fail.
+  uneven      rank 1 takes one step fewer and ends normally, while rank 0 waits in the
+              allreduce of its last step: the exit check must end the job.
 """
 import argparse
 import os
@@ -76,7 +78,8 @@ def main():
     losses = []
     batches = dist.shard_batches((X, Y), a.global_batch or PER_RANK_BATCH * size, seed=0,
                                  epoch=0)
-    for k in range(a.steps):
+    steps = a.steps - 1 if (a.mode == "uneven" and rank == 1) else a.steps
+    for k in range(steps):
         xb, yb = next(batches)
         if k == 2 and rank == 1:
             if a.mode == "exit":
@@ -86,6 +89,8 @@ def main():
             if a.mode == "step_error":
                 xb = xb[:, :, :4, :]          # wrong image size: the gradient function rejects it
         losses.append(step(xb, yb))
+    if a.mode == "uneven" and rank == 1:
+        return                              # a normal end, one step short
 
     # Metrics reduced across ranks, and a checkpoint written by rank 0 only.
     acc = dist.evaluate(model, (X[:300], Y[:300]))

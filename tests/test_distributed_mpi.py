@@ -38,9 +38,9 @@ def _mpiexec():
     return exe
 
 
-def run_job(n, mode, out, *extra, timeout=60):
+def run_job(n, mode, out, *extra, timeout=60, env_extra=None):
     exe = _mpiexec()
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
         env.pop(var, None)      # (in case pytest itself runs under a launcher)
@@ -164,3 +164,14 @@ def test_failing_rank_stops_the_whole_job_promptly(tmp_path, n, mode, needles):
     for s in needles:
         assert s in p.stderr, p.stderr[-3000:]
     assert not any((tmp_path / f"rank{r}.npz").exists() for r in range(n))
+
+
+def test_rank_that_ends_early_does_not_leave_the_others_hanging(tmp_path):
+    """Rank 1 runs one step fewer and exits normally; rank 0 waits in that step's
+    allreduce.  The exit check (here 2 s) ends the job with an explanation."""
+    p, elapsed = run_job(2, "uneven", tmp_path, "--steps", "3",
+                         env_extra={"GRAPHC_MPI_EXIT_TIMEOUT": "2"})
+    assert p.returncode != 0
+    assert elapsed < 20, f"job took {elapsed:.1f} s to stop"
+    assert "rank 1 of 2: this rank reached the end of the program, but other ranks did not " \
+           "within 2 s" in p.stderr, p.stderr[-3000:]

@@ -15,19 +15,27 @@ and waits.  So the first time graphc takes the MPI communicator it installs a
 calls ``MPI_Abort`` -- the launcher then stops every rank.  ``guard()`` does
 the same for code that catches exceptions itself (a CLI that turns errors
 into exit statuses), and a `DistributedStep` aborts when its own local work
-raises.
+raises.  Last, a rank that leaves the program normally while others are still
+blocked waiting for it (ranks that ran different numbers of steps, an error
+some caller swallowed) would hang the job in MPI_Finalize: `install_exit_check`
+(armed by `DistributedStep`) makes every rank wait at exit, at most
+GRAPHC_MPI_EXIT_TIMEOUT seconds (default 60), for all ranks to arrive, and
+otherwise abort the job with a message saying so.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
 import numpy as np
 
 __all__ = ["DistributedError", "LocalComm", "launched_size", "is_distributed", "get_comm",
-           "rank", "size", "is_root", "install_abort_handler", "abort", "guard"]
+           "rank", "size", "is_root", "install_abort_handler", "install_exit_check", "abort",
+           "guard"]
 
 # Environment variables through which launchers announce the world size:
 # MPICH/Hydra and Intel MPI (PMI), Open MPI, MVAPICH, PMIx-based launchers.
@@ -202,6 +210,37 @@ def install_abort_handler(comm=None) -> None:
         abort(f"uncaught {etype.__name__}: {value}", comm, value)
 
     sys.excepthook = hook
+
+
+_exit_checked = set()
+
+
+def install_exit_check(comm=None, timeout: float | None = None) -> None:
+    """At interpreter exit, wait for every rank to reach its exit too; abort if
+    they do not within `timeout` s (default: $GRAPHC_MPI_EXIT_TIMEOUT or 60).
+
+    Collective (it duplicates the communicator): call it on all ranks together.
+    """
+    comm = get_comm(comm)
+    if getattr(comm, "local", False) or comm.Get_size() == 1 or id(comm) in _exit_checked:
+        return
+    _exit_checked.add(id(comm))
+    exit_comm = comm.Dup()     # its own context: cannot match a collective of the program
+
+    def check():
+        t = timeout if timeout is not None else float(
+            os.environ.get("GRAPHC_MPI_EXIT_TIMEOUT", "60"))
+        req = exit_comm.Ibarrier()
+        deadline = time.monotonic() + t
+        while not req.Test():
+            if time.monotonic() > deadline:
+                abort(f"this rank reached the end of the program, but other ranks did not "
+                      f"within {t:g} s: they are probably blocked in a collective this rank "
+                      "will never join (ranks that ran different numbers of training steps, "
+                      "or an error that was caught and turned into a normal exit). Set "
+                      "GRAPHC_MPI_EXIT_TIMEOUT to wait longer.", comm)
+            time.sleep(0.002)
+    atexit.register(check)     # runs before mpi4py's own MPI_Finalize handler (LIFO)
 
 
 @contextmanager

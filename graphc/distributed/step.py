@@ -31,7 +31,7 @@ from ..ir.node import Node, role, user_location
 from ..ops import elementwise as E
 from ..tensor import Parameter
 from .buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
-from .env import DistributedError, abort, get_comm
+from .env import DistributedError, abort, get_comm, install_exit_check
 
 __all__ = ["DistributedStep", "structure_signature", "check_structure", "broadcast_parameters",
            "apply_gradients"]
@@ -220,6 +220,7 @@ class DistributedStep:
         # The ranks must agree before any collective on gradients is sized.
         model_state = list(optimizer.params) + self.state_buffers
         self.signature = check_structure(model_state, self.comm)
+        install_exit_check(self.comm)
         broadcast_parameters(model_state + optimizer.state_buffers(), self.comm)
 
         base = name or f"{type(optimizer).__name__.lower()}_step"
