@@ -908,6 +908,13 @@ def _softplus(ctx, args, attrs):
 
 
 # ================================================================ losses
+def _one_hot(t, n, dtype):
+    """t[..., None] == arange(n) as `dtype` (elementwise ops, which every backend lowers;
+    an out-of-range label gives a zero row rather than an error)."""
+    classes = gc.constant(np.arange(n, dtype=t.dtype), dtype=t.dtype)
+    return gc.cast(gc.equal(gc.unsqueeze(t, -1), classes), dtype)
+
+
 def _nll(ctx, logp, target, weight, attrs):
     reduction = attrs.get("reduction", "mean")
     ignore = attrs.get("ignore_index")
@@ -919,7 +926,7 @@ def _nll(ctx, logp, target, weight, attrs):
     if ignore is not None:
         valid = gc.not_equal(t, ignore)
         t = gc.where(valid, t, gc.zeros_like(t))
-    oh = gc.one_hot(t, c, dtype=logp.dtype)  # (N, d..., C)
+    oh = _one_hot(t, c, logp.dtype)  # (N, d..., C)
     nd = logp.ndim
     if nd > 2:
         oh = gc.transpose(oh, (0, nd - 1) + tuple(range(1, nd - 1)))
@@ -969,7 +976,7 @@ def _gather_elements(ctx, args, attrs):
     if any(a != b for i, (a, b) in enumerate(zip(x.shape, idx.shape)) if i != axis):
         lead = tuple(slice(0, d) for d in idx.shape)
         x = x[tuple(s if i != axis else slice(None) for i, s in enumerate(lead))]
-    oh = gc.one_hot(idx, n, dtype=x.dtype if x.dtype.kind == "f" else "int64")
+    oh = _one_hot(idx, n, x.dtype if x.dtype.kind == "f" else dt.int64)
     xe = gc.unsqueeze(gc.transpose(x, tuple(i for i in range(x.ndim) if i != axis) + (axis,)),
                       axis)
     # xe: x with `axis` moved last, then a size-1 axis at `axis` to meet idx's extent
