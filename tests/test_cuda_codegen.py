@@ -106,7 +106,20 @@ def test_matmul_is_a_shared_memory_tiled_gemm():
     assert "__shared__ float As[16][17];" in text and text.count("__syncthreads();") == 2
 
 
-def test_conv_loops_stay_on_the_host_around_im2col_and_gemm():
+def test_conv_batch_runs_at_once_with_per_image_scratch():
+    x, w = gc.input("x", (3, 2, 6, 6)), gc.input("w", (4, 2, 3, 3))
+    cp = gen([x, w], [gc.conv2d(x, w, padding=1)], optimize=0)
+    assert cp.launch_count() == 2         # (the group loop, of 1, stays on the host)
+    im2col, gemm = cp.launches
+    assert "thread per (n, " in im2col.what
+    assert gemm.grid[2] == 3 and "batched over (n)" in gemm.what
+    (scratch,) = cp.extra_buffers                  # im2col columns, one copy per image
+    assert scratch.size == 3 * (2 * 3 * 3) * (6 * 6)
+
+
+def test_conv_loops_stay_on_the_host_when_scratch_is_too_big(monkeypatch):
+    from graphc.backends.cuda import transform
+    monkeypatch.setattr(transform, "PRIVATE_LIMIT_BYTES", 0)
     x, w = gc.input("x", (3, 2, 6, 6)), gc.input("w", (4, 2, 3, 3))
     cp = gen([x, w], [gc.conv2d(x, w, padding=1)], optimize=0)
     loops = [s for s in cp.steps if isinstance(s, HostLoop)]
@@ -114,6 +127,24 @@ def test_conv_loops_stay_on_the_host_around_im2col_and_gemm():
     assert cp.launch_count() == 3 * 2     # im2col + GEMM per image
     # the loop variable is a kernel parameter
     assert any(kind == "var" for la in cp.launches for kind, _ in la.params)
+
+
+def test_serial_loop_around_a_gemm_is_a_host_loop():
+    from graphc.kernel import ir as K
+    from graphc.kernel.lower import Program
+    A, B, Cb = K.Buffer("A", "float32", 12), K.Buffer("B", "float32", 6), \
+        K.Buffer("C", "float32", 8)
+    n = K.Var("n")
+    # C[n] (+)= A[n] @ B, iterations in order (accumulating into one C): not batchable
+    g = K.Gemm(2, 2, 3, (A, K.mul(n, 6), 3, 1), (B, K.idx(0), 2, 1), (Cb, K.idx(0), 2, 1),
+               accumulate=True)
+    prog = Program()
+    prog.kernels.append(K.Kernel("acc", [Cb, A, B], [K.Loop(n, 2, [g])]))
+    prog.kernel_nodes.append(None)
+    cp = C.codegen.generate(prog)
+    (loop,) = cp.steps
+    assert isinstance(loop, HostLoop) and loop.extent == 2
+    assert cp.launches[0].params[-1] == ("var", n)
 
 
 def test_scatter_adds_become_atomics():

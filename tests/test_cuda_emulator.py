@@ -241,6 +241,12 @@ def test_conv2d_and_gradients(xs, ws, stride, padding, dilation, groups):
         assert np.all(np.abs(gv - wv) <= 2 * k * EPS32 * bd + 1e-30)
 
 
+def test_conv_on_host_loops_when_scratch_is_not_privatized(monkeypatch):
+    from graphc.backends.cuda import transform
+    monkeypatch.setattr(transform, "PRIVATE_LIMIT_BYTES", 0)
+    test_conv2d_and_gradients(*CONV_CASES[0])
+
+
 POOL_CASES = [((2, 3, 8, 7), 2, None, 0, False), ((1, 2, 9, 9), 3, 2, 1, True),
               ((1, 1, 11, 6), (3, 2), (2, 1), (1, 0), False)]
 

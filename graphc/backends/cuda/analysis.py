@@ -127,27 +127,52 @@ def loop_chain(s):
 
 
 # ------------------------------------------------------------------ affine forms
-def linear(e):
-    """(coefficients {id(var): int}, constant, [(multiplier, opaque expr)]) of an index."""
+def linear(e, ranges=None):
+    """(coefficients {id(var): int}, constant, [(multiplier, opaque expr)]) of an index.
+
+    With `ranges`, floor division and modulo by a positive constant of an affine
+    expression are resolved when the part not divisible by the constant provably
+    stays in [0, c): (c*q + r) // c = q and (c*q + r) % c = r.
+    """
     if isinstance(e, K.Const) and e.dtype == K.INDEX:
         return {}, int(e.value), []
     if isinstance(e, K.Var):
         return {id(e): 1}, 0, []
     if isinstance(e, K.BinOp) and e.op in ("add", "sub"):
-        ca, ka, oa = linear(e.a)
-        cb, kb, ob = linear(e.b)
+        ca, ka, oa = linear(e.a, ranges)
+        cb, kb, ob = linear(e.b, ranges)
         s = 1 if e.op == "add" else -1
         c = dict(ca)
         for v, x in cb.items():
             c[v] = c.get(v, 0) + s * x
         return c, ka + s * kb, oa + [(s * m, x) for m, x in ob]
     if isinstance(e, K.BinOp) and e.op == "mul":
-        ca, ka, oa = linear(e.a)
-        cb, kb, ob = linear(e.b)
+        ca, ka, oa = linear(e.a, ranges)
+        cb, kb, ob = linear(e.b, ranges)
         if not ca and not oa:
             return {v: ka * x for v, x in cb.items()}, ka * kb, [(ka * m, x) for m, x in ob]
         if not cb and not ob:
             return {v: kb * x for v, x in ca.items()}, ka * kb, [(kb * m, x) for m, x in oa]
+    if (ranges is not None and isinstance(e, K.BinOp) and e.op in ("div", "mod")
+            and isinstance(e.b, K.Const) and int(e.b.value) > 0):
+        c = int(e.b.value)
+        co, k, op = linear(e.a, ranges)
+        if not op:
+            q = {v: x // c for v, x in co.items() if x % c == 0}
+            r = {v: x for v, x in co.items() if x % c != 0}
+            lo = hi = k % c
+            ok = True
+            for v, x in r.items():
+                rg = ranges.get(v)
+                if rg is None:
+                    ok = False
+                    break
+                lo += min(x * rg[0], x * rg[1])
+                hi += max(x * rg[0], x * rg[1])
+            if ok and 0 <= lo and hi < c:
+                if e.op == "div":
+                    return q, k // c, []
+                return r, k % c, []
     return {}, 0, [(1, e)]
 
 
@@ -193,13 +218,10 @@ def interval(e, ranges):
 def _disjoint(index, P, ranges, fixed=frozenset()):
     """True if distinct values of the vars in P give disjoint index values, whatever
     the other loop variables do (those in `fixed` are the same for all threads)."""
-    coef, _, opaque = linear(index)
+    coef, _, opaque = linear(index, ranges)
     Pids = {id(v) for v in P}
     span = 0
-    for v, c in coef.items():
-        if v not in Pids and v not in fixed:
-            lo, hi = ranges[v]
-            span += abs(c) * (hi - lo)
+    varying_opaque = False
     for m, x in opaque:
         fv = free_vars(x)
         if fv & Pids:
@@ -211,7 +233,15 @@ def _disjoint(index, P, ranges, fixed=frozenset()):
         iv = interval(x, ranges)
         if iv is None:
             return False
+        varying_opaque = True
         span += abs(m) * (iv[1] - iv[0])
+    if not varying_opaque and all(coef.get(id(v), 0) or ranges[id(v)][0] == ranges[id(v)][1]
+                                  for v in P) and _injective(coef, ranges, fixed):
+        return True           # the whole index is a mixed-radix number of its loops
+    for v, c in coef.items():
+        if v not in Pids and v not in fixed:
+            lo, hi = ranges[v]
+            span += abs(c) * (hi - lo)
     for v in sorted(P, key=lambda v: abs(coef.get(id(v), 0))):
         lo, hi = ranges[id(v)]
         if hi == lo:
@@ -220,6 +250,19 @@ def _disjoint(index, P, ranges, fixed=frozenset()):
         if c <= span:
             return False
         span += c * (hi - lo)
+    return True
+
+
+def _injective(coef, ranges, fixed):
+    """sum c_v * v is one-to-one over the varying loops (strides sorted, each larger
+    than the span of all smaller ones)."""
+    span = 0
+    terms = sorted((abs(c), ranges[v][1] - ranges[v][0]) for v, c in coef.items()
+                   if v not in fixed and ranges.get(v) and ranges[v][1] > ranges[v][0])
+    for c, w in terms:
+        if c <= span:
+            return False
+        span += c * w
     return True
 
 

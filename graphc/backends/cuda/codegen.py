@@ -30,6 +30,7 @@ from math import prod
 from ...ir.errors import NotLoweredError
 from ...kernel import ir as K
 from . import analysis as A
+from . import transform as T
 from .cexpr import ExprWriter, Namer, StmtWriter, const, ctype
 
 THREADS = 256          # threads per block of thread kernels
@@ -105,13 +106,16 @@ class Generator:
         self.prog = prog
         self.chunks = [PRELUDE]
         self.launches: list = []
+        self.extra_buffers: list = []   # privatized scratch (transform.py)
 
     def run(self):
         steps = []
         for k, (kern, node) in enumerate(zip(self.prog.kernels, self.prog.kernel_nodes)):
             self.kidx, self.kern, self.node, self.part = k, kern, node, 0
             steps += self.plan(kern.body, [], {}, frozenset(), top=True)
-        return CudaProgram(self.prog, "\n".join(self.chunks), steps, self.launches)
+        cp = CudaProgram(self.prog, "\n".join(self.chunks), steps, self.launches)
+        cp.extra_buffers = self.extra_buffers
+        return cp
 
     # ------------------------------------------------------------ planning
     def plan(self, stmts, host, ranges, fixed, top=False):
@@ -121,15 +125,7 @@ class Generator:
             if len(seg) == 1 and isinstance(s0, K.Gemm):
                 steps.append(self.gemm_kernel(s0, [], host))
             elif len(seg) == 1 and isinstance(s0, K.Loop) and A.contains_gemm(s0.body):
-                chain, inner = A.loop_chain(s0)
-                if (len(inner) == 1 and isinstance(inner[0], K.Gemm)
-                        and gemm_batchable(inner[0], chain, ranges)):
-                    steps.append(self.gemm_kernel(inner[0], chain, host))
-                else:
-                    r = dict(ranges)
-                    r[id(s0.var)] = (0, max(s0.extent - 1, 0))
-                    steps.append(HostLoop(s0.var, s0.extent, self.plan(
-                        s0.body, host + [s0], r, fixed | {id(s0.var)})))
+                steps += self.plan_gemm_loop(s0, host, ranges, fixed, top)
             elif A.contains_gemm(seg):
                 raise NotLoweredError(f"cuda backend: a Gemm shares scalars with other statements "
                                       f"in kernel {self.kern.name}")
@@ -151,6 +147,40 @@ class Generator:
                 else:
                     steps.append(self.thread_kernel(A.Parallel([], [], set()), seg, host))
         return steps
+
+    def plan_gemm_loop(self, loop, host, ranges, fixed, top):
+        """A loop holding a GEMM: batched on blockIdx.z, spread out (see transform.py)
+        when its iterations are independent, else iterated on the host."""
+        chain, inner = A.loop_chain(loop)
+        trusted = top and loop.kind == "parallel"
+        tfix = fixed | {id(loop.var)} if trusted else fixed
+        if len(inner) == 1 and isinstance(inner[0], K.Gemm) and \
+                gemm_batchable(inner[0], chain, ranges, tfix):
+            return [self.gemm_kernel(inner[0], chain, host)]
+        if trusted:
+            got = T.privatize(loop)
+            if got is not None:
+                loop, new = got
+                self.extra_buffers += new
+                segs = segments(loop.body)
+                if len(segs) > 1:       # fission: one loop per statement group
+                    steps = []
+                    for seg in segs:
+                        steps += self.plan([K.Loop(loop.var, loop.extent, seg, "parallel")],
+                                           host, ranges, fixed, top=True)
+                    return steps
+                s = segs[0][0]
+                if len(segs[0]) == 1 and isinstance(s, K.Loop) and s.kind != "parallel":
+                    # interchange: the serial loop to the host, the parallel one inside
+                    r = dict(ranges)
+                    r[id(s.var)] = (0, max(s.extent - 1, 0))
+                    body = [K.Loop(loop.var, loop.extent, s.body, "parallel")]
+                    return [HostLoop(s.var, s.extent, self.plan(
+                        body, host + [s], r, fixed | {id(s.var)}, top=True))]
+        r = dict(ranges)
+        r[id(loop.var)] = (0, max(loop.extent - 1, 0))
+        return [HostLoop(loop.var, loop.extent, self.plan(
+            loop.body, host + [loop], r, fixed | {id(loop.var)}))]
 
     # ------------------------------------------------------------ kernel scaffolding
     def _begin(self, body_stmts, extra_exprs, host, what):
@@ -399,7 +429,7 @@ def segments(stmts):
     return merged
 
 
-def gemm_batchable(g, chain, ranges):
+def gemm_batchable(g, chain, ranges, fixed=frozenset()):
     """The loops around g give disjoint C tiles (so they can be blockIdx.z)."""
     C, co, crs, ccs = g.c
     if crs < 0 or ccs < 0 or g.a[0] is C or g.b[0] is C:
@@ -410,7 +440,8 @@ def gemm_batchable(g, chain, ranges):
     m, n = K.Var("m"), K.Var("n")
     r[id(m)], r[id(n)] = (0, max(g.M - 1, 0)), (0, max(g.N - 1, 0))
     index = K.add(co, K.add(K.mul(m, crs), K.mul(n, ccs)))
-    return A._disjoint(index, [l.var for l in chain if l.extent > 1], r)
+    return A._disjoint(index, [l.var for l in chain if l.extent > 1 and id(l.var) not in fixed],
+                       r, fixed)
 
 
 class BlockPlan:

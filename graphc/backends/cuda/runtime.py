@@ -275,6 +275,8 @@ class Runner:
                 self._upload(b, np.asarray(src[1]))
             elif src[0] == "const":
                 self._upload(b, np.asarray(src[1].value))
+        for b in getattr(cprog, "extra_buffers", []):   # privatized scratch
+            self.ptr[id(b)] = runtime.alloc(b.size * b.dtype.itemsize)
         for b in prog.temps:   # temporaries no kernel touches (never read) still need storage
             self.ptr.setdefault(id(b), self.arena)
         self._last_outputs = []
