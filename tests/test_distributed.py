@@ -253,8 +253,13 @@ def test_structure_check_names_the_first_difference():
                              r"float64\], rank 1 has \[0: fc1.weight \(12, 64\) float32\]"):
         dist.check_structure(a, FakeComm([hb, descb]))
     hc, descc = dist.structure_signature(a[:2])
-    with pytest.raises(dist.DistributedError, match="rank 0 has 4 parameters, rank 1 has 2"):
+    with pytest.raises(dist.DistributedError, match="rank 0 has 4 entries, rank 1 has 2"):
         dist.check_structure(a, FakeComm([hc, descc]))
+    # hyperparameters count too (a different momentum would diverge silently)
+    hs, descs = dist.structure_signature(a, extra=["SGD(momentum=0.8)"])
+    with pytest.raises(dist.DistributedError, match=r"rank 0 has \[SGD\(momentum=0.9\)\], "
+                                                    r"rank 1 has \[SGD\(momentum=0.8\)\]"):
+        dist.check_structure(a, FakeComm([hs, descs]), extra=["SGD(momentum=0.9)"])
 
 
 # ------------------------------------------------------------------ environment

@@ -153,7 +153,7 @@ def test_fit_with_maybe_wrap_and_maybe_shard_matches_single_process(tmp_path):
     (4, "raise", ["rank 1 of 4", "injected failure on rank 1", "MPI_Abort"]),
     (2, "step_error", ["rank 1 of 2", "in step 3 (computing this rank's gradients)",
                        "expects shape (N, 1, 8, 8)"]),
-    (2, "mismatch", ["model structure differs between ranks", "fc1.weight (24, 64)",
+    (2, "mismatch", ["model/optimizer structure differs between ranks", "fc1.weight (24, 64)",
                      "fc1.weight (25, 64)"]),
 ])
 def test_failing_rank_stops_the_whole_job_promptly(tmp_path, n, mode, needles):

@@ -44,21 +44,23 @@ def _param_name(p: Parameter) -> str:
     return p.name or "<unnamed>"
 
 
-def structure_signature(params) -> tuple[str, list[str]]:
-    """(sha256 hex, per-parameter descriptions) of names, shapes and dtypes."""
+def structure_signature(params, extra=()) -> tuple[str, list[str]]:
+    """(sha256 hex, per-parameter descriptions) of names, shapes and dtypes
+    (and the strings in `extra`, e.g. the optimizer's repr)."""
     desc = [f"{i}: {_param_name(p)} {tuple(p.shape)} {p.dtype}" for i, p in enumerate(params)]
+    desc += [str(e) for e in extra]
     h = hashlib.sha256("\n".join(desc).encode()).hexdigest()
     return h, desc
 
 
-def check_structure(params, comm=None, what: str = "model") -> str:
+def check_structure(params, comm=None, what: str = "model", extra=()) -> str:
     """Raise DistributedError on every rank unless all ranks hold the same structure.
 
     All ranks take part (an allgather), and all of them raise together, so
     a mismatch never leaves a rank waiting.
     """
     comm = get_comm(comm)
-    h, desc = structure_signature(params)
+    h, desc = structure_signature(params, extra)
     hashes = comm.allgather(h)
     if len(set(hashes)) == 1:
         return h
@@ -68,7 +70,7 @@ def check_structure(params, comm=None, what: str = "model") -> str:
     k = bad[0]
     a, b = descs[0], descs[k]
     if len(a) != len(b):
-        detail = f"rank 0 has {len(a)} parameters, rank {k} has {len(b)}"
+        detail = f"rank 0 has {len(a)} entries, rank {k} has {len(b)}"
     else:
         j = next(j for j in range(len(a)) if a[j] != b[j])
         detail = f"first difference: rank 0 has [{a[j]}], rank {k} has [{b[j]}]"
@@ -199,11 +201,11 @@ class DistributedStep:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.abort_on_error = abort_on_error
         self.broadcast_buffers = broadcast_buffers
-        self._loss_dtype = np.dtype(str(loss.dtype))
         self.n_extra = len(extras)
         if not isinstance(loss, Node) or loss.shape != () or not dt.is_float(loss.dtype):
             raise ValueError(f"DistributedStep: the loss must be a float scalar tensor, got "
                              f"{getattr(loss, 'type', type(loss).__name__)} (at {loc})")
+        self._loss_dtype = np.dtype(str(loss.dtype))
         reachable = {n.id for n in toposort([loss])}
         self.used = [i for i, p in enumerate(optimizer.params) if p.id in reachable]
         if not self.used:
@@ -217,11 +219,14 @@ class DistributedStep:
                                  f"as model state (at {loc})")
         self.state_buffers = [p for p, _ in state_updates]
 
-        # The ranks must agree before any collective on gradients is sized.
-        model_state = list(optimizer.params) + self.state_buffers
-        self.signature = check_structure(model_state, self.comm)
+        # The ranks must agree before any collective on gradients is sized: the
+        # model's parameters and buffers, the optimizer's state buffers and its
+        # hyperparameters (a different momentum would diverge silently).
+        state = list(optimizer.params) + self.state_buffers + optimizer.state_buffers()
+        self.signature = check_structure(state, self.comm, what="model/optimizer",
+                                         extra=[repr(optimizer)])
         install_exit_check(self.comm)
-        broadcast_parameters(model_state + optimizer.state_buffers(), self.comm)
+        broadcast_parameters(state, self.comm)
 
         base = name or f"{type(optimizer).__name__.lower()}_step"
         grads = grad(loss, params)
