@@ -319,3 +319,18 @@ def test_docs_example_runs_as_one_rank(tmp_path, monkeypatch, capsys):
     exec(compile(blocks[0], "docs/distributed.md", "exec"), {})
     out = capsys.readouterr().out
     assert "epoch 2: loss" in out and (tmp_path / "mlp.npz").exists()
+
+
+def test_scaling_model_of_the_benchmark():
+    from graphc.distributed import bench
+    # 2·ceil(log2 n)·α + 2(n-1)/n·bytes/β, written out for n = 8 and n = 5
+    assert bench.allreduce_model_s(1e6, 8, 1e-5, 1e9) == pytest.approx(6e-5 + 1.75e-3)
+    assert bench.allreduce_model_s(1e6, 5, 1e-5, 1e9) == pytest.approx(6e-5 + 1.6e-3)
+    assert bench.allreduce_model_s(1e6, 1, 1e-5, 1e9) == 0.0
+    alpha, beta = bench.fit_alpha_beta({m: 3e-6 + m / 2e9 for m in (8, 1024, 65536, 1 << 20)})
+    assert alpha == pytest.approx(3e-6, rel=1e-6) and beta == pytest.approx(2e9, rel=1e-6)
+    summary = {"median_s": {"compute": 2e-3, "update": 1e-3}, "batch_per_rank": 32,
+               "allreduce_payload_bytes": 250_000}
+    table = bench.projection(summary, ranks=(4,), links=(("test link", 1e-5, 1e9),))
+    # allreduce = 4·10 µs + 1.5·250 kB / 1 GB/s = 0.415 ms; step 3.415 ms
+    assert "| test link (10 µs, 1 GB/s) | 4 | 0.41 | 3.42 | 37,482 | 88% |" in table
