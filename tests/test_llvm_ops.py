@@ -226,3 +226,16 @@ def test_not_lowered_error_lists_ops_and_lines():
     assert "test_llvm_ops.py" in str(info.value)
     # the numpy backend runs the same graph
     np.testing.assert_allclose(gc.compile([x], y * 2.0)(np.zeros(3, np.float32)), 2.0)
+
+
+def test_large_full_reductions_split_in_chunks():
+    shape = (32, 50, 41)      # 65600 elements: reduced in 16 parallel chunks
+    x = gc.input("x", shape)
+    v = RNG.standard_normal(shape).astype(np.float32)
+    got, want = both([x], [gc.sum(x), gc.mean(x), gc.max(x), gc.min(x * 2.0),
+                           gc.sum(gc.square(x))], [v])
+    n = v.size
+    close_sum(got[0], want[0], np.sum(np.abs(v)), n)
+    close_sum(got[1], want[1], np.mean(np.abs(v)), n)
+    assert got[2] == want[2] and got[3] == want[3]
+    close_sum(got[4], want[4], np.sum(v * v), n)

@@ -257,9 +257,9 @@ def _lower_fused_reduce(lw, n, root):
     leaves = _fused_leaves(lw, n)
     nodes = [m for m in n.value.nodes if m is not root]
     bufs = [b for b, _ in leaves.values()]
-    return [reduce_kernel(root.op.name, xs, axes, root.dtype, lw.buf(n), bufs,
+    return reduce_kernels(lw, root.op.name, xs, axes, root.dtype, lw.buf(n), bufs,
                           lambda vs: _inner_expr(nodes, src, leaves, vs, xs),
-                          name="fused_" + root.op.name)]
+                          name="fused_" + root.op.name)
 
 
 def _expand_inner(lw, n):
@@ -350,8 +350,42 @@ def lower_reduce(lw, n):
     xs = _shape(x)
     src = lw.buf(x)
     in_st = contiguous_strides(xs)
-    return [reduce_kernel(n.op.name, xs, set(_reduce_axes(n)), n.dtype, lw.buf(n), [src],
-                          lambda vs: Load(src, affine(vs, in_st)))]
+    return reduce_kernels(lw, n.op.name, xs, set(_reduce_axes(n)), n.dtype, lw.buf(n), [src],
+                          lambda vs: Load(src, affine(vs, in_st)))
+
+
+def reduce_kernels(lw, op, xs, axes, acc_dt, out, in_bufs, load_at, name=None):
+    """Kernels computing out = op over `axes` of load_at(index vars over xs).
+
+    A large reduction to one value is split along axis 0 into a fixed number of
+    chunks (partial results in a scratch buffer, then combined in order), so it
+    runs in parallel and gives the same result for any thread count."""
+    size = prod(xs)
+    if xs and len(axes) == len(xs) and size >= 1 << 16:
+        chunks = max(d for d in range(1, min(16, xs[0]) + 1) if xs[0] % d == 0)
+        if chunks > 1:
+            per = xs[0] // chunks
+            part = lw.new_buffer(acc_dt, chunks, hint="part")
+            c, rl = Var("c"), Var("rl")
+            vs = [Var(f"r{d}") for d in range(len(xs))]
+            acc = Local(acc_dt, "acc")
+            v = load_at([affine([c, rl], [per, 1])] + vs[1:])
+            v = v if v.dtype == acc_dt else Cast(v, acc_dt)
+            body = [Assign(acc, _combine(op, acc, v))]
+            for d in reversed(range(1, len(xs))):
+                body = [Loop(vs[d], xs[d], body, "vector" if d == len(xs) - 1 else "serial")]
+            body = [Loop(rl, per, body)]
+            k1 = Kernel((name or op) + "_chunks", _uniq([part] + list(in_bufs)),
+                        [Loop(c, chunks, [Assign(acc, _ident(op, acc_dt))] + body +
+                              [Store(part, c, acc)], "parallel")], flops=size)
+            acc2, c2 = Local(acc_dt, "acc"), Var("c")
+            tot = acc2 if op != "mean" else BinOp("div", acc2, Const(float(size), acc_dt))
+            k2 = Kernel(name or op, [out, part],
+                        [Assign(acc2, _ident(op, acc_dt)),
+                         Loop(c2, chunks, [Assign(acc2, _combine(op, acc2, Load(part, c2)))]),
+                         Store(out, idx(0), tot)], flops=chunks)
+            return [k1, k2]
+    return [reduce_kernel(op, xs, axes, acc_dt, out, in_bufs, load_at, name)]
 
 
 def reduce_kernel(op, xs, axes, acc_dt, out, in_bufs, load_at, name=None):
