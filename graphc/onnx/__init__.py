@@ -15,9 +15,10 @@ from __future__ import annotations
 from .errors import OnnxExportError, OnnxImportError, UnsupportedOperatorError
 from .importer import OnnxModel, load
 from .exporter import export
+from . import zoo
 
 __all__ = ["load", "export", "OnnxModel", "OnnxImportError", "OnnxExportError",
-           "UnsupportedOperatorError", "supported_operators"]
+           "UnsupportedOperatorError", "supported_operators", "zoo"]
 
 
 def supported_operators() -> list:

@@ -13,7 +13,7 @@ values holding symbolic dimensions (object arrays of ints and symbol names).
 """
 from __future__ import annotations
 
-from math import ceil, prod
+from math import prod
 
 import numpy as np
 
