@@ -206,7 +206,8 @@ def test_training_step_kernels_compile_and_fit_resources(make):
         assert r.shared_bytes <= MAX_SMEM_PER_BLOCK, (name, r.lines)
         assert 0 < r.registers <= MAX_REGS, (name, r.lines)
     gemms = [n for n in names if "GEMM" in next(la.what for la in cp.launches if la.name == n)]
-    assert gemms and all(report[n].shared_bytes == 2 * 16 * 17 * 4 for n in gemms)
+    assert gemms and all(report[n].shared_bytes in (2 * 16 * 17 * 4, 2 * 16 * 65 * 4)
+                         for n in gemms)
     assert all(report[n].barriers >= 1 for n in gemms)
 
 

@@ -195,7 +195,7 @@ def test_max_reductions_propagate_nan():
 # ------------------------------------------------------------------ matmul
 @pytest.mark.parametrize("sa,sb", [((1, 1), (1, 1)), ((7, 13), (13, 5)), ((17, 33), (33, 19)),
                                    ((2, 3, 17), (17, 4)), ((2, 1, 3, 5), (4, 5, 6)),
-                                   ((5,), (5, 3))])
+                                   ((5,), (5, 3)), ((65, 33), (33, 130)), ((2, 64, 16), (16, 64))])
 def test_matmul(sa, sb):
     a, b = gc.input("a", sa), gc.input("b", sb)
     va = RNG.standard_normal(sa).astype(np.float32)
@@ -205,6 +205,24 @@ def test_matmul(sa, sb):
     bound = 2 * K * EPS32 * (np.abs(va) @ np.abs(vb))
     assert got[0].shape == want[0].shape
     assert np.all(np.abs(got[0] - want[0]) <= bound + 1e-30)
+
+
+def test_register_blocked_gemm_with_strided_operands_and_accumulation():
+    # conv2d's gradients multiply by transposed (strided) operands, grad_weight
+    # accumulates: with 70 output channels and 8*3*3 = 72 columns both take the
+    # 64x64 register-blocked kernel, reading A and B along either axis
+    x, w, g = gc.input("x", (2, 8, 12, 12)), gc.input("w", (70, 8, 3, 3)), \
+        gc.input("g", (2, 70, 10, 10))
+    outs = [gc.conv2d(x, w), gc.conv2d_grad_input(g, w, (12, 12)),
+            gc.conv2d_grad_weight(x, g, (3, 3))]
+    feeds = [RNG.standard_normal(s).astype(np.float32) for s in
+             ((2, 8, 12, 12), (70, 8, 3, 3), (2, 70, 10, 10))]
+    cp = C.generate_cuda(gc.Graph(outs, [x, w, g]))
+    assert sum("register-blocked" in la.what for la in cp.launches) == 3
+    got, want = both([x, w, g], outs, feeds)
+    absv = gc.compile([x, w, g], outs, backend="numpy")(*[np.abs(f) for f in feeds])
+    for gv, wv, bd, k in zip(got, want, absv, (72, 70, 200)):
+        assert np.all(np.abs(gv - wv) <= 2 * k * EPS32 * bd + 1e-30)
 
 
 def test_matmul_float64_and_linear():
