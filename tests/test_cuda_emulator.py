@@ -161,25 +161,35 @@ def test_integer_floor_division_and_modulo_semantics():
 
 
 # ------------------------------------------------------------------ reductions
-@pytest.mark.parametrize("shape,axis", [((1,), None), ((7,), 0), ((3, 130), 1),
-                                        ((130, 3), 0), ((13, 1, 5), (0, 2)), ((1000,), None),
-                                        ((2, 3, 67), -1), ((5, 4, 3), 1)])
-def test_reductions(shape, axis):
-    x = gc.input("x", shape)
-    outs = [gc.sum(x, axis=axis), gc.mean(x, axis=axis), gc.max(x, axis=axis),
-            gc.min(x, axis=axis)]
-    if not isinstance(axis, tuple):
-        outs += [gc.argmax(x, axis=axis), gc.argmin(x, axis=axis)]
-    v = RNG.standard_normal(shape).astype(np.float32)
-    got, want = both([x], outs, [v])
-    n = v.size if axis is None else int(np.prod([shape[a] for a in np.atleast_1d(axis)]))
-    bound = n * EPS32 * np.abs(v).sum()
-    for k, (g, w) in enumerate(zip(got, want)):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        if k < 2:   # the order of additions differs (block-level trees)
-            np.testing.assert_allclose(g, w, rtol=0, atol=bound)
-        else:       # max, min, argmax, argmin are exact
-            np.testing.assert_array_equal(g, w)
+REDUCE_CASES = [((1,), None), ((7,), 0), ((3, 130), 1), ((130, 3), 0), ((13, 1, 5), (0, 2)),
+                ((1000,), None), ((2, 3, 67), -1), ((5, 4, 3), 1)]
+
+
+def test_reductions():
+    # all cases in one graph (one compile); 130/1000/67-long rows take block reductions
+    ins, outs, feeds = [], [], []
+    for k, (shape, axis) in enumerate(REDUCE_CASES):
+        x = gc.input(f"x{k}", shape)
+        ins.append(x)
+        feeds.append(RNG.standard_normal(shape).astype(np.float32))
+        outs += [gc.sum(x, axis=axis), gc.mean(x, axis=axis), gc.max(x, axis=axis),
+                 gc.min(x, axis=axis)]
+        if not isinstance(axis, tuple):
+            outs += [gc.argmax(x, axis=axis), gc.argmin(x, axis=axis)]
+    got, want = both(ins, outs, feeds)
+    pos = 0
+    for (shape, axis), v in zip(REDUCE_CASES, feeds):
+        n_out = 4 if isinstance(axis, tuple) else 6
+        n = v.size if axis is None else int(np.prod([shape[a] for a in np.atleast_1d(axis)]))
+        bound = n * EPS32 * np.abs(v).sum()
+        for k in range(n_out):
+            g, w = got[pos + k], want[pos + k]
+            assert g.dtype == w.dtype and g.shape == w.shape, (shape, axis, k)
+            if k < 2:   # the order of additions differs (block-level trees)
+                np.testing.assert_allclose(g, w, rtol=0, atol=bound, err_msg=f"{shape} {axis}")
+            else:       # max, min, argmax, argmin are exact
+                np.testing.assert_array_equal(g, w, err_msg=f"{shape} {axis} {k}")
+        pos += n_out
 
 
 def test_max_reductions_propagate_nan():
@@ -193,18 +203,25 @@ def test_max_reductions_propagate_nan():
 
 
 # ------------------------------------------------------------------ matmul
-@pytest.mark.parametrize("sa,sb", [((1, 1), (1, 1)), ((7, 13), (13, 5)), ((17, 33), (33, 19)),
-                                   ((2, 3, 17), (17, 4)), ((2, 1, 3, 5), (4, 5, 6)),
-                                   ((5,), (5, 3)), ((65, 33), (33, 130)), ((2, 64, 16), (16, 64))])
-def test_matmul(sa, sb):
-    a, b = gc.input("a", sa), gc.input("b", sb)
-    va = RNG.standard_normal(sa).astype(np.float32)
-    vb = RNG.standard_normal(sb).astype(np.float32)
-    got, want = both([a, b], [a @ b], [va, vb])
-    K = sa[-1]
-    bound = 2 * K * EPS32 * (np.abs(va) @ np.abs(vb))
-    assert got[0].shape == want[0].shape
-    assert np.all(np.abs(got[0] - want[0]) <= bound + 1e-30)
+MATMUL_CASES = [((1, 1), (1, 1)), ((7, 13), (13, 5)), ((17, 33), (33, 19)), ((2, 3, 17), (17, 4)),
+                ((2, 1, 3, 5), (4, 5, 6)), ((5,), (5, 3)), ((65, 33), (33, 130)),
+                ((2, 64, 16), (16, 64))]
+
+
+def test_matmul():
+    ins, outs, feeds = [], [], []
+    for k, (sa, sb) in enumerate(MATMUL_CASES):
+        a, b = gc.input(f"a{k}", sa), gc.input(f"b{k}", sb)
+        ins += [a, b]
+        outs.append(a @ b)
+        feeds += [RNG.standard_normal(sa).astype(np.float32),
+                  RNG.standard_normal(sb).astype(np.float32)]
+    got, want = both(ins, outs, feeds)
+    for k, (sa, sb) in enumerate(MATMUL_CASES):
+        va, vb = feeds[2 * k], feeds[2 * k + 1]
+        bound = 2 * sa[-1] * EPS32 * (np.abs(va) @ np.abs(vb))
+        assert got[k].shape == want[k].shape
+        assert np.all(np.abs(got[k] - want[k]) <= bound + 1e-30), (sa, sb)
 
 
 def test_register_blocked_gemm_with_strided_operands_and_accumulation():
@@ -287,12 +304,15 @@ def test_pooling_and_gradients(xs, k, s, p, ceil):
 
 
 # ------------------------------------------------------------------ softmax family
-@pytest.mark.parametrize("shape,axis", [((1, 1), -1), ((5, 11), -1), ((3, 70), 1),
-                                        ((4, 3, 2), 1)])
-def test_softmax_log_softmax(shape, axis):
-    x = gc.input("x", shape)
-    v = (RNG.standard_normal(shape) * 5).astype(np.float32)
-    got, want = both([x], [gc.softmax(x, axis=axis), gc.log_softmax(x, axis=axis)], [v])
+def test_softmax_log_softmax():
+    cases = [((1, 1), -1), ((5, 11), -1), ((3, 70), 1), ((4, 3, 2), 1)]
+    ins, outs, feeds = [], [], []
+    for k, (shape, axis) in enumerate(cases):
+        x = gc.input(f"x{k}", shape)
+        ins.append(x)
+        outs += [gc.softmax(x, axis=axis), gc.log_softmax(x, axis=axis)]
+        feeds.append((RNG.standard_normal(shape) * 5).astype(np.float32))
+    got, want = both(ins, outs, feeds)
     close(got, want, 1e-5, 1e-6)
 
 
