@@ -16,7 +16,9 @@ MODE
               is raised inside DistributedStep, while rank 0 waits in the allreduce).
   mismatch    rank 1 builds a wider hidden layer: the structure check must fail.
   uneven      rank 1 takes one step fewer and ends normally, while rank 0 waits in the
-              allreduce of its last step: the exit check must end the job.
+              allreduce of its last step: rank 0 must see rank 1's exit notice.
+  uneven_raw  rank 1 ends normally after training while rank 0 waits in a plain
+              mpi4py Barrier: rank 1's exit timeout must end the job.
 """
 import argparse
 import os
@@ -89,8 +91,10 @@ def main():
             if a.mode == "step_error":
                 xb = xb[:, :, :4, :]          # wrong image size: the gradient function rejects it
         losses.append(step(xb, yb))
-    if a.mode == "uneven" and rank == 1:
-        return                              # a normal end, one step short
+    if a.mode in ("uneven", "uneven_raw") and rank == 1:
+        return                              # a normal end (one step short for "uneven")
+    if a.mode == "uneven_raw":
+        comm.Barrier()                      # never completes: rank 1 has left
 
     # Metrics reduced across ranks, and a checkpoint written by rank 0 only.
     acc = dist.evaluate(model, (X[:300], Y[:300]))

@@ -19,7 +19,8 @@ Without an MPI launcher everything runs as a single rank (no mpi4py needed).
 See docs/distributed.md.  Install the MPI pieces with ``pip install 'graphc[mpi]'``.
 """
 from .env import (DistributedError, LocalComm, abort, get_comm, guard, install_abort_handler,
-                  install_exit_check, is_distributed, is_root, launched_size, rank, size)
+                  install_exit_check, is_distributed, is_root, launched_size, note_progress,
+                  rank, size, wait)
 from .buckets import GradientBuckets
 from .step import (DistributedStep, apply_gradients, broadcast_parameters, check_structure,
                    structure_signature)
@@ -29,7 +30,7 @@ from .utils import (allreduce_mean, allreduce_sum, barrier, evaluate, maybe_shar
 
 __all__ = [
     "DistributedError", "LocalComm", "abort", "get_comm", "guard", "install_abort_handler",
-    "install_exit_check", "is_distributed", "is_root", "launched_size", "rank", "size",
+    "install_exit_check", "is_distributed", "note_progress", "wait", "is_root", "launched_size", "rank", "size",
     "GradientBuckets",
     "DistributedStep", "apply_gradients", "broadcast_parameters", "check_structure",
     "structure_signature",

@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from .env import wait
+
 __all__ = ["GradientBuckets"]
 
 DEFAULT_BUCKET_BYTES = 1 << 20   # 1 MiB: LeNet-5's 62k float32 gradients fit in one
@@ -96,7 +98,7 @@ class GradientBuckets:
                 f"{[b.nbytes for b in self.buckets]} bytes")
 
     # ------------------------------------------------------------ the reduction
-    def reduce(self, grads, weight: float, loss: float):
+    def reduce(self, grads, weight: float, loss: float, what: str = "the gradient allreduce"):
         """Sum `weight · grads` and (`weight · loss`, `weight`) over all ranks.
 
         grads: arrays in parameter order (None = this rank has no samples:
@@ -120,7 +122,6 @@ class GradientBuckets:
                 b.buffer[b.size + 1] = weight
             send = self._in_place if self._in_place is not None else b.buffer
             reqs.append(self.comm.Iallreduce(send, b.buffer))   # starts now; next bucket packs
-        for r in reqs:
-            r.Wait()
+        wait(reqs, self.comm, what)
         m = self._meta_bucket.buffer[self._meta_bucket.size:]
         return self.views, float(m[1]), float(m[0])

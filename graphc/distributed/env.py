@@ -18,9 +18,10 @@ into exit statuses), and a `DistributedStep` aborts when its own local work
 raises.  Last, a rank that leaves the program normally while others are still
 blocked waiting for it (ranks that ran different numbers of steps, an error
 some caller swallowed) would hang the job in MPI_Finalize: `install_exit_check`
-(armed by `DistributedStep`) makes every rank wait at exit, at most
-GRAPHC_MPI_EXIT_TIMEOUT seconds (default 60), for all ranks to arrive, and
-otherwise abort the job with a message saying so.
+(armed by `DistributedStep`) makes an exiting rank notify the others: a rank
+waiting for it in one of graphc's collectives then aborts the job with a
+message saying so; as a fallback the exiting rank waits at most
+GRAPHC_MPI_EXIT_TIMEOUT seconds (default 300) for the others to arrive.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from contextlib import contextmanager
 import numpy as np
 
 __all__ = ["DistributedError", "LocalComm", "launched_size", "is_distributed", "get_comm",
-           "rank", "size", "is_root", "install_abort_handler", "install_exit_check", "abort",
-           "guard"]
+           "rank", "size", "is_root", "install_abort_handler", "install_exit_check", "note_progress",
+           "wait", "abort", "guard"]
 
 # Environment variables through which launchers announce the world size:
 # MPICH/Hydra and Intel MPI (PMI), Open MPI, MVAPICH, PMIx-based launchers.
@@ -105,6 +106,12 @@ class LocalComm:
 
     def Barrier(self):
         pass
+
+    def Ibarrier(self):
+        return _DoneRequest()
+
+    def Ibcast(self, buf, root=0):
+        return _DoneRequest()
 
     def Abort(self, errorcode=1):  # pragma: no cover - only a real MPI job aborts
         os._exit(errorcode)
@@ -190,6 +197,7 @@ def abort(message: str = "", comm=None, exc: BaseException | None = None, code: 
         if exc is not None:
             raise exc
         raise DistributedError(message)
+    time.sleep(0.2)   # let the launcher forward the message before it tears the job down
     comm.Abort(code)
 
 
@@ -212,24 +220,47 @@ def install_abort_handler(comm=None) -> None:
     sys.excepthook = hook
 
 
-_exit_checked = set()
+_EXIT_TAG = 2718                  # tag of the "I have reached the end" notices
+_exit_comms: dict = {}            # id(comm) -> its duplicate carrying exit notices
+_progress: dict = {}              # id(comm) -> training steps this rank completed
+_exited: dict = {}                # id(comm) -> {rank: steps} of ranks that have ended
+
+
+def note_progress(comm, steps: int) -> None:
+    """Record how many steps this rank finished (reported in exit notices)."""
+    _progress[id(comm)] = int(steps)
+
+
+def _exit_timeout(timeout):
+    if timeout is None:
+        timeout = float(os.environ.get("GRAPHC_MPI_EXIT_TIMEOUT", "300"))
+    return float("inf") if timeout <= 0 else timeout
 
 
 def install_exit_check(comm=None, timeout: float | None = None) -> None:
-    """At interpreter exit, wait for every rank to reach its exit too; abort if
-    they do not within `timeout` s (default: $GRAPHC_MPI_EXIT_TIMEOUT or 60).
+    """Make a rank that reaches the end of the program while others still wait
+    for it stop the job instead of hanging it.
+
+    At exit this rank sends every other rank a notice ("rank r ended after k
+    steps") and then waits for all ranks to arrive.  A rank blocked in one of
+    graphc's collectives (`wait`) sees the notice and, if the collective does
+    not complete within EXIT_GRACE_S, aborts the job with an explanation.  Fallback, for ranks blocked elsewhere: after
+    `timeout` s (default $GRAPHC_MPI_EXIT_TIMEOUT or 300; <= 0: no limit) the
+    exiting rank aborts the job itself.
 
     Collective (it duplicates the communicator): call it on all ranks together.
     """
     comm = get_comm(comm)
-    if getattr(comm, "local", False) or comm.Get_size() == 1 or id(comm) in _exit_checked:
+    if getattr(comm, "local", False) or comm.Get_size() == 1 or id(comm) in _exit_comms:
         return
-    _exit_checked.add(id(comm))
-    exit_comm = comm.Dup()     # its own context: cannot match a collective of the program
+    exit_comm = comm.Dup()     # its own context: cannot match a message of the program
+    _exit_comms[id(comm)] = exit_comm
 
     def check():
-        t = timeout if timeout is not None else float(
-            os.environ.get("GRAPHC_MPI_EXIT_TIMEOUT", "60"))
+        t = _exit_timeout(timeout)
+        me, n = exit_comm.Get_rank(), exit_comm.Get_size()
+        note = np.array([_progress.get(id(comm), -1)], dtype=np.int64)
+        sends = [exit_comm.Isend(note, dest=r, tag=_EXIT_TAG) for r in range(n) if r != me]
         req = exit_comm.Ibarrier()
         deadline = time.monotonic() + t
         while not req.Test():
@@ -240,7 +271,59 @@ def install_exit_check(comm=None, timeout: float | None = None) -> None:
                       "or an error that was caught and turned into a normal exit). Set "
                       "GRAPHC_MPI_EXIT_TIMEOUT to wait longer.", comm)
             time.sleep(0.002)
+        buf = np.empty(1, dtype=np.int64)      # everyone arrived: drain the notices
+        for _ in range(n - 1 - len(_exited.get(id(comm), {}))):
+            exit_comm.Recv(buf, tag=_EXIT_TAG)
+        for r in sends:
+            r.Wait()
     atexit.register(check)     # runs before mpi4py's own MPI_Finalize handler (LIFO)
+
+
+def _receive_exit_notices(comm) -> dict:
+    """{rank: steps} of the ranks known to have ended (reading new notices)."""
+    exited = _exited.setdefault(id(comm), {})
+    exit_comm = _exit_comms[id(comm)]
+    while exit_comm.Iprobe(tag=_EXIT_TAG):
+        from mpi4py import MPI
+        st = MPI.Status()
+        buf = np.empty(1, dtype=np.int64)
+        exit_comm.Recv(buf, tag=_EXIT_TAG, status=st)
+        exited[st.Get_source()] = int(buf[0])
+    return exited
+
+
+# After a rank has ended, a collective it took part in still completes on the
+# others (its data were sent), at most after a few scheduling delays; one that
+# needs it never does.  Waiting this long after a notice tells them apart.
+EXIT_GRACE_S = 5.0
+
+
+def wait(requests, comm=None, what: str = "a collective") -> None:
+    """Wait for MPI requests, aborting the job if they wait for a rank that ended."""
+    comm = get_comm(comm)
+    if comm.Get_size() == 1 or id(comm) not in _exit_comms:
+        for r in requests:
+            r.Wait()
+        return
+    from mpi4py import MPI
+    polls, since = 0, None
+    while not MPI.Request.Testall(requests):
+        polls += 1
+        if polls % 64:
+            continue
+        exited = _receive_exit_notices(comm)
+        if not exited:
+            continue
+        if since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since > EXIT_GRACE_S:
+            src, steps = next(iter(exited.items()))
+            done = f" after {steps} training steps" if steps >= 0 else ""
+            mine = _progress.get(id(comm))
+            here = f" (this rank has done {mine})" if mine is not None else ""
+            abort(f"rank {src} reached the end of the program{done}, while this rank waits "
+                  f"for it in {what}{here}: the ranks ran different numbers of steps or "
+                  "collectives, so this job can never finish", comm)
 
 
 @contextmanager

@@ -31,7 +31,8 @@ from ..ir.node import Node, role, user_location
 from ..ops import elementwise as E
 from ..tensor import Parameter
 from .buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
-from .env import DistributedError, abort, get_comm, install_exit_check
+from .env import (DistributedError, abort, get_comm, install_exit_check, note_progress,
+                  wait)
 
 __all__ = ["DistributedStep", "structure_signature", "check_structure", "broadcast_parameters",
            "apply_gradients"]
@@ -95,7 +96,7 @@ def broadcast_parameters(params, comm=None, root: int = 0) -> None:
             for p in ps:
                 flat[off:off + p.value.size] = p.value.ravel()
                 off += p.value.size
-        comm.Bcast(flat, root=root)
+        wait([comm.Ibcast(flat, root=root)], comm, "a parameter broadcast")
         off = 0
         for p in ps:
             p.set_value(flat[off:off + p.value.size].reshape(p.value.shape))
@@ -269,7 +270,8 @@ class DistributedStep:
                       f"gradients): {e}", self.comm, e)
             raise
         t1 = time.perf_counter()
-        views, total, loss_sum = self.buckets.reduce(grads, n, loss)
+        views, total, loss_sum = self.buckets.reduce(
+            grads, n, loss, what=f"the gradient allreduce of step {self.steps + 1}")
         t2 = time.perf_counter()
         if total <= 0:
             raise DistributedError("DistributedStep: no rank had any samples in this step")
@@ -283,6 +285,7 @@ class DistributedStep:
         if self.broadcast_buffers and self.state_buffers:
             broadcast_parameters(self.state_buffers, self.comm)
         self.steps += 1
+        note_progress(self.comm, self.steps)
         # Seconds of the last step: this rank's forward+backward, the gradient
         # allreduce (packing included; it also absorbs waiting for slower
         # ranks), the update (+ buffer broadcast).

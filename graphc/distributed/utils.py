@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .env import get_comm, guard, is_distributed
+from .env import get_comm, guard, is_distributed, wait
 from .data import DistributedLoader, shard_bounds
 
 __all__ = ["allreduce_sum", "allreduce_mean", "reduce_metrics", "evaluate", "save_checkpoint",
@@ -15,7 +15,7 @@ def allreduce_sum(values, comm=None) -> np.ndarray:
     comm = get_comm(comm)
     buf = np.array(values, dtype=np.float64)
     out = np.empty_like(buf)
-    comm.Allreduce(buf, out)
+    wait([comm.Iallreduce(buf, out)], comm, "a metrics allreduce")
     return out
 
 
@@ -49,8 +49,10 @@ def evaluate(model, data, batch_size: int = 256, backend: str = "numpy", comm=No
     return float(c / n)
 
 
-def barrier(comm=None) -> None:
-    get_comm(comm).Barrier()
+def barrier(comm=None, what: str = "a barrier") -> None:
+    """Wait until every rank gets here (aborting if a rank ends the program instead)."""
+    comm = get_comm(comm)
+    wait([comm.Ibarrier()], comm, what)
 
 
 def save_checkpoint(model, path, optimizer=None, comm=None):
@@ -68,7 +70,7 @@ def save_checkpoint(model, path, optimizer=None, comm=None):
             else:
                 model.save(path)
         written = str(path)
-    comm.Barrier()      # nobody reads the checkpoint before it is complete
+    barrier(comm, f"the barrier after saving {path}")   # nobody reads a partial checkpoint
     return written
 
 
