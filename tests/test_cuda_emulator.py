@@ -303,6 +303,21 @@ def test_pooling_and_gradients(xs, k, s, p, ceil):
     close(got[1:], want[1:], 1e-6, 1e-6)
 
 
+def test_shape_ops_numel_and_pool_gather_directly():
+    x, h = gc.input("x", (2, 3, 7, 5)), gc.input("h", (2, 3, 7, 5))
+    g = gc.input("g", (2, 3, 4, 3))
+    b, p = gc.input("b", (3, 1, 5)), gc.input("p", (5,))
+    outs = [gc.transpose(x, (3, 1, 0, 2)), gc.broadcast_to(b, (2, 3, 7, 5)),
+            gc.numel(x, (0, 2)), gc.max_pool2d_gather(x, h, 3, 2, 1),
+            gc.max_pool2d_grad(x, g, 3, 2, 1), gc.avg_pool2d_grad(g, (7, 5), 3, 2, 1),
+            gc.pow(gc.abs(x) + 0.1, p)]
+    feeds = [RNG.standard_normal(s).astype(np.float32) for s in
+             ((2, 3, 7, 5), (2, 3, 7, 5), (2, 3, 4, 3), (3, 1, 5), (5,))]
+    got, want = both([x, h, g, b, p], outs, feeds)
+    assert float(got[2]) == 14.0
+    close(got, want, 1e-6, 1e-6)
+
+
 # ------------------------------------------------------------------ softmax family
 def test_softmax_log_softmax():
     cases = [((1, 1), -1), ((5, 11), -1), ((3, 70), 1), ((4, 3, 2), 1)]
@@ -376,3 +391,41 @@ def test_lenet_trains_on_digits_like_numpy_backend():
 
     got, want = curve("cuda"), curve("numpy")
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+# ------------------------------------------------------------------ random graphs
+def _random_graph(rng, x, y, n_ops=14):
+    """A random DAG of bounded elementwise ops, broadcasts and reductions over
+    (5, 7), (5, 1) and (7,) values (the optimizer fuses parts of it)."""
+    unary = [gc.tanh, gc.sigmoid, gc.relu, gc.abs, gc.neg, lambda v: gc.exp(gc.tanh(v)),
+             lambda v: gc.square(gc.tanh(v)), lambda v: gc.gelu(gc.tanh(v))]
+    binary = [lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, gc.maximum,
+              gc.minimum, lambda a, b: gc.where(gc.greater(a, b), a, b)]
+    vals = [x, y]
+    for _ in range(n_ops):
+        kind = rng.integers(0, 3)
+        a = vals[rng.integers(0, len(vals))]
+        if kind == 0:
+            v = unary[rng.integers(0, len(unary))](a)
+        elif kind == 1:
+            b = vals[rng.integers(0, len(vals))]
+            v = gc.tanh(binary[rng.integers(0, len(binary))](a, b))
+        else:
+            if len(a.shape) != 2 or a.shape[1] == 1:
+                continue
+            red = [gc.sum, gc.mean, gc.max][rng.integers(0, 3)]
+            v = gc.reshape(gc.tanh(red(a, axis=1)), (a.shape[0], 1))
+        vals.append(v)
+    return vals[2:]
+
+
+def test_random_fused_graphs_match_numpy():
+    rng = np.random.default_rng(2024)
+    x, y = gc.input("x", (5, 7)), gc.input("y", (7,))
+    outs = []
+    for _ in range(4):
+        outs += _random_graph(rng, x, y)[-3:]
+    feeds = [RNG.standard_normal((5, 7)).astype(np.float32),
+             RNG.standard_normal(7).astype(np.float32)]
+    got, want = both([x, y], outs, feeds, optimize=2)
+    close(got, want, 1e-5, 1e-6)

@@ -35,6 +35,7 @@ from .cexpr import ExprWriter, Namer, StmtWriter, const, ctype
 
 THREADS = 256          # threads per block of thread kernels
 TILE = 16              # GEMM tile edge (and depth); blocks of TILE x TILE threads
+MAX_GRID_YZ = 65535    # CUDA's limit on gridDim.y and gridDim.z
 BIG = 64               # GEMMs with M, N >= BIG use BIG x BIG tiles, 4x4 outputs per thread
 MIN_BLOCK_REDUCTION = 64   # reductions at least this long get a block each
 FEW_THREADS = 4096         # fewer parallel iterations than this: a block each, if that helps
@@ -157,6 +158,7 @@ class Generator:
         trusted = top and loop.kind == "parallel"
         tfix = fixed | {id(loop.var)} if trusted else fixed
         if len(inner) == 1 and isinstance(inner[0], K.Gemm) and \
+                prod(l.extent for l in chain) <= MAX_GRID_YZ and \
                 gemm_batchable(inner[0], chain, ranges, tfix):
             return [self.gemm_kernel(inner[0], chain, host)]
         if trusted:
@@ -370,6 +372,9 @@ class Generator:
         edge = BIG if big else TILE
         self._emit(name, sig, head, lines, TILE * TILE)
         grid = (-(-g.N // edge), -(-g.M // edge), nb)
+        if grid[1] > MAX_GRID_YZ:
+            raise NotLoweredError(f"cuda backend: a GEMM with {g.M} rows needs more than "
+                                  f"{MAX_GRID_YZ} row tiles (gridDim.y limit)")
         la = Launch(name, grid, (TILE, TILE, 1), params, True, self.node, what)
         self.launches.append(la)
         return la

@@ -315,6 +315,8 @@ class Runner:
                     env[id(st.var)] = v
                     self._run(st.steps, env)
                 continue
+            if 0 in st.grid:
+                continue          # an empty tensor: nothing to launch (CUDA rejects grid 0)
             args = [ctypes.c_void_p(self.ptr[id(obj)]) if kind == "buf"
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
             self.rt.launch(self.fns[st.name], st.grid, st.block, args)
