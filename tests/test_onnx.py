@@ -457,3 +457,53 @@ def test_pool_geometries_match_onnxruntime(kind, pads, ceil, cip, dil, strides):
     got = gc.onnx.load(m)(x)[0]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _np_conv3d(x, w, b, pads, strides, dil, group):
+    """Direct loops over output positions (independent of graphc's 2-D decomposition)."""
+    n, c, *size = x.shape
+    o, cg, *k = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0)) + tuple((pads[i], pads[i + 3]) for i in range(3)))
+    out = [(xp.shape[2 + i] - (k[i] - 1) * dil[i] - 1) // strides[i] + 1 for i in range(3)]
+    y = np.zeros((n, o, *out))
+    og = o // group
+    for oc in range(o):
+        g = oc // og
+        for idx in np.ndindex(*out):
+            sl = tuple(slice(idx[i] * strides[i], idx[i] * strides[i] + (k[i] - 1) * dil[i] + 1,
+                             dil[i]) for i in range(3))
+            patch = xp[(slice(None), slice(g * cg, (g + 1) * cg)) + sl]
+            y[(slice(None), oc) + idx] = (patch * w[oc]).sum(axis=(1, 2, 3, 4)) + b[oc]
+    return y
+
+
+def test_conv3d_matches_direct_loops():
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((2, 4, 5, 6, 5))
+    w = rng.standard_normal((6, 2, 2, 3, 2))
+    b = rng.standard_normal(6)
+    attrs = dict(pads=[1, 0, 1, 0, 1, 1], strides=[2, 1, 2], dilations=[1, 2, 1], group=2)
+    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)],
+               [_vi("x", F64, [2, 4, 5, 6, 5])], [_vi("y", F64, ["a", "b", "c", "d", "e"])],
+               [("w", w), ("b", b)])
+    want = _np_conv3d(x, w, b, attrs["pads"], attrs["strides"], attrs["dilations"], 2)
+    got = gc.onnx.load(m)(x)[0]
+    assert got.shape == want.shape == (2, 6, 3, 3, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["MaxPool", "AveragePool"])
+def test_pool3d_asymmetric_ceil_matches_onnxruntime(kind):
+    ort = pytest.importorskip("onnxruntime")
+    attrs = dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[1, 0, 0, 0, 1, 1],
+                 ceil_mode=1)
+    if kind == "AveragePool":
+        attrs["count_include_pad"] = 0
+    m = _model([helper.make_node(kind, ["x"], ["y"], **attrs)],
+               [_vi("x", F32, [1, 2, 5, 6, 4])], [_vi("y", F32, ["a", "b", "c", "d", "e"])])
+    x = np.random.default_rng(17).standard_normal((1, 2, 5, 6, 4)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=[
+        "CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = gc.onnx.load(m)(x)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -19,8 +19,8 @@ def _spatial_to_2d(ctx, x, what):
         return x, False
     if x.ndim == 3:
         return gc.unsqueeze(x, 2), True
-    raise ctx.error(f"{what} supports 1-D and 2-D spatial data (3-D or 4-D tensors), got shape "
-                    f"{tuple(x.shape)}")
+    raise ctx.error(f"{what} supports 1-D, 2-D (and for Conv and pools 3-D) spatial data, "
+                    f"got shape {tuple(x.shape)}")
 
 
 def _pads_2d(ctx, attrs, in_hw, k_hw, strides, dilations, lifted, transposed=False):
@@ -52,6 +52,8 @@ def _lift_attr(attrs, name, default, lifted, n=2):
 @op("Conv")
 def _conv(ctx, args, attrs):
     x, w = ctx.node(args[0]), ctx.node(args[1])
+    if x.ndim == 5:
+        return _conv3d(ctx, x, w, args[2] if len(args) > 2 else None, attrs)
     x, lifted = _spatial_to_2d(ctx, x, "Conv")
     if lifted:
         w = gc.unsqueeze(w, 2)
@@ -150,6 +152,8 @@ def _onnx_pool_out(i, k, s, d, pads, ceil_mode):
 
 def _pool(ctx, args, attrs, kind):
     x = ctx.node(args[0])
+    if x.ndim == 5:
+        return _pool3d(ctx, x, attrs, kind)
     x, lifted = _spatial_to_2d(ctx, x, kind)
     k, strides, dil, pads = _pool_geometry(ctx, attrs, x, lifted)
     ceil_mode = bool(attrs.get("ceil_mode", 0))
@@ -236,3 +240,103 @@ def _global_avg_pool(ctx, args, attrs):
 def _global_max_pool(ctx, args, attrs):
     x = ctx.node(args[0])
     return gc.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+# ---------------------------------------------------------------- 3-D (volumetric) data
+# graphc's conv/pool ops are 2-D; 3-D ones are built from them: the depth axis is
+# unrolled over the kernel's depth taps (strided depth slices), the 2-D op runs on
+# each, and the taps are summed (Conv), maxed (MaxPool) or summed and divided by
+# the number of counted positions (AveragePool).
+def _pads_nd(ctx, attrs, sizes, k, strides, dil):
+    auto = attrs.get("auto_pad", "NOTSET")
+    n = len(sizes)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for i, s_, kk, d in zip(_concrete(ctx, sizes, "auto_pad SAME"), strides, k, dil):
+            total = max((-(-i // s_) - 1) * s_ + (kk - 1) * d + 1 - i, 0)
+            small, big = total // 2, total - total // 2
+            out.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return out
+    if auto == "VALID":
+        return [(0, 0)] * n
+    p = list(attrs.get("pads", [0] * (2 * n)))
+    return [(p[i], p[i + n]) for i in range(n)]
+
+
+def _depth_taps(x, taps, dilation, stride, count):
+    """For each depth tap j: x[:, :, j·dilation :: stride][:count] (N, C, count, H, W)."""
+    return [x[:, :, j * dilation: j * dilation + stride * (count - 1) + 1: stride]
+            for j in range(taps)]
+
+
+def _conv3d(ctx, x, w, b, attrs):
+    n, c = x.shape[:2]
+    if isinstance(n, str):
+        raise ctx.error("3-D Conv needs a concrete batch size; specialize with dims=")
+    size = _concrete(ctx, x.shape[2:], "3-D Conv")
+    k = tuple(w.shape[2:])
+    strides = tuple(attrs.get("strides", [1, 1, 1]))
+    dil = tuple(attrs.get("dilations", [1, 1, 1]))
+    pads = _pads_nd(ctx, attrs, size, k, strides, dil)
+    if pads[0] != (0, 0):
+        x = gc.pad(x, ((0, 0), (0, 0), pads[0], (0, 0), (0, 0)))
+    dp = size[0] + sum(pads[0])
+    d_out = (dp - ((k[0] - 1) * dil[0] + 1)) // strides[0] + 1
+    total = None
+    for j, sl in enumerate(_depth_taps(x, k[0], dil[0], strides[0], d_out)):
+        flat = gc.reshape(gc.transpose(sl, (0, 2, 1, 3, 4)), (n * d_out, c) + size[1:])
+        y = gc.conv2d(flat, w[:, :, j], stride=strides[1:], padding=tuple(pads[1:]),
+                      dilation=dil[1:], groups=int(attrs.get("group", 1)))
+        total = y if total is None else total + y
+    o = w.shape[0]
+    y = gc.transpose(gc.reshape(total, (n, d_out, o) + tuple(total.shape[2:])), (0, 2, 1, 3, 4))
+    if b is not None:
+        y = y + gc.reshape(ctx.node(b), (1, o, 1, 1, 1))
+    return y
+
+
+def _pool3d(ctx, x, attrs, kind):
+    c = x.shape[1]
+    size = _concrete(ctx, x.shape[2:], f"3-D {kind}")
+    if isinstance(c, str):
+        raise ctx.error(f"3-D {kind} needs a concrete channel count")
+    k = tuple(attrs["kernel_shape"])
+    strides = tuple(attrs.get("strides", [1, 1, 1]))
+    dil = tuple(attrs.get("dilations", [1, 1, 1]))
+    pads = _pads_nd(ctx, attrs, size, k, strides, dil)
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    want = [_onnx_pool_out(i, kk, s_, d, p, ceil_mode)
+            for i, kk, s_, d, p in zip(size, k, strides, dil, pads)]
+    extra = [max(0, (o - 1) * s_ + (kk - 1) * d + 1 - (i + p[0] + p[1]))
+             for o, s_, kk, d, i, p in zip(want, strides, k, dil, size, pads)]
+    width = ((0, 0), (0, 0)) + tuple((b, a + e) for (b, a), e in zip(pads, extra))
+    padded = tuple(i + b + a for i, (b, a) in zip(size, width[2:]))
+
+    def planes(v, channels):  # (M, channels, want_d, H, W) -> (M, channels·want_d, H, W)
+        return gc.reshape(v, (v.shape[0], channels * want[0]) + padded[1:])
+
+    def crop(y, channels):  # (M, C·want_d, h, w) -> (M, C, want_d, want_h, want_w)
+        y = y[:, :, :want[1], :want[2]]
+        return gc.reshape(y, (y.shape[0], channels, want[0]) + tuple(want[1:]))
+    if kind == "MaxPool":
+        taps = _depth_taps(gc.pad(x, width, value=-np.inf), k[0], dil[0], strides[0], want[0])
+        m = taps[0]
+        for t in taps[1:]:
+            m = gc.maximum(m, t)
+        return crop(gc.max_pool2d(planes(m, c), k[1:], strides[1:], 0, dil[1:], False), c)
+
+    def window_sum(v, channels):
+        taps = _depth_taps(v, k[0], dil[0], strides[0], want[0])
+        total = taps[0]
+        for t in taps[1:]:
+            total = total + t
+        ones = gc.constant(np.ones((channels * want[0], 1) + k[1:], x.dtype), dtype=x.dtype)
+        return crop(gc.conv2d(planes(total, channels), ones, stride=strides[1:],
+                              dilation=dil[1:], groups=channels * want[0]), channels)
+    total = window_sum(gc.pad(x, width), c)
+    if attrs.get("count_include_pad", 0):
+        inside = np.ones((1, 1) + tuple(i + p[0] + p[1] for i, p in zip(size, pads)), x.dtype)
+        mask = np.pad(inside, ((0, 0), (0, 0)) + tuple((0, e) for e in extra))
+    else:
+        mask = np.pad(np.ones((1, 1) + size, x.dtype), width)
+    return total / window_sum(gc.constant(mask, dtype=x.dtype), 1)
