@@ -30,7 +30,7 @@ MAX_REGS = 255
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cuda-cache"))
 
 
 def gen(inputs, outputs, optimize=2):
@@ -220,9 +220,11 @@ def test_compile_cache_and_architecture(tmp_path, monkeypatch):
     second = compiler.compile_cuda(src, arch="sm_80")
     assert not first.cached and second.cached
     assert second.ptx == first.ptx and b".target sm_80" in first.ptx
-    assert len(list((tmp_path / "cuda").glob("*.cubin"))) == 1
+    assert len(list(tmp_path.glob("*.cubin"))) == 1
     compiler.compile_cuda(src, arch="sm_90")
-    assert len(list((tmp_path / "cuda").glob("*.cubin"))) == 2
+    assert len(list(tmp_path.glob("*.cubin"))) == 2
+    monkeypatch.setenv("GRAPHC_CACHE", "0")
+    assert not compiler.compile_cuda(src, arch="sm_80").cached
 
 
 @needs_compiler

@@ -109,6 +109,21 @@ def test_env_variable_selects_emulator(monkeypatch):
                                   np.maximum(v, 0))
 
 
+def test_empty_tensors_aliases_and_integer_outputs():
+    x = gc.input("x", (0, 3))
+    y = gc.input("y", (4,), dtype="int32")
+    w = gc.Parameter(np.arange(4, dtype=np.float32), name="w")
+    yf = gc.cast(y, "float64")
+    outs = [gc.relu(x), gc.sum(x, axis=0), x, y, w, gc.reshape(y * 2, (2, 2)),
+            yf @ gc.reshape(yf, (4, 1))]
+    vy = np.array([1, -2, 3, 4], np.int32)
+    got, want = both([x, y], outs, [np.zeros((0, 3), np.float32), vy])
+    for g, w_ in zip(got, want):
+        assert g.shape == w_.shape and g.dtype == w_.dtype
+        np.testing.assert_array_equal(g, w_)
+    assert got[6][0] == 30.0 and got[1].tolist() == [0.0, 0.0, 0.0]
+
+
 # ------------------------------------------------------------------ elementwise
 UNARY = ["neg", "abs", "sign", "exp", "log", "sqrt", "square", "reciprocal", "relu", "sigmoid",
          "tanh", "elu", "gelu", "softplus", "erf", "silu", "log_sigmoid", "leaky_relu"]

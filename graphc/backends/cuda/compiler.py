@@ -2,8 +2,9 @@
 resource reports, and the host build of the same source for the emulator.
 
 Everything compiled is cached on disk under GRAPHC_CACHE_DIR (default
-~/.cache/graphc/cuda), keyed by a hash of the source, the target architecture,
-the compiler and its version, so a graph compiles once per machine.
+~/.cache/graphc/cuda; GRAPHC_CACHE=0 disables it), keyed by a hash of the
+source, the target architecture, the compiler and its version, so a graph
+compiles once per machine.  Entries are written atomically (rename).
 """
 from __future__ import annotations
 
@@ -27,10 +28,15 @@ class CudaCompileError(GraphcError):
     """The generated CUDA source did not compile; the message quotes the lines."""
 
 
+def cache_enabled() -> bool:
+    return os.environ.get("GRAPHC_CACHE", "1") not in ("0", "")
+
+
 def cache_dir() -> str:
+    """GRAPHC_CACHE_DIR (shared with the LLVM backend; names do not collide), else
+    ~/.cache/graphc/cuda."""
     d = os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "graphc")
-    d = os.path.join(d, "cuda")
+                                                         "graphc", "cuda")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -156,8 +162,8 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, prefer: str = "nvrtc") -
         tag = "nvcc-" + subprocess.run([nvcc, "--version"], capture_output=True,
                                        text=True).stdout.strip().splitlines()[-1]
     k = _key(source, arch, tag)
-    base = os.path.join(cache_dir(), k)
-    if os.path.exists(base + ".cubin") and os.path.exists(base + ".ptx"):
+    base = os.path.join(cache_dir(), "cuda-" + k)
+    if cache_enabled() and os.path.exists(base + ".cubin") and os.path.exists(base + ".ptx"):
         with open(base + ".ptx", "rb") as f:
             ptx = f.read()
         with open(base + ".cubin", "rb") as f:
@@ -167,8 +173,9 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, prefer: str = "nvrtc") -
         ptx, cubin, log = _nvrtc_compile(source, arch)
     else:
         ptx, cubin, log = _nvcc_compile(source, arch, nvcc)
-    _atomic_write(base + ".ptx", ptx)
-    _atomic_write(base + ".cubin", cubin)
+    if cache_enabled():
+        _atomic_write(base + ".ptx", ptx)
+        _atomic_write(base + ".cubin", cubin)
     return Compiled(ptx, cubin, arch, tag, log)
 
 
@@ -252,7 +259,7 @@ def build_emulator(source: str, stubs: str) -> str:
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-w"]
     k = _key(source, stubs, header, ver, " ".join(flags))
-    lib = os.path.join(cache_dir(), f"emu-{k}.so")
+    lib = os.path.join(cache_dir() if cache_enabled() else tempfile.mkdtemp(), f"emu-{k}.so")
     if os.path.exists(lib):
         return lib
     with tempfile.TemporaryDirectory() as d:

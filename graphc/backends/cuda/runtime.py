@@ -14,6 +14,7 @@ pointers, one per parameter, each pointing at the parameter's value.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from abc import ABC, abstractmethod
 
@@ -86,8 +87,13 @@ class EmulatorRuntime(Runtime):
         self.arch = "emulated"
 
     def load(self, cprog):
-        path = build_emulator(cprog.source, emulator_stubs(cprog.launches))
-        lib = ctypes.CDLL(path)
+        stubs = emulator_stubs(cprog.launches)
+        path = build_emulator(cprog.source, stubs)
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:            # a damaged cache entry: rebuild it
+            os.remove(path)
+            lib = ctypes.CDLL(build_emulator(cprog.source, stubs))
         self._lib = lib   # keep loaded
         fns = {}
         for la in cprog.launches:
