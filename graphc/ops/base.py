@@ -101,8 +101,8 @@ def constant(value, dtype=None, name=None) -> Node:
             # a NumPy float64 array keeps its dtype.
             from_numpy = isinstance(value, (np.ndarray, np.generic))
             arr = arr if (from_numpy and arr.dtype == dt.float64) else arr.astype(dt.float32)
-        elif arr.dtype.kind in "iu":
-            arr = arr.astype(dt.int64)
+        elif arr.dtype.kind in "iu" and arr.dtype not in (dt.int32, dt.int64):
+            arr = arr.astype(dt.int64)  # Python ints, and NumPy's other int widths
         arr = arr.astype(dt.as_dtype(arr.dtype))
     arr.setflags(write=False)
     return Node(REGISTRY["constant"], (), {}, TensorType(arr.dtype, arr.shape), name=name,
