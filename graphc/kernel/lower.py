@@ -311,7 +311,17 @@ def lower_transpose(lw, n):
 
     def body(vs):
         return [Store(out, affine(vs, contiguous_strides(shape)), Load(src, affine(vs, st)))]
-    return [Kernel("transpose", [out, src], K.loop_nest(shape, body, outer_kind="parallel"))]
+    kern = Kernel("transpose", [out, src], K.loop_nest(shape, body, outer_kind="parallel"))
+    if len(shape) >= 2 and perm[-1] != len(perm) - 1:
+        # Reads are strided: tile the last two loops so a tile's rows stay in cache.
+        from .schedule import find_loops, tile
+        loops = find_loops(kern.body)
+        a, b = shape[-2], shape[-1]
+        fa = next((f for f in (32, 16, 8) if a % f == 0 and a > f), None)
+        fb = next((f for f in (32, 16, 8) if b % f == 0 and b > f), None)
+        if fa and fb:
+            tile(kern, loops[-2], fa, fb)
+    return [kern]
 
 
 @rule("numel")
