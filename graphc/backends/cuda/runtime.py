@@ -38,6 +38,12 @@ class Runtime(ABC):
     @abstractmethod
     def alloc(self, nbytes) -> int: ...
 
+    def free(self, dptr):
+        pass
+
+    def activate(self):
+        """Make this runtime usable from the calling thread (the driver's context)."""
+
     @abstractmethod
     def copy_htod(self, dptr, array): ...
 
@@ -109,6 +115,9 @@ class EmulatorRuntime(Runtime):
         self._mem[ptr] = a
         return ptr
 
+    def free(self, dptr):
+        self._mem.pop(dptr, None)
+
     def copy_htod(self, dptr, array):
         ctypes.memmove(dptr, array.ctypes.data, array.nbytes)
 
@@ -174,7 +183,8 @@ class DriverRuntime(Runtime):
                 A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev), "cuDeviceGetAttribute")
             arch = f"sm_{ma}{mi}"
         self.arch = arch
-        self._allocs = []
+        self._allocs = {}
+        self._modules = []
 
     def _check(self, result, what):
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -185,18 +195,27 @@ class DriverRuntime(Runtime):
             return None
         return rest[0] if len(rest) == 1 else rest
 
+    def activate(self):
+        self._check(self.cu.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+
     def load(self, cprog):
         comp = compile_cuda(cprog.source, self.arch)
-        self._check(self.cu.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
-        self.module = self._check(self.cu.cuModuleLoadData(comp.cubin), "cuModuleLoadData")
-        return {la.name: self._check(self.cu.cuModuleGetFunction(self.module, la.name.encode()),
+        self.activate()
+        module = self._check(self.cu.cuModuleLoadData(comp.cubin), "cuModuleLoadData")
+        self._modules.append(module)
+        return {la.name: self._check(self.cu.cuModuleGetFunction(module, la.name.encode()),
                                      f"cuModuleGetFunction({la.name})")
                 for la in cprog.launches}
 
     def alloc(self, nbytes):
         p = self._check(self.cu.cuMemAlloc(max(int(nbytes), 1)), "cuMemAlloc")
-        self._allocs.append(p)
+        self._allocs[int(p)] = p
         return int(p)
+
+    def free(self, dptr):
+        p = self._allocs.pop(dptr, None)
+        if p is not None:
+            self._check(self.cu.cuMemFree(p), "cuMemFree")
 
     def copy_htod(self, dptr, array):
         self._check(self.cu.cuMemcpyHtoD(dptr, array.ctypes.data, array.nbytes), "cuMemcpyHtoD")
@@ -220,10 +239,10 @@ class DriverRuntime(Runtime):
         if cu is None:
             return
         try:
-            for p in self._allocs:
+            for p in self._allocs.values():
                 cu.cuMemFree(p)
-            if getattr(self, "module", None) is not None:
-                cu.cuModuleUnload(self.module)
+            for m in self._modules:
+                cu.cuModuleUnload(m)
             cu.cuDevicePrimaryCtxRelease(self.dev)
         except Exception:
             pass
@@ -265,29 +284,43 @@ class Runner:
         self.cprog, self.rt = cprog, runtime
         prog = cprog.prog
         self.prog = prog
+        self._owned = []
         self.fns = runtime.load(cprog)
         self.n_inputs = len(graph.inputs)
         self.out_shapes = [tuple(int(d) for d in o.shape) for o in graph.outputs]
         plan = getattr(graph, "memory_plan", None)
         self.n_updates = getattr(plan, "n_updates", 0) or 0
         offsets, size = plan_arena(prog)
-        self.arena = runtime.alloc(size)
+        self.arena = self._alloc(size)
         self.ptr = {id(b): self.arena + off for b in prog.temps if id(b) in offsets
                     for off in [offsets[id(b)]]}
         self.shadow = {}
         for b, src in prog.externals:
-            self.ptr[id(b)] = runtime.alloc(b.size * b.dtype.itemsize)
+            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize)
             if src[0] == "array":
                 self._upload(b, np.asarray(src[1]))
             elif src[0] == "const":
                 self._upload(b, np.asarray(src[1].value))
         for b in getattr(cprog, "extra_buffers", []):   # privatized scratch
-            self.ptr[id(b)] = runtime.alloc(b.size * b.dtype.itemsize)
+            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize)
         for b in prog.temps:   # temporaries no kernel touches (never read) still need storage
             self.ptr.setdefault(id(b), self.arena)
         self._last_outputs = []
         self._lock = threading.Lock()
         self.uploads = 0   # parameter uploads host -> device (for tests and profiles)
+
+    def _alloc(self, nbytes):
+        p = self.rt.alloc(nbytes)
+        self._owned.append(p)
+        return p
+
+    def __del__(self):
+        rt = getattr(self, "rt", None)
+        for p in getattr(self, "_owned", ()):
+            try:
+                rt.free(p)
+            except Exception:   # interpreter shutdown, context gone
+                pass
 
     def _upload(self, buf, a):
         a = np.ascontiguousarray(a, dtype=buf.dtype).reshape(-1)
@@ -331,6 +364,7 @@ class Runner:
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
         with self._lock:
+            self.rt.activate()
             for b, src in self.prog.externals:
                 kind, what = src
                 if kind == "input":
