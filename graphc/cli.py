@@ -34,7 +34,9 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------ helpers
 def _say(msg: str = "") -> None:
-    print(msg, flush=True)
+    from . import distributed
+    if distributed.is_root():          # under mpiexec, rank 0 speaks for the job
+        print(msg, flush=True)
 
 
 def _model_input_shape(name: str, image_size: int) -> tuple:
@@ -230,16 +232,21 @@ def cmd_train(args) -> int:
     model = _build_model(args.model, args.seed, image_size)
     x = gc.input("x", (None,) + xtr.shape[1:])
     y = gc.input("y", (None,), dtype="int64")
-    step = training_step(model, x, y, cfg["lr"], args.backend)
+    from . import distributed           # data-parallel when launched by mpiexec -n N
+    step = distributed.maybe_wrap(training_step(model, x, y, cfg["lr"], args.backend))
     sched = optim.CosineAnnealingLR(step.optimizer, T_max=cfg["epochs"])
     _say(f"graphc train {args.model}: {model.num_parameters():,} parameters; data: {desc}")
     _say(f"  backend {args.backend}, {cfg['epochs']} epochs, batch size {cfg['batch_size']}, "
          f"Adam lr {cfg['lr']:g} (cosine schedule), seed {args.seed}")
     t0 = time.perf_counter()
-    with _small_matrix_blas():
-        history = fit(model, step, (xtr, ytr), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+    with _small_matrix_blas(), distributed.guard():
+        history = fit(model, step, distributed.maybe_shard((xtr, ytr), cfg["batch_size"],
+                                                           seed=args.seed),
+                      epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                       eval_data=(xte, yte), seed=args.seed, backend=args.backend,
-                      scheduler=sched)
+                      scheduler=sched, progress=distributed.is_root())
+    if not distributed.is_root():      # rank 0 writes the weights, history and pictures
+        return 0
     elapsed = time.perf_counter() - t0
     acc = history["accuracy"][-1] if history.get("accuracy") else float("nan")
     _say(f"done in {elapsed:.1f} s: final training loss {history['loss'][-1]:.4f}, "
