@@ -68,6 +68,7 @@ class Launch:
     """One __global__ function and the launch that runs it."""
 
     def __init__(self, name, grid, block, params, sync, node, what):
+        self.mapping = None
         self.name, self.grid, self.block = name, tuple(grid), tuple(block)
         self.params = params   # [("buf", Buffer) | ("var", Var)]
         self.sync = sync       # uses __syncthreads (the emulator runs such blocks as fibers)
@@ -288,6 +289,9 @@ class Generator:
         self._emit(name, sig, head, lines, max(threads, 1))
         la = Launch(name, (-(-total // threads), 1, 1), (threads, 1, 1), params, False,
                     self.node, what)
+        # the decision, for checkers: thread loops, per-thread body, host loops, atomics
+        la.mapping = dict(threads=list(par.pvars), body=body, host=list(host),
+                          atomic=set(par.atomic))
         self.launches.append(la)
         return la
 
@@ -310,6 +314,9 @@ class Generator:
         self._emit(name, sig, head, lines, threads)
         la = Launch(name, (nblocks, 1, 1), (threads, 1, 1), params, bool(blk.needs_sync),
                     self.node, what)
+        la.mapping = dict(blocks=list(chain), body=list(body), host=list(host),
+                          inner=[(s, info) for s, (kind, info) in zip(body, blk.kinds)
+                                 if kind == "distribute"])
         self.launches.append(la)
         return la
 
@@ -382,6 +389,7 @@ class Generator:
             raise NotLoweredError(f"cuda backend: a GEMM with {g.M} rows needs more than "
                                   f"{MAX_GRID_YZ} row tiles (gridDim.y limit)")
         la = Launch(name, grid, (TILE, TILE, 1), params, True, self.node, what)
+        la.mapping = dict(batch=list(batch), gemm=g, host=list(host))
         self.launches.append(la)
         return la
 
