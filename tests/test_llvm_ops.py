@@ -239,3 +239,14 @@ def test_large_full_reductions_split_in_chunks():
     close_sum(got[1], want[1], np.mean(np.abs(v)), n)
     assert got[2] == want[2] and got[3] == want[3]
     close_sum(got[4], want[4], np.sum(v * v), n)
+
+
+def test_bool_extrema_and_empty_tensors():
+    b = gc.input("b", (3, 4), dtype="bool")
+    e = gc.input("e", (0, 5))
+    got, want = both([b, e], [gc.max(b, axis=1), gc.min(b, axis=0), gc.sum(e, axis=0),
+                              gc.exp(e), gc.max(gc.cast(b, "int32"), axis=1)],
+                     [RNG.random((3, 4)) > 0.5, np.zeros((0, 5), np.float32)])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)

@@ -39,6 +39,9 @@ class Program:
         self.temps: list = []       # Buffers the runtime allocates
         self.outputs: list = []     # Buffer per graph output
         self.kernel_nodes: list = []  # the graph node each kernel came from (for errors/profiles)
+        # (buffer, n, op name, user line): integer indices that must lie in [0, n); the
+        # runtime checks the external ones (graph inputs, parameters) before running.
+        self.index_checks: list = []
 
     def format(self) -> str:
         return "\n\n".join(k.format() for k in self.kernels)
@@ -57,7 +60,7 @@ class Lowerer:
 
     def new_buffer(self, dtype, size, hint="t", temp=True, scope="global"):
         self._count += 1
-        b = Buffer(f"{hint}{self._count}", dtype, max(int(size), 1), scope)
+        b = Buffer(f"{hint}{self._count}", dtype, int(size), scope)
         if temp:
             self.prog.temps.append(b)
         return b
@@ -340,10 +343,12 @@ def _reduce_axes(n):
 def _ident(op, dtype):
     if op == "sum" or op == "mean":
         return Const(0, dtype)
-    big = np.inf if dtype.kind == "f" else np.iinfo(dtype).max
     if dtype == BOOL:
         return Const(op == "min", dtype)
-    return Const(-big if op == "max" else big, dtype)
+    if dtype.kind == "f":
+        return Const(-np.inf if op == "max" else np.inf, dtype)
+    info = np.iinfo(dtype)
+    return Const(info.min if op == "max" else info.max, dtype)
 
 
 def _combine(op, acc, v):
@@ -488,3 +493,4 @@ def lower_matmul(lw, n):
 
 
 from . import lower_nn  # noqa: E402,F401  (registers the nn rules)
+from . import lower_index  # noqa: E402,F401  (registers the indexing rules)

@@ -427,6 +427,8 @@ def lower_softmax_xent(lw, n):
     X, L, OUT = lw.buf(x), lw.buf(y), lw.buf(n)
     cax = 1 if x.ndim >= 2 else 0
     outer, C, inner = _rows(_shape(x), cax)
+    if n.attrs["ignore_index"] is None:
+        lw.prog.index_checks.append((L, C, n.op.name, n.loc))
     d = n.dtype
     o, i, r = Var("o"), Var("i"), Var("r")
     stats, m, s, at = _row_stats(X, o, i, C, inner, d)

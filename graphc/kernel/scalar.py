@@ -98,7 +98,19 @@ def _pow(a, b):
     return Cast(f, a.dtype)
 
 
+def _bce(args):
+    """max(x, 0) - x t + log1p(e^-|x|); with pos_weight p: p t softplus(-x) + (1-t) softplus(x)."""
+    x, t = args[0], args[1]
+    d = x.dtype
+    if len(args) == 2:
+        return BinOp("sub", softplus_core(x), BinOp("mul", x, t))
+    p = args[2]
+    return BinOp("add", BinOp("mul", BinOp("mul", p, t), softplus_core(UnOp("neg", x))),
+                 BinOp("mul", BinOp("sub", c(1.0, d), t), softplus_core(x)))
+
+
 SCALAR = {
+    "bce_with_logits": lambda a, at, d: _bce(a),
     "add": lambda a, at, d: BinOp("add", *a),
     "sub": lambda a, at, d: BinOp("sub", *a),
     "mul": lambda a, at, d: BinOp("mul", *a),

@@ -232,6 +232,12 @@ class Runner:
                 keep.append(a)
                 self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
                 self._where[id(buf)] = a.reshape(-1)
+            for buf, n, op, loc in prog.index_checks:
+                a = self._where.get(id(buf))
+                if a is not None and a.size and (a.min() < 0 or a.max() >= n):
+                    raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
+                                     f"found values from {int(a.min())} to {int(a.max())}\n"
+                                     f"  node built at {loc}")
             self.err[:] = 0
             for ev in self._workers:
                 ev.set()
