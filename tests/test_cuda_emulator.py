@@ -444,3 +444,28 @@ def test_random_fused_graphs_match_numpy():
              RNG.standard_normal(7).astype(np.float32)]
     got, want = both([x, y], outs, feeds, optimize=2)
     close(got, want, 1e-5, 1e-6)
+
+
+def test_lenet_avg_pool_tanh_adam_steps_match_numpy():
+    from graphc import models, optim
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((5, 1, 32, 32)).astype(np.float32)
+    Y = rng.integers(0, 10, 5)
+
+    def curve(backend):
+        m = models.lenet5(rng=np.random.default_rng(1), activation="tanh", pool="avg",
+                          input_size=32)
+        x, y = gc.input("x", (5, 1, 32, 32)), gc.input("y", (5,), dtype="int64")
+        step = optim.Adam(m.parameters(), lr=1e-3).compile_step(
+            lambda xb, yb: gc.cross_entropy(m(xb), yb, label_smoothing=0.1), x, y,
+            backend=backend)
+        return [float(step(X, Y)) for _ in range(3)]
+
+    np.testing.assert_allclose(curve("cuda"), curve("numpy"), rtol=2e-5)
+
+
+def test_cuda_benchmark_script_runs_on_the_emulator(capsys):
+    from graphc.backends.cuda import bench
+    text = bench.main(["--emulate", "--small", "--repeat", "1"])
+    assert "matmul 64x64x64" in text and "LeNet-5 train step batch 8" in text
+    assert text.count("graphc device") == 3 and "torch" not in text

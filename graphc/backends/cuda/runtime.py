@@ -360,6 +360,14 @@ class Runner:
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
             self.rt.launch(self.fns[st.name], st.grid, st.block, args)
 
+    def launch_all(self):
+        """Launch every kernel on the data already on the device, then synchronize
+        (device-side timing; no transfers)."""
+        with self._lock:
+            self.rt.activate()
+            self._run(self.cprog.steps, {})
+            self.rt.synchronize()
+
     def __call__(self, arrays):
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")

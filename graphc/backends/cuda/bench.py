@@ -1,0 +1,164 @@
+"""CUDA benchmarks: graphc's CUDA backend against PyTorch CUDA (when installed).
+
+    python -m graphc.backends.cuda.bench [--only matmul,conv,lenet] [--repeat 20]
+    python -m graphc.backends.cuda.bench --emulate --small     # a smoke run on the CPU
+
+Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
+(batch 32, 64->64 channels, 56x56), and the LeNet-5 training step at batch 256.
+For graphc two times are reported: *device* (inputs already on the device,
+every kernel of the graph launched, then a synchronize) and *call* (the whole
+Python call: one host-to-device copy per input, the launches, one
+device-to-host copy per output).  PyTorch is timed the same way as *device*
+(tensors on the GPU, then torch.cuda.synchronize()).  Implementations run
+interleaved, after warm-up; medians are printed with the ratio torch/graphc.
+
+No numbers from this script have been recorded yet: no GPU was available
+while it was written (see docs/cuda.md).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def _runner(fn):
+    """The shape-specialized runner behind a compiled Function (after one call)."""
+    return next(iter(fn._cache.values()))
+
+
+def _median_times(impls: dict, repeat: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        for f in impls.values():
+            f()
+    times = {k: [] for k in impls}
+    for _ in range(repeat):
+        for k, f in impls.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def bench_matmul(n, repeat, torch):
+    import graphc as gc
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    x, y = gc.input("a", (n, n)), gc.input("b", (n, n))
+    f = gc.compile([x, y], x @ y, backend="cuda")
+    out = f(a, b)
+    r = _runner(f)
+    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(a, b)}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+        ref = (ta @ tb).cpu().numpy()
+        assert np.allclose(out, ref, rtol=1e-3, atol=1e-2 * np.sqrt(n))
+
+        def tm():
+            ta @ tb
+            torch.cuda.synchronize()
+        impls["torch"] = tm
+    return f"matmul {n}x{n}x{n}", 2.0 * n ** 3, _median_times(impls, repeat)
+
+
+def bench_conv(batch, ch, hw, repeat, torch):
+    import graphc as gc
+    rng = np.random.default_rng(0)
+    xv = rng.standard_normal((batch, ch, hw, hw), dtype=np.float32)
+    wv = rng.standard_normal((ch, ch, 3, 3), dtype=np.float32) * 0.05
+    x, w = gc.input("x", xv.shape), gc.input("w", wv.shape)
+    f = gc.compile([x, w], gc.conv2d(x, w, padding=1), backend="cuda")
+    f(xv, wv)
+    r = _runner(f)
+    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv, wv)}
+    if torch is not None:
+        tx, tw = torch.from_numpy(xv).cuda(), torch.from_numpy(wv).cuda()
+
+        def tm():
+            torch.nn.functional.conv2d(tx, tw, padding=1)
+            torch.cuda.synchronize()
+        impls["torch"] = tm
+    flops = 2.0 * batch * ch * hw * hw * ch * 9
+    return f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {batch}", flops, _median_times(impls, repeat)
+
+
+def bench_lenet(batch, repeat, torch):
+    import graphc as gc
+    from graphc import models, optim
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    yb = rng.integers(0, 10, batch)
+    m = models.lenet5(rng=np.random.default_rng(0))
+    x, y = gc.input("x", (batch, 1, 28, 28)), gc.input("y", (batch,), dtype="int64")
+    step = optim.SGD(m.parameters(), lr=0.01, momentum=0.9).compile_step(
+        lambda a, b: gc.cross_entropy(m(a), b), x, y, backend="cuda")
+    step(xb, yb)
+    r = _runner(step.function)
+    impls = {"graphc device": r.launch_all, "graphc call": lambda: step(xb, yb)}
+    if torch is not None:
+        nn = torch.nn
+        net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                            nn.Linear(84, 10)).cuda()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        tx, ty = torch.from_numpy(xb).cuda(), torch.from_numpy(yb).cuda()
+
+        def tm():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(tx), ty).backward()
+            opt.step()
+            torch.cuda.synchronize()
+        impls["torch"] = tm
+    flops = 3 * 2.0 * batch * (6 * 784 * 25 + 16 * 100 * 150 + 400 * 120 + 120 * 84 + 840)
+    return f"LeNet-5 train step batch {batch}", flops, _median_times(impls, repeat)
+
+
+def report(name, flops, times) -> str:
+    lines = [name]
+    base = times.get("graphc device")
+    for k, t in times.items():
+        ratio = f"  torch/graphc-device {t / base:.2f}" if k == "torch" and base else ""
+        lines.append(f"  {k:14s} {t * 1e3:9.3f} ms  {flops / t / 1e9:9.1f} GFLOP/s{ratio}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="matmul,conv,lenet")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--emulate", action="store_true", help="run on the CPU emulator")
+    ap.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
+    args = ap.parse_args(argv)
+    from . import select_runtime, set_options
+    set_options(emulate=True if args.emulate else None)
+    rt = select_runtime()
+    torch = None if args.emulate else _torch_cuda()
+    print(f"graphc CUDA backend on {type(rt).__name__} ({rt.arch}); PyTorch CUDA: "
+          f"{'yes' if torch is not None else 'not available'}", flush=True)
+    only = set(args.only.split(","))
+    out = []
+    if "matmul" in only:
+        out.append(bench_matmul(64 if args.small else 4096, args.repeat, torch))
+    if "conv" in only:
+        out.append(bench_conv(*((2, 8, 12) if args.small else (32, 64, 56)), args.repeat, torch))
+    if "lenet" in only:
+        out.append(bench_lenet(8 if args.small else 256, args.repeat, torch))
+    text = "\n".join(report(*o) for o in out)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()
