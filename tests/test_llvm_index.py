@@ -86,3 +86,16 @@ def test_bad_labels_raise_before_native_code():
         g(np.zeros((3, 5), np.float32), np.array([-1, 2]))
     np.testing.assert_array_equal(g(np.eye(3, 5, dtype=np.float32), np.array([1, 1])),
                                   np.eye(3, 5, dtype=np.float32)[:, [1, 1]])
+
+
+def test_dropout_mask_is_bit_exact_with_the_reference():
+    x = gc.input("x", (7, 129))
+    key = gc.input("key", (), dtype="int64")
+    y = gc.dropout(x, 0.3, key, stream=5)
+    (gx,) = gc.grad(gc.sum(y * y), [x])
+    vx = RNG.standard_normal((7, 129)).astype(np.float32)
+    for k in (0, -3, 2 ** 40 + 7):
+        got, want = both([x, key], [y, gx], [vx, np.int64(k)])
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert 0.2 < np.mean(got[0] == 0) < 0.4

@@ -90,7 +90,9 @@ class Load(Expr):
         return f"{self.buf.name}[{self.index!r}]"
 
 
-ARITH = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "and", "or")
+ARITH = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "and", "or", "xor", "lshr")
+# Integer add/sub/mul wrap modulo 2**bits (two's complement); "lshr" is a logical
+# (unsigned) right shift and "xor" a bitwise xor, for hashing.
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 UNARY = ("neg", "abs", "sqrt", "exp", "log", "expm1", "log1p", "erf", "sign", "not",
          "floor", "isnan", "recip")

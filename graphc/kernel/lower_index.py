@@ -203,3 +203,38 @@ def lower_nll(lw, n):
         loss = Select(valid, loss, Const(0.0, d))
     body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
     return [Kernel("nll", [OUT, X, L], [Loop(o, outer, [Loop(i, inner, body)], "parallel")])]
+
+
+def _s64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _mix64(z):
+    """splitmix64's finalizer on int64 expressions (wrapping arithmetic)."""
+    from ..ops.nn import DROPOUT_MIX1, DROPOUT_MIX2
+    z = BinOp("xor", z, BinOp("lshr", z, idx(30)))
+    z = BinOp("mul", z, idx(_s64(DROPOUT_MIX1)))
+    z = BinOp("xor", z, BinOp("lshr", z, idx(27)))
+    z = BinOp("mul", z, idx(_s64(DROPOUT_MIX2)))
+    return BinOp("xor", z, BinOp("lshr", z, idx(31)))
+
+
+@rule("dropout")
+def lower_dropout(lw, n):
+    """The op's documented counter-based hash, bit for bit (see ops/nn.py DropoutOp)."""
+    from ..ops.nn import DROPOUT_GOLDEN, DROPOUT_STREAM_OFFSET, _mix64_int
+    x, key = n.inputs
+    X, KB, Y = lw.buf(x), lw.buf(key), lw.buf(n)
+    a = n.attrs
+    salt = _s64(_mix64_int(a["stream"] + DROPOUT_STREAM_OFFSET))
+    s = _mix64(BinOp("xor", Cast(Load(KB, idx(0)), INDEX), idx(salt)))
+    i = Var("i")
+    z = _mix64(BinOp("add", s, BinOp("mul", i, idx(_s64(DROPOUT_GOLDEN)))))
+    keep = BinOp("ge", BinOp("lshr", z, idx(40)), idx(a["threshold"]))
+    d = Y.dtype
+    scale = float(np.asarray(a["scale"], dtype=d))       # one multiply in x's dtype
+    val = Select(keep, BinOp("mul", Load(X, i), Const(scale, d)), Const(0.0, d))
+    return [Kernel("dropout", [Y, X, KB], [Loop(i, Y.size, [Store(Y, i, val)], "parallel")],
+                   flops=Y.size * 12)]

@@ -269,6 +269,10 @@ class KernelEmitter:
             return b.and_(x, y)
         if op == "or":
             return b.or_(x, y)
+        if op == "xor":
+            return b.xor(x, y)
+        if op == "lshr":
+            return b.lshr(x, y)
         if isf:
             if op == "add":
                 return b.fadd(x, y, flags=flags)
