@@ -469,3 +469,27 @@ def test_cuda_benchmark_script_runs_on_the_emulator(capsys):
     text = bench.main(["--emulate", "--small", "--repeat", "1"])
     assert "matmul 64x64x64" in text and "LeNet-5 train step batch 8" in text
     assert text.count("graphc device") == 3 and "torch" not in text
+
+
+def test_two_python_threads_share_a_compiled_graph():
+    import threading
+    x = gc.input("x", (3, 300))
+    f = gc.compile([x], [gc.softmax(x, axis=1), gc.sum(x, axis=1)], backend="cuda")
+    vs = [RNG.standard_normal((3, 300)).astype(np.float32) for _ in range(4)]
+    want = [gc.compile([x], [gc.softmax(x, axis=1), gc.sum(x, axis=1)])(v) for v in vs]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(5):
+                got = f(vs[k])
+                np.testing.assert_allclose(got[0], want[k][0], rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(got[1], want[k][1], rtol=1e-4, atol=1e-4)
+        except Exception as e:   # reported below
+            errors.append(e)
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]

@@ -85,6 +85,9 @@ def emulator_stubs(launches) -> str:
     return "\n".join(out) + "\n"
 
 
+_EMU_LOCK = threading.Lock()   # the emulator's CUDA built-ins are process-wide state
+
+
 class EmulatorRuntime(Runtime):
     name = "emulator"
 
@@ -131,7 +134,8 @@ class EmulatorRuntime(Runtime):
         g = (ctypes.c_uint * 3)(*grid)
         b = (ctypes.c_uint * 3)(*block)
         argv = _argv(args)
-        rc = kernel(ctypes.addressof(g), ctypes.addressof(b), ctypes.addressof(argv))
+        with _EMU_LOCK:
+            rc = kernel(ctypes.addressof(g), ctypes.addressof(b), ctypes.addressof(argv))
         if rc != 0:
             raise CudaRuntimeError(f"emulated launch failed ({rc}): threads of a block "
                                    "disagreed about __syncthreads")
