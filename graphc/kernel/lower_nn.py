@@ -237,8 +237,9 @@ def _windows(x_shape, out_hw, attrs, dil, make_body, per_window_pre=None, per_wi
         pos = K.add(plane, affine([_clamp(hi, H - 1), _clamp(wi, W - 1)], [W, 1]))
     out_pos = affine([nc, i, j], [OH * OW, OW, 1])
     inner = [Loop(k, kh, [Loop(l, kw, make_body(pos, inb))])]
-    body = (per_window_pre(out_pos) if per_window_pre else []) + inner + \
-        (per_window_post(out_pos) if per_window_post else [])
+    wv = {"nc": nc, "i": i, "j": j, "plane": plane}
+    body = (per_window_pre(out_pos, wv) if per_window_pre else []) + inner + \
+        (per_window_post(out_pos, wv) if per_window_post else [])
     z = Var("z")
     zero = [] if zero_buf is None else [
         Loop(z, H * W, [Store(zero_buf, K.add(plane, z), Const(0, zero_buf.dtype))], "vector")]
@@ -249,19 +250,32 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=N
     """Per window: (best value, flat position of the first maximum among real elements)."""
     best, bpos, found = Local(x_buf.dtype, "best"), Local(INDEX, "bpos"), Local(BOOL, "found")
 
+    inside = _inside(x_shape, out_hw, attrs, dil)
+
     def body(pos, inb):
         v = Load(x_buf, pos)
         better = BinOp("or", BinOp("gt", v, best),
                        BinOp("and", UnOp("isnan", v), UnOp("not", UnOp("isnan", best))))
+        if inside:
+            # best starts at -inf with bpos at the window's first element: a strict >
+            # keeps the first maximum, and an all -inf window keeps its first element.
+            return [Assign(bpos, Select(better, pos, bpos)), Assign(best, Select(better, v, best))]
         take = _band(inb, BinOp("or", better, UnOp("not", found)))
         return [Assign(bpos, Select(take, pos, bpos)), Assign(best, Select(take, v, best)),
                 Assign(found, BinOp("or", found, inb))]
 
-    def pre(out_pos):
+    H, W = x_shape[2:]
+    (sh, sw), (ph, pw) = attrs["stride"], attrs["padding"]
+
+    def pre(out_pos, wv):
+        if inside:
+            # the window's first element is (i*sh, j*sw) of plane nc
+            first = affine([wv["nc"], wv["i"], wv["j"]], [H * W, sh * W, sw])
+            return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, first)]
         return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, idx(0)),
                 Assign(found, Const(False, BOOL))]
     return _windows(x_shape, out_hw, attrs, dil, body, pre,
-                    lambda out_pos: finish(out_pos, best, bpos), zero_buf)
+                    lambda out_pos, wv: finish(out_pos, best, bpos, wv), zero_buf)
 
 
 @rule("max_pool2d")
@@ -270,7 +284,7 @@ def lower_max_pool2d(lw, n):
     X, Y = lw.buf(x), lw.buf(n)
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
-                          lambda op, best, bpos: [Store(Y, op, best)])
+                          lambda op, best, bpos, wv: [Store(Y, op, best)])
     return [Kernel("max_pool2d", [Y, X], body, flops=prod(_shape(n)) * prod(n.attrs["kernel_size"]))]
 
 
@@ -289,18 +303,15 @@ def lower_max_pool2d_grad(lw, n):
         covered = ohw[0] * kh == H and ohw[1] * kw == W
         k2, l2 = Var("k"), Var("l")
 
-        def finish(op, best, bpos):
-            i_w = BinOp("mod", BinOp("div", op, idx(ohw[1])), idx(ohw[0]))
-            j_w = BinOp("mod", op, idx(ohw[1]))
-            nc = BinOp("div", op, idx(ohw[0] * ohw[1]))
-            pos = affine([nc, i_w, k2, j_w, l2], [H * W, kh * W, W, kw, 1])
+        def finish(op, best, bpos, wv):
+            pos = affine([wv["nc"], wv["i"], k2, wv["j"], l2], [H * W, kh * W, W, kw, 1])
             g = Load(Gb, op)
             return [Loop(k2, kh, [Loop(l2, kw, [Store(DX, pos, Select(
                 BinOp("eq", pos, bpos), g, Const(0, DX.dtype)))])])]
         body = _argmax_window(lw, n, X, xs, ohw, n.attrs, dil, finish,
                               zero_buf=None if covered else DX)
         return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
-    body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos: [
+    body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos, wv: [
         Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))], zero_buf=DX)
     return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
 
@@ -312,7 +323,7 @@ def lower_max_pool2d_gather(lw, n):
     _same_dtype(lw, n, [X, Hb])
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
-                          lambda op, best, bpos: [Store(Y, op, Load(Hb, bpos))])
+                          lambda op, best, bpos, wv: [Store(Y, op, Load(Hb, bpos))])
     return [Kernel("max_pool2d_gather", [Y, X, Hb], body)]
 
 
@@ -329,12 +340,11 @@ def lower_avg_pool2d(lw, n):
     def body(pos, inb):
         return [Assign(acc, BinOp("add", acc, Select(inb, Load(X, pos), Const(0, X.dtype))))]
 
-    def post(op):
-        dpos = K.add(K.mul(BinOp("mod", BinOp("div", op, idx(OW)), idx(OH)), OW),
-                     BinOp("mod", op, idx(OW)))
+    def post(op, wv):
+        dpos = affine([wv["i"], wv["j"]], [OW, 1])
         return [Store(Y, op, BinOp("div", acc, Load(div, dpos)))]
     loops = _windows(_shape(x), ohw, attrs, (1, 1), body,
-                     lambda op: [Assign(acc, Const(0, X.dtype))], post)
+                     lambda op, wv: [Assign(acc, Const(0, X.dtype))], post)
     return [Kernel("avg_pool2d", [Y, X, div], loops)]
 
 
@@ -362,9 +372,8 @@ def lower_avg_pool2d_grad(lw, n):
     x_shape = tuple(_shape(g)[:2]) + tuple(in_hw)
     share = Local(DX.dtype, "share")
 
-    def pre(op):
-        dpos = K.add(K.mul(BinOp("mod", BinOp("div", op, idx(OW)), idx(OH)), OW),
-                     BinOp("mod", op, idx(OW)))
+    def pre(op, wv):
+        dpos = affine([wv["i"], wv["j"]], [OW, 1])
         return [Assign(share, BinOp("div", Load(Gb, op), Load(div, dpos)))]
 
     def body(pos, inb):
