@@ -172,6 +172,9 @@ class Runner:
         self.profiling = profile
         self.calls = 0
         self._out_nodes = out_nodes
+        self._out_shapes = [tuple(int(d) for d in node.shape) for node in out_nodes]
+        self._bound = {}
+        self._table_addr = self.table.ctypes.data
         self._lock = threading.Lock()   # the arena is shared state: one call at a time
         self.kernel_names = [f"k{i}_{k.name}" for i, k in enumerate(prog.kernels)]
         self._workers = []
@@ -212,50 +215,66 @@ class Runner:
         scale = 1.0 / _cycles_per_second() / max(self.calls, 1)
         return [(n, f, int(c) * scale) for (n, f), c in zip(self.kernels(), self.prof)]
 
+    def _bind_external(self, slot, buf, kind, a):
+        """Check one external array and put its address in the table; returns the array."""
+        a = np.asarray(a)
+        if a.dtype != buf.dtype or a.size != buf.size:
+            raise GraphcError(f"{kind} buffer {buf.name}: expected {buf.size} elements of "
+                              f"{buf.dtype}, got {a.dtype}{a.shape}")
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
+        return a
+
     def __call__(self, arrays):
         prog = self.prog
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
         with self._lock:
-            self._where = {}
-            keep = []
+            where = self._where = {}
+            bound = self._bound          # slot -> the array whose address the table holds
             for slot, (buf, src) in enumerate(prog.externals):
                 kind, what = src
-                a = (arrays[what] if kind == "input" else what if kind == "array"
-                     else what.value)
-                a = np.asarray(a)
-                if a.dtype != buf.dtype or a.size != buf.size:
-                    raise GraphcError(f"{kind} buffer {buf.name}: expected {buf.size} elements of "
-                                      f"{buf.dtype}, got {a.dtype}{a.shape}")
-                if not a.flags.c_contiguous:
-                    a = np.ascontiguousarray(a)
-                keep.append(a)
-                self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
-                self._where[id(buf)] = a.reshape(-1)
+                if kind == "input":
+                    a = self._bind_external(slot, buf, kind, arrays[what])
+                else:
+                    a = what if kind == "array" else what.value
+                    # Parameters may be replaced between calls: re-check only when the
+                    # array object changed (set_value writes in place and keeps it).
+                    if bound.get(slot) is not a:
+                        a = self._bind_external(slot, buf, kind, a)
+                        bound[slot] = a if a is (what if kind == "array" else what.value) \
+                            else None
+                where[id(buf)] = a
             for buf, n, op, loc in prog.index_checks:
-                a = self._where.get(id(buf))
+                a = where.get(id(buf))
                 if a is not None and a.size and (a.min() < 0 or a.max() >= n):
                     raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
                                      f"found values from {int(a.min())} to {int(a.max())}\n"
                                      f"  node built at {loc}")
-            self.err[:] = 0
+            if self.debug_bounds:
+                self.err[:] = 0
             for ev in self._workers:
                 ev.set()
             try:
-                self._fn(self.table.ctypes.data, 0)
+                self._fn(self._table_addr, 0)
             finally:
                 for _ in self._workers:
                     self._done.acquire()
             self.calls += 1
-            if self.err[0]:
+            if self.debug_bounds and self.err[0]:
                 k, i, n = (int(v) for v in self.err[1:])
                 node = prog.kernel_nodes[k] if k < len(prog.kernel_nodes) else None
-                where = f" ({node.op.name} built at {node.loc})" if node is not None else ""
-                raise GraphcError(f"bounds check failed in kernel {self.kernel_names[k]}{where}: "
+                where_ = f" ({node.op.name} built at {node.loc})" if node is not None else ""
+                raise GraphcError(f"bounds check failed in kernel {self.kernel_names[k]}{where_}: "
                                   f"index {i} outside a buffer of {n} elements")
             outs = []
-            for buf, node in zip(prog.outputs, self._out_nodes):
-                outs.append(self._view(buf).copy().reshape(tuple(int(d) for d in node.shape)))
+            for buf, shape in zip(prog.outputs, self._out_shapes):
+                src = where.get(id(buf))
+                if src is None:
+                    off = self.offsets[id(buf)] + self._shift
+                    src = self.arena[off:off + buf.size * buf.dtype.itemsize].view(buf.dtype)
+                outs.append(src.reshape(shape).copy())
             return outs
 
 
