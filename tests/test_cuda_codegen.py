@@ -156,14 +156,16 @@ def test_scatter_adds_become_atomics():
 
 
 def test_unlowered_op_is_reported():
-    x = gc.input("x", (3, 4))
-    y = gc.concatenate([x, x], axis=0) if hasattr(gc, "concatenate") else gc.concat([x, x], 0)
-    with pytest.raises(NotLoweredError, match="concat"):
+    from graphc import nn
+    x = gc.input("x", (4, 3, 5))
+    out = nn.LSTM(5, 7)(x)            # the recurrence is a `scan` (not lowered yet)
+    y = gc.sum(out[0] if isinstance(out, tuple) else out)
+    with pytest.raises(NotLoweredError, match="scan"):
         gen([x], [y], optimize=0)
     C.set_options(emulate=True)
     try:
         with pytest.raises(NotLoweredError, match="cuda backend"):
-            gc.compile([x], [y], backend="cuda")(np.ones((3, 4), np.float32))
+            gc.compile([x], [y], backend="cuda")(np.ones((4, 3, 5), np.float32))
     finally:
         C.set_options(emulate=None)
 

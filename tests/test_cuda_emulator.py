@@ -165,14 +165,22 @@ def test_binary_broadcast_compare_where_cast():
         np.testing.assert_allclose(g, w, rtol=2e-6, atol=0, equal_nan=True)
 
 
-def test_integer_floor_division_and_modulo_semantics():
-    from graphc.backends.cuda.cexpr import ExprWriter, Namer  # noqa: F401 (module imports)
+def test_integer_floor_division_semantics():
     a = gc.input("a", (12,), dtype="int64")
     b = gc.input("b", (12,), dtype="int64")
     va = np.array([7, -7, 7, -7, 0, 5, -5, 9, -9, 1, 3, -3])
     vb = np.array([2, 2, -2, -2, 3, 1, 1, -1, -1, 7, -5, 5])
-    got, want = both([a, b], [a / b if False else gc.div(a, b)], [va, vb])
+    got, want = both([a, b], [gc.div(a, b)], [va, vb])
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_integer_overflow_wraps_like_numpy():
+    a, b = gc.input("a", (4,), dtype="int32"), gc.input("b", (4,), dtype="int32")
+    va = np.array([2**31 - 1, -2**31, 65536, 7], np.int32)
+    vb = np.array([1, -1, 65536, -3], np.int32)
+    got, want = both([a, b], [a + b, a - b, a * b], [va, vb])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 # ------------------------------------------------------------------ reductions
@@ -331,6 +339,69 @@ def test_shape_ops_numel_and_pool_gather_directly():
     got, want = both([x, h, g, b, p], outs, feeds)
     assert float(got[2]) == 14.0
     close(got, want, 1e-6, 1e-6)
+
+
+def test_indexing_ops_and_their_gradients():
+    # slice, pad, concat, take (embedding) and its scatter-add gradient, one_hot
+    x = gc.input("x", (5, 7))
+    ids = gc.input("ids", (3, 4), dtype="int64")
+    wt = gc.input("wt", (11, 6))
+    emb = gc.embedding(ids, wt)
+    sl = gc.getitem(x, (slice(1, 5, 2), slice(None, None, 3)))
+    pd = gc.pad(x, ((1, 0), (2, 3)), value=-1.5)
+    cc = gc.concatenate([x, gc.tanh(x)], axis=1)
+    oh = gc.one_hot(ids, 11)
+    gemb, = gc.grad(gc.sum(emb * emb), [wt])
+    gx, = gc.grad(gc.sum(sl * sl) + gc.sum(pd * pd) + gc.sum(cc * cc), [x])
+    vx = RNG.standard_normal((5, 7)).astype(np.float32)
+    vids = RNG.integers(0, 11, (3, 4))
+    vids[0, :2] = 3                       # repeated ids: the gradient adds up
+    vwt = RNG.standard_normal((11, 6)).astype(np.float32)
+    got, want = both([x, ids, wt], [emb, sl, pd, cc, oh, gemb, gx], [vx, vids, vwt])
+    close(got, want, 1e-6, 1e-6)
+    f = gc.compile([x, ids, wt], [emb], backend="cuda")
+    with pytest.raises(IndexError, match="index out of range"):
+        f(vx, np.full((3, 4), 11), vwt)
+
+
+def test_dropout_matches_the_reference_hash_bit_for_bit():
+    x = gc.input("x", (7, 129))
+    key = gc.Parameter(np.array(123456789, np.int64), name="key")
+    y = gc.dropout(x, 0.3, key)
+    v = RNG.standard_normal((7, 129)).astype(np.float32)
+    got, want = both([x], [y, gc.dropout(x, 0.5, key, stream=3)], [v])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert 0.2 < np.mean(got[0] == 0) < 0.4
+
+
+def test_losses_logsumexp_nll_bce():
+    z = gc.input("z", (6, 5))
+    y = gc.input("y", (6,), dtype="int64")
+    t = gc.input("t", (6, 5))
+    outs = [gc.logsumexp(z, axis=1), gc.logsumexp(z), gc.nll_loss(gc.log_softmax(z, axis=1), y),
+            gc.nll_loss(gc.log_softmax(z, axis=1), y, ignore_index=1, reduction="sum"),
+            gc.binary_cross_entropy_with_logits(z, t),
+            gc.binary_cross_entropy_with_logits(z, t, pos_weight=gc.constant(
+                np.linspace(0.5, 2, 5).astype(np.float32)), reduction="none")]
+    outs += gc.grad(outs[2] + outs[4], [z])
+    vz = (RNG.standard_normal((6, 5)) * 4).astype(np.float32)
+    vy = RNG.integers(0, 5, 6)
+    vt = RNG.uniform(0, 1, (6, 5)).astype(np.float32)
+    got, want = both([z, y, t], outs, [vz, vy, vt], optimize=2)
+    close(got, want, 2e-6, 1e-6)
+
+
+def test_long_fused_chains_compile_quickly():
+    # activations use their argument several times: the expression is a DAG that
+    # must not be expanded into a tree (3**40 nodes) anywhere in code generation
+    x = gc.input("x", (9,))
+    y = x
+    for k in range(40):
+        y = gc.relu(y) if k % 2 else gc.sigmoid(y) - 0.3
+    v = RNG.standard_normal(9).astype(np.float32)
+    got, want = both([x], [y], [v], optimize=2)
+    close(got, want, 1e-6, 1e-7)
 
 
 # ------------------------------------------------------------------ softmax family

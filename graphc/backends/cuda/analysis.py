@@ -15,6 +15,7 @@ need no such proof: they become ``atomicAdd``.
 """
 from __future__ import annotations
 
+import threading
 from math import prod
 
 from ...kernel import ir as K
@@ -22,10 +23,14 @@ from ...kernel import ir as K
 
 # ------------------------------------------------------------------ walking
 def walk_exprs(e):
-    """e and all its sub-expressions (pre-order; shared nodes repeat)."""
-    stack = [e]
+    """e and its sub-expressions, each distinct node once (expressions are DAGs: an
+    activation uses its argument several times, and chains of them would blow up)."""
+    stack, seen = [e], set()
     while stack:
         x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
         yield x
         if isinstance(x, K.Load):
             stack.append(x.index)
@@ -90,23 +95,46 @@ def contains_gemm(body) -> bool:
     return any(isinstance(s, K.Gemm) for s in walk_stmts(body))
 
 
-def key(e) -> tuple:
-    """A structural key: equal keys compute the same value at the same point."""
+_tls = threading.local()
+
+
+def reset_keys():
+    """Start a fresh table of structural keys (codegen does, per program)."""
+    _tls.table = {}
+
+
+def key(e, memo=None) -> int:
+    """A structural key: equal keys compute the same value at the same point.
+
+    Keys are interned integers (a node's key is its tag plus its children's keys),
+    so expression DAGs cost one step per distinct node and compare in O(1)."""
+    table = getattr(_tls, "table", None)
+    if table is None:
+        table = _tls.table = {}
+    if memo is None:
+        memo = {}
+    k = memo.get(id(e))
+    if k is not None:
+        return k
     if isinstance(e, K.Const):
-        return ("c", str(e.dtype), e.value)
-    if isinstance(e, (K.Var, K.Local)):
-        return ("v", id(e))
-    if isinstance(e, K.Load):
-        return ("ld", id(e.buf), key(e.index))
-    if isinstance(e, K.BinOp):
-        return ("b", e.op, key(e.a), key(e.b))
-    if isinstance(e, K.UnOp):
-        return ("u", e.op, key(e.a))
-    if isinstance(e, K.Select):
-        return ("s", key(e.cond), key(e.a), key(e.b))
-    if isinstance(e, K.Cast):
-        return ("t", str(e.dtype), key(e.a))
-    raise TypeError(type(e))
+        t = ("c", str(e.dtype), repr(e.value))
+    elif isinstance(e, (K.Var, K.Local)):
+        t = ("v", id(e))
+    elif isinstance(e, K.Load):
+        t = ("ld", id(e.buf), key(e.index, memo))
+    elif isinstance(e, K.BinOp):
+        t = ("b", e.op, key(e.a, memo), key(e.b, memo))
+    elif isinstance(e, K.UnOp):
+        t = ("u", e.op, key(e.a, memo))
+    elif isinstance(e, K.Select):
+        t = ("s", key(e.cond, memo), key(e.a, memo), key(e.b, memo))
+    elif isinstance(e, K.Cast):
+        t = ("t", str(e.dtype), key(e.a, memo))
+    else:
+        raise TypeError(type(e))
+    k = table.setdefault(t, len(table))
+    memo[id(e)] = k
+    return k
 
 
 def free_vars(e) -> set:
@@ -384,8 +412,12 @@ def reduction_of(chain, body, acc_ids=None):
     acc, E = s.local, s.value
     # the maximal sub-expressions of E not reading acc must all be one value v
     others = []
+    done = set()
 
     def collect(e):
+        if id(e) in done:
+            return
+        done.add(id(e))
         if not any(x is acc for x in walk_exprs(e)):
             others.append(e)
             return
@@ -418,14 +450,20 @@ def reduction_of(chain, body, acc_ids=None):
     return acc, E, v, kind
 
 
-def _only_of(e, kv) -> bool:
+def _only_of(e, kv, memo=None) -> bool:
     """e is built from the value with key kv and constants only."""
-    if key(e) == kv:
-        return True
-    if isinstance(e, (K.Var, K.Local, K.Load)):
-        return False
-    from .cexpr import children
-    return all(_only_of(c, kv) for c in children(e))
+    memo = {} if memo is None else memo
+    r = memo.get(id(e))
+    if r is None:
+        if key(e) == kv:
+            r = True
+        elif isinstance(e, (K.Var, K.Local, K.Load)):
+            r = False
+        else:
+            from .cexpr import children
+            r = all(_only_of(c, kv, memo) for c in children(e))
+        memo[id(e)] = r
+    return r
 
 
 def _identity_kind(E, acc, v):

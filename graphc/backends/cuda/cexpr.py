@@ -69,6 +69,18 @@ def children(e):
     return ()
 
 
+def _walk(e):
+    """Each distinct node of the expression DAG once."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack.extend(children(x))
+
+
 def nonneg(e) -> bool:
     """Provably >= 0 (index arithmetic over loop variables and constants)."""
     if isinstance(e, K.Const):
@@ -113,10 +125,16 @@ class ExprWriter:
         self.bufname = bufname          # Buffer -> C name
         self.temps: dict = {}           # id(expr) -> temp name (current statement)
         self.by_key: dict = {}          # structural key -> C text (reduction combiners)
+        self.wrap_all = False           # hashing statement: every integer op wraps
 
     # ---------------------------------------------------------------- temporaries
     def prepare(self, roots) -> list:
-        """Declarations of the shared sub-expressions of `roots` (call before emit)."""
+        """Declarations of the shared sub-expressions of `roots` (call before emit).
+
+        Also decides whether the statement's integer arithmetic must wrap in every
+        position (it hashes: xor / logical shifts)."""
+        self.wrap_all = any(isinstance(x, K.BinOp) and x.op in ("xor", "lshr")
+                            for r in roots for x in _walk(r))
         counts: dict = {}
 
         def count(e):
@@ -144,6 +162,7 @@ class ExprWriter:
 
     def clear(self):
         self.temps = {}
+        self.wrap_all = False
 
     # ---------------------------------------------------------------- expressions
     def emit(self, e) -> str:
@@ -213,6 +232,8 @@ class ExprWriter:
         if op in K.COMPARE:
             return f"({a} {self._SYM[op]} {b})"
         if d == K.BOOL:
+            if op == "xor":
+                return f"({a} != {b})"
             if op in ("add", "max", "or"):
                 return f"({a} || {b})"
             if op in ("mul", "min", "and"):
@@ -223,7 +244,14 @@ class ExprWriter:
             return f"({a} & {b})"
         if op == "or":
             return f"({a} | {b})"
+        if op == "xor":
+            return f"({a} ^ {b})"
+        if op == "lshr":
+            return f"gc_lshr({a}, {b})"
         if op in ("add", "sub", "mul"):
+            if d.kind == "i" and d.itemsize in (4, 8) and (self.wrap_all or d != K.INDEX):
+                # data arithmetic wraps like NumPy (index arithmetic cannot overflow)
+                return f"gc_w{op}({a}, {b})"
             return f"({a} {self._SYM[op]} {b})"
         if op == "max":
             return f"({a} >= {b} ? {a} : {b})"

@@ -257,7 +257,7 @@ def build_emulator(source: str, stubs: str) -> str:
     with open(EMU_HEADER) as f:
         header = f.read()
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-w"]
+    flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-fwrapv", "-w"]
     k = _key(source, stubs, header, ver, " ".join(flags))
     lib = os.path.join(cache_dir() if cache_enabled() else tempfile.mkdtemp(), f"emu-{k}.so")
     if os.path.exists(lib):

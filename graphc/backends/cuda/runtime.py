@@ -328,7 +328,7 @@ class Runner:
 
     def _upload(self, buf, a):
         a = np.ascontiguousarray(a, dtype=buf.dtype).reshape(-1)
-        if a.size != buf.size and not (a.size == 0 and buf.size == 1):
+        if a.size != buf.size:
             raise GraphcError(f"buffer {buf.name}: expected {buf.size} elements, got {a.size}")
         if a.size:
             self.rt.copy_htod(self.ptr[id(buf)], a)
@@ -364,6 +364,27 @@ class Runner:
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
             self.rt.launch(self.fns[st.name], st.grid, st.block, args)
 
+    def _check_indices(self, arrays):
+        """Integer index arrays from outside the graph must lie in range (the kernels
+        clamp them; the reference raises): checked on the host before any launch."""
+        for buf, n, op, loc in getattr(self.prog, "index_checks", ()):
+            a = self._host_external(buf, arrays)
+            if a is not None and a.size and (a.min() < 0 or a.max() >= n):
+                raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
+                                 f"found values from {int(a.min())} to {int(a.max())}\n"
+                                 f"  node built at {loc}")
+
+    def _host_external(self, buf, arrays):
+        for b, (kind, what) in self.prog.externals:
+            if b is buf:
+                if kind == "input":
+                    return np.asarray(arrays[what])
+                if kind in ("param", "const"):
+                    return np.asarray(what.value)
+                if kind == "array":
+                    return np.asarray(what)
+        return None
+
     def launch_all(self):
         """Launch every kernel on the data already on the device, then synchronize
         (device-side timing; no transfers)."""
@@ -381,12 +402,13 @@ class Runner:
                 kind, what = src
                 if kind == "input":
                     a = np.asarray(arrays[what])
-                    if a.dtype != b.dtype or max(a.size, 1) != b.size:
+                    if a.dtype != b.dtype or a.size != b.size:
                         raise GraphcError(f"input buffer {b.name}: expected {b.size} elements "
                                           f"of {b.dtype}, got {a.dtype}{a.shape}")
                     self._upload(b, a)
                 elif kind == "param":
                     self._sync_param(b, what.value)
+            self._check_indices(arrays)
             self._run(self.cprog.steps, {})
             self.rt.synchronize()
             outs = []
