@@ -325,7 +325,7 @@ def is_spmd(kernel, min_work=1 << 18) -> bool:
     waking threads and a barrier (otherwise one thread runs it)."""
     if not kernel.body or not all(
             (isinstance(s, Loop) and s.kind == "parallel" and s.extent > 1)
-            or (isinstance(s, Gemm) and s.N >= 64 and s.M * s.N * s.K >= 1 << 15)
+            or (isinstance(s, Gemm) and s.N >= 64 and s.K >= 16 and s.M * s.N * s.K >= 1 << 15)
             for s in kernel.body):
         return False
     work = max(kernel.flops, sum(b.size for b in kernel.buffers))

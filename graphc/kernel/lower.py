@@ -86,8 +86,11 @@ class Lowerer:
             raise NotLoweredError(
                 f"the llvm backend cannot lower op(s) {', '.join(names)} yet:\n" + "\n".join(lines))
         input_pos = {n.id: k for k, n in enumerate(g.inputs)}
+        self.folded = _foldable_transposes(g)
         for n in g.nodes:
             name = n.op.name
+            if n.id in self.folded:
+                continue      # read through strides by its matmul users
             if n.is_leaf:
                 b = self.new_buffer(n.dtype, prod(_shape(n)), hint=name[:5], temp=False)
                 src = ("input", input_pos[n.id]) if name == "input" else (name[:5], n)
@@ -101,6 +104,22 @@ class Lowerer:
             self.emit(n, LOWER[name](self, n) if name in LOWER else lower_fused(self, n))
         self.prog.outputs = [self.buf(o) for o in g.outputs]
         return self.prog
+
+
+def _swaps_last_two(perm) -> bool:
+    n = len(perm)
+    return n >= 2 and tuple(perm) == tuple(range(n - 2)) + (n - 1, n - 2)
+
+
+def _foldable_transposes(g) -> dict:
+    """{transpose node id: its input} for matrix transposes read only by matmuls:
+    the GEMM reads the input with swapped strides instead of a transposed copy."""
+    users = g.users()
+    outs = {o.id for o in g.outputs}
+    return {n.id: n.inputs[0] for n in g.nodes
+            if n.op.name == "transpose" and _swaps_last_two(n.attrs["perm"])
+            and n.id not in outs and users.get(n.id)
+            and all(u.op.name == "matmul" for u in users[n.id])}
 
 
 def lower_graph(graph) -> Program:
@@ -476,15 +495,21 @@ def lower_matmul(lw, n):
     ash, bsh, osh = _shape(a), _shape(b), _shape(n)
     M, Kd, N = ash[-2], ash[-1], bsh[-1]
     batch = osh[:-2]
-    A, B, C = lw.buf(a), lw.buf(b), lw.buf(n)
+    folded = getattr(lw, "folded", {})
+    A = lw.buf(folded[a.id]) if a.id in folded else lw.buf(a)
+    B = lw.buf(folded[b.id]) if b.id in folded else lw.buf(b)
+    C = lw.buf(n)
     dtype = n.dtype
     if A.dtype != dtype or B.dtype != dtype:
         raise NotLoweredError(f"matmul of mixed dtypes {A.dtype}, {B.dtype} (node at {n.loc})")
     a_bst = broadcast_strides(ash[:-2], batch) if batch else []
     b_bst = broadcast_strides(bsh[:-2], batch) if batch else []
     vs = [Var(f"b{k}") for k in range(len(batch))]
-    g = Gemm(M, N, Kd, (A, affine(vs, [s * M * Kd for s in a_bst]), Kd, 1),
-             (B, affine(vs, [s * Kd * N for s in b_bst]), N, 1),
+    # An operand that is a folded transpose is read from its source, strides swapped.
+    ars, acs = (1, M) if a.id in folded else (Kd, 1)
+    brs, bcs = (1, Kd) if b.id in folded else (N, 1)
+    g = Gemm(M, N, Kd, (A, affine(vs, [s * M * Kd for s in a_bst]), ars, acs),
+             (B, affine(vs, [s * Kd * N for s in b_bst]), brs, bcs),
              (C, affine(vs, [s * M * N for s in contiguous_strides(batch)]), N, 1))
     body = [g]
     for k, (v, d) in reversed(list(enumerate(zip(vs, batch)))):

@@ -74,7 +74,10 @@ def workspace(mb, dtype, nelems):
 
 def emit_gemm(em, g):
     dtype = g.c[0].dtype
-    small = g.M * g.N * g.K < 32 * 32 * 32 or g.N < 8 or g.M < 4 or dtype.kind != "f"
+    # Tiny products, and short reductions (K < 16: packing would cost more than the
+    # FMAs), use the plain loop nest, whose inner loop LLVM vectorizes over C's row.
+    small = (g.M * g.N * g.K < 32 * 32 * 32 or g.N < 8 or g.M < 4 or g.K < 16
+             or dtype.kind != "f")
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
         if em.depth == 0 and em.mb.nthreads > 1:
             # A top-level GEMM is shared out among threads; this small one runs on one.
