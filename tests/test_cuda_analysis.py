@@ -264,3 +264,17 @@ def test_random_nests_analysis_is_sound(seed):
         check_threads(par.pvars, per_thread, [], par.atomic)
         picked += 1
     assert picked > 10
+
+
+def test_indexing_and_loss_kernels_are_race_free():
+    x = gc.input("x", (5, 7))
+    ids = gc.input("ids", (3, 4), dtype="int64")
+    wt = gc.input("wt", (11, 6))
+    y = gc.input("y", (5,), dtype="int64")
+    emb = gc.embedding(ids, wt)
+    loss = (gc.sum(emb * emb) + gc.sum(gc.pad(x, ((1, 0), (2, 3))) ** 2)
+            + gc.sum(gc.concatenate([x, gc.tanh(x)], axis=1) ** 2)
+            + gc.nll_loss(gc.log_softmax(x, axis=1), y) + gc.logsumexp(x))
+    grads = gc.grad(loss, [x, wt])
+    for level in (0, 2):
+        assert check_program(program([x, ids, wt, y], [loss] + grads, level)) > 100

@@ -284,3 +284,28 @@ def test_dump_writes_source_and_kernel_ir(tmp_path, monkeypatch):
     src = (tmp_path / "graphc_kernels.cu").read_text()
     assert 'extern "C" __global__' in src and "expf(" in src
     assert "kernel " in (tmp_path / "graphc.kernels.txt").read_text()
+
+
+@needs_compiler
+@needs_ptxas
+def test_every_kind_of_kernel_compiles_for_the_gpu():
+    """NVRTC (not only the emulator's host compiler) accepts kernels of every lowered
+    op family: int32/int64/bool/float64 arithmetic, hashing, atomics, indexing."""
+    x = gc.input("x", (6, 9))
+    d = gc.input("d", (6, 9), dtype="float64")
+    i = gc.input("i", (6, 9), dtype="int32")
+    ids = gc.input("ids", (4,), dtype="int64")
+    wt = gc.Parameter(np.ones((10, 9), np.float32), name="wt")
+    key = gc.Parameter(np.array(7, np.int64), name="key")
+    loss = (gc.sum(gc.dropout(x, 0.2, key) * gc.embedding(ids, wt).sum())
+            + gc.sum(gc.pad(x, ((1, 1), (0, 2)))) + gc.logsumexp(x)
+            + gc.sum(gc.cast(gc.argmax(x, axis=1), "float32")))
+    outs = [loss] + gc.grad(loss, [x, wt]) + [
+        i * i + gc.div(i, 3), gc.cast(gc.less(i, 2), "float64") * gc.exp(d), gc.max(d, axis=0),
+        gc.one_hot(ids, 10), gc.concatenate([x, gc.sqrt(gc.abs(x))], axis=0)]
+    cp = gen([x, d, i, ids], outs)
+    comp = compiler.compile_cuda(cp.source)
+    report = compiler.ptxas_report(comp.ptx)
+    assert set(report) == {la.name for la in cp.launches}
+    assert all(r.spill_stores == 0 for r in report.values())
+    assert "atomicAdd(&" in cp.source and "gc_lshr(" in cp.source and "gc_wmul(" in cp.source
