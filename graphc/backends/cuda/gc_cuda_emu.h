@@ -43,7 +43,10 @@ namespace gc_emu {
 typedef void (*thread_fn)(void** args);
 
 static const size_t STACK = 256 * 1024;
-static std::vector<char> stacks;
+// Fiber stacks: malloc'd, never cleared, so only the pages a thread touches become
+// resident (a vector would zero all 64 MiB for a 256-thread block).
+static char* stacks = nullptr;
+static size_t stacks_threads = 0;
 static int current = -1;
 static int barrier_hits = 0;
 static thread_fn cur_fn;
@@ -97,7 +100,7 @@ static void fiber_entry() {
 }
 
 static void start_fiber(unsigned t) {
-  char* top = &stacks[(t + 1) * STACK];
+  char* top = stacks + (t + 1) * STACK;
   uintptr_t a = (uintptr_t)top & ~(uintptr_t)15;
   void** sp = (void**)a;
   *--sp = nullptr;                       // fiber_entry's (unused) return address
@@ -127,7 +130,7 @@ static void start_fiber(unsigned t) {
   Fiber& f = fibers[t];
   f.done = false;
   getcontext(&f.ctx);
-  f.ctx.uc_stack.ss_sp = &stacks[t * STACK];
+  f.ctx.uc_stack.ss_sp = stacks + t * STACK;
   f.ctx.uc_stack.ss_size = STACK;
   f.ctx.uc_link = &scheduler;
   makecontext(&f.ctx, trampoline, 0);
@@ -145,7 +148,12 @@ static inline void set_thread(unsigned t) {
 // Returns 0, or -1 if the threads of a block disagreed about barriers.
 static int run_block_fibers(unsigned nthreads) {
   if (fibers.size() < nthreads) fibers.resize(nthreads);
-  if (stacks.size() < nthreads * STACK) stacks.resize(nthreads * STACK);
+  if (stacks_threads < nthreads) {
+    std::free(stacks);
+    stacks = (char*)std::malloc(nthreads * STACK);
+    if (!stacks) return -2;
+    stacks_threads = nthreads;
+  }
   for (unsigned t = 0; t < nthreads; ++t) start_fiber(t);
   unsigned alive = nthreads;
   while (alive) {
@@ -188,7 +196,8 @@ static int gc_emu_launch(gc_emu::thread_fn fn, const unsigned* grid, const unsig
       for (unsigned bx = 0; bx < grid[0]; ++bx) {
         blockIdx = dim3{bx, by, bz};
         if (uses_sync) {
-          if (gc_emu::run_block_fibers(nthreads) != 0) return -1;
+          int rc = gc_emu::run_block_fibers(nthreads);
+          if (rc != 0) return rc;
         } else {
           for (unsigned t = 0; t < nthreads; ++t) {
             gc_emu::set_thread(t);

@@ -136,6 +136,8 @@ class EmulatorRuntime(Runtime):
         argv = _argv(args)
         with _EMU_LOCK:
             rc = kernel(ctypes.addressof(g), ctypes.addressof(b), ctypes.addressof(argv))
+        if rc == -2:
+            raise CudaRuntimeError("emulated launch failed: no memory for thread stacks")
         if rc != 0:
             raise CudaRuntimeError(f"emulated launch failed ({rc}): threads of a block "
                                    "disagreed about __syncthreads")
