@@ -462,59 +462,25 @@ def test_mlp_training_matches_numpy_backend():
 
 
 def test_lenet_trains_on_digits_like_numpy_backend():
+    """30 SGD steps of LeNet-5 on 480 real digit images (batch 16): the emulated CUDA
+    backend's loss curve is the NumPy backend's, and it really learns."""
     from graphc import models, optim
     from graphc.data.digits import load_digits
     X, Y = load_digits("train", size=28)
-    X, Y = X[:16 * 4], Y[:16 * 4]
+    B, steps = 16, 30
 
     def curve(backend):
         m = models.lenet5(rng=np.random.default_rng(0))
-        x = gc.input("x", (16, 1, 28, 28))
-        y = gc.input("y", (16,), dtype="int64")
-        step = optim.SGD(m.parameters(), lr=0.05, momentum=0.9).compile_step(
+        x = gc.input("x", (B, 1, 28, 28))
+        y = gc.input("y", (B,), dtype="int64")
+        step = optim.SGD(m.parameters(), lr=0.1, momentum=0.9).compile_step(
             lambda xb, yb: gc.cross_entropy(m(xb), yb), x, y, backend=backend)
-        return [float(step(X[k:k + 16], Y[k:k + 16])) for k in range(0, 64, 16)] * 1
+        return np.array([float(step(X[k * B:(k + 1) * B], Y[k * B:(k + 1) * B]))
+                         for k in range(steps)])
 
     got, want = curve("cuda"), curve("numpy")
     np.testing.assert_allclose(got, want, rtol=2e-5)
-
-
-# ------------------------------------------------------------------ random graphs
-def _random_graph(rng, x, y, n_ops=14):
-    """A random DAG of bounded elementwise ops, broadcasts and reductions over
-    (5, 7), (5, 1) and (7,) values (the optimizer fuses parts of it)."""
-    unary = [gc.tanh, gc.sigmoid, gc.relu, gc.abs, gc.neg, lambda v: gc.exp(gc.tanh(v)),
-             lambda v: gc.square(gc.tanh(v)), lambda v: gc.gelu(gc.tanh(v))]
-    binary = [lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, gc.maximum,
-              gc.minimum, lambda a, b: gc.where(gc.greater(a, b), a, b)]
-    vals = [x, y]
-    for _ in range(n_ops):
-        kind = rng.integers(0, 3)
-        a = vals[rng.integers(0, len(vals))]
-        if kind == 0:
-            v = unary[rng.integers(0, len(unary))](a)
-        elif kind == 1:
-            b = vals[rng.integers(0, len(vals))]
-            v = gc.tanh(binary[rng.integers(0, len(binary))](a, b))
-        else:
-            if len(a.shape) != 2 or a.shape[1] == 1:
-                continue
-            red = [gc.sum, gc.mean, gc.max][rng.integers(0, 3)]
-            v = gc.reshape(gc.tanh(red(a, axis=1)), (a.shape[0], 1))
-        vals.append(v)
-    return vals[2:]
-
-
-def test_random_fused_graphs_match_numpy():
-    rng = np.random.default_rng(2024)
-    x, y = gc.input("x", (5, 7)), gc.input("y", (7,))
-    outs = []
-    for _ in range(4):
-        outs += _random_graph(rng, x, y)[-3:]
-    feeds = [RNG.standard_normal((5, 7)).astype(np.float32),
-             RNG.standard_normal(7).astype(np.float32)]
-    got, want = both([x, y], outs, feeds, optimize=2)
-    close(got, want, 1e-5, 1e-6)
+    assert got[-5:].mean() < got[:5].mean() - 0.3
 
 
 def test_lenet_avg_pool_tanh_adam_steps_match_numpy():
