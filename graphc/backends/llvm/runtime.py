@@ -150,6 +150,8 @@ class Runner:
     at native barriers between kernels, so no thread needs the GIL per kernel.
     """
 
+    FRESH_OUTPUTS = True  # __call__ returns copies: outputs never alias parameters
+
     def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
                  nthreads, out_nodes, profile=False):
         self.prog = prog
