@@ -21,9 +21,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ...ir.errors import GraphcError
-from ...kernel import ir as K
-from .codegen import HostLoop, Launch
-from .compiler import DEFAULT_ARCH, build_emulator, compile_cuda
+from .codegen import HostLoop
+from .compiler import build_emulator, compile_cuda
 
 
 class CudaRuntimeError(GraphcError):
