@@ -530,3 +530,35 @@ def test_two_python_threads_share_a_compiled_graph():
     for t in ts:
         t.join()
     assert not errors, errors[0]
+
+
+def test_random_shapes_broadcasting_and_reductions():
+    """Random shapes with 1s, primes and sizes around a block (one compiled graph):
+    broadcast binary ops and reductions over random axis sets."""
+    rng = np.random.default_rng(99)
+    sizes = [1, 2, 3, 5, 7, 13, 31, 64, 67, 130]
+    ins, outs, feeds, meta = [], [], [], []
+    for k in range(12):
+        nd = int(rng.integers(1, 4))
+        shape = tuple(int(rng.choice(sizes)) for _ in range(nd))
+        while np.prod(shape) > 20000:
+            shape = shape[1:]
+        other = tuple(1 if rng.integers(0, 3) == 0 else d for d in shape[int(rng.integers(0, nd)):])
+        a, b = gc.input(f"a{k}", shape), gc.input(f"b{k}", other)
+        ins += [a, b]
+        feeds += [RNG.standard_normal(shape).astype(np.float32),
+                  RNG.standard_normal(other).astype(np.float32)]
+        axes = tuple(sorted({int(x) for x in rng.integers(0, len(shape), int(rng.integers(1, 3)))}))
+        z = a * b - gc.maximum(a, b)
+        outs += [z, gc.sum(z, axis=axes), gc.max(z, axis=axes), gc.mean(a, axis=axes)]
+        meta.append(int(np.prod([shape[x] for x in axes])))
+    got, want = both(ins, outs, feeds)
+    for k in range(12):
+        z_g, s_g, m_g, a_g = got[4 * k:4 * k + 4]
+        z_w, s_w, m_w, a_w = want[4 * k:4 * k + 4]
+        np.testing.assert_array_equal(z_g, z_w)
+        np.testing.assert_array_equal(m_g, m_w)
+        n = meta[k]
+        np.testing.assert_allclose(s_g, s_w, rtol=0, atol=n * EPS32 * np.abs(z_w).sum() + 1e-6)
+        np.testing.assert_allclose(a_g, a_w, rtol=0, atol=n * EPS32 * np.abs(feeds[2 * k]).max()
+                                   + 1e-6)
