@@ -42,6 +42,10 @@ class Program:
         # (buffer, n, op name, user line): integer indices that must lie in [0, n); the
         # runtime checks the external ones (graph inputs, parameters) before running.
         self.index_checks: list = []
+        # Native loops (lower_loop.py): regions of kernels run repeatedly, and view
+        # buffers {id: View} placed at parent + t * step inside them.
+        self.loops: list = []
+        self.views: dict = {}
 
     def format(self) -> str:
         return "\n\n".join(k.format() for k in self.kernels)
@@ -99,6 +103,9 @@ class Lowerer:
                 continue
             if name == "reshape":
                 self.bufs[n.id] = self.buf(n.inputs[0])
+                continue
+            if name in ("scan", "tuple_get"):   # tuple-valued: lower_loop sets the buffers
+                self.emit(n, LOWER[name](self, n))
                 continue
             self.bufs[n.id] = self.new_buffer(n.dtype, prod(_shape(n)), hint="v")
             self.emit(n, LOWER[name](self, n) if name in LOWER else lower_fused(self, n))
@@ -519,3 +526,4 @@ def lower_matmul(lw, n):
 
 from . import lower_nn  # noqa: E402,F401  (registers the nn rules)
 from . import lower_index  # noqa: E402,F401  (registers the indexing rules)
+from . import lower_loop  # noqa: E402,F401  (registers scan and tuple_get)

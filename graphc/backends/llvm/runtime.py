@@ -314,8 +314,12 @@ def compile_program(prog, graph):
     offsets, arena_bytes = plan_arena(prog, nthreads)
     n_ext = len(prog.externals)
     slot_of = {id(b): k for k, (b, _) in enumerate(prog.externals)}
-    calls = [[(slot_of[id(b)], 0) if id(b) in slot_of else (n_ext, offsets[id(b)])
-              for b in kern.buffers] for kern in prog.kernels]
+    if getattr(prog, "loops", None):   # native loops: view buffers move with t (loops.py)
+        from .loops import loop_calls
+        calls = loop_calls(prog, slot_of, offsets, n_ext)
+    else:
+        calls = [[(slot_of[id(b)], 0) if id(b) in slot_of else (n_ext, offsets[id(b)])
+                  for b in kern.buffers] for kern in prog.kernels]
     key = None
     if not (dump or debug):
         key = cache.key(prog, calls, nthreads, profile, _target())
@@ -334,7 +338,11 @@ def compile_program(prog, graph):
             shared[sk] = mb.kernel(kern, k)
         fns.append(shared[sk])
         spmd.append(nthreads > 1 and is_spmd(kern))
-    _entry(mb, fns, calls, spmd, n_ext, nthreads, profile)
+    if getattr(prog, "loops", None):
+        from .loops import loop_entry
+        loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog)
+    else:
+        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile)
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)

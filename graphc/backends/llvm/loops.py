@@ -1,0 +1,139 @@
+"""Native time loops in the entry function (programs with loop regions).
+
+graphc/kernel/lower_loop.py lowers a `scan` to a region of kernels that runs
+`length` times, plus *view* buffers addressed at parent + t * step.  Here the
+entry function gets a counted loop over t around each region (t running down
+for a reversed loop) and passes each view as base pointer + t_eff * stride
+bytes, so the loop costs one pointer add per view per step; the kernels
+inside (and the GEMMs in them) are the ordinary ones.
+
+Threads: every thread runs the same loop; kernels worth sharing (SPMD) are
+called by all threads and end with a barrier, the others run on thread 0.
+A barrier is added where a shared kernel follows thread-0 work, including
+across the loop's back edge.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from .codegen import I64, PTR
+
+
+def loop_calls(prog, slot_of, offsets, n_ext) -> list:
+    """Per kernel, per buffer: (table slot, byte offset, ((loop index, bytes per t), ...))."""
+    views = prog.views
+
+    def place(b):
+        steps = []
+        off = 0
+        while id(b) in views:
+            v = views[id(b)]
+            size = b.dtype.itemsize
+            steps.append((v.loop.index, v.step * size))
+            off += v.base * size
+            b = v.parent
+        if id(b) in slot_of:
+            return slot_of[id(b)], off, tuple(steps)
+        return n_ext, offsets[id(b)] + off, tuple(steps)
+    return [[place(b) for b in kern.buffers] for kern in prog.kernels]
+
+
+def loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog):
+    from .runtime import N_EXTRA, _barrier_fn
+    fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
+    fn = ir.Function(mb.module, fnty, name="entry")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    table, tid = fn.args
+    slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
+             for s in range(n_ext + N_EXTRA)]
+    err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
+    barrier = _barrier_fn(mb) if nthreads > 1 else None
+    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
+        if profile else None
+    if mb.error_fn is not None:
+        b.store(err, mb.err_global)
+    nt = ir.Constant(I64, nthreads)
+    is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
+    c = lambda v: ir.Constant(I64, v)
+    starts = {}
+    for r in prog.loops:
+        starts.setdefault(r.start, []).append(r)
+    tvals = {}
+    state = {"dirty": False}
+
+    def call(k):
+        kfn, args, par = fns[k], calls[k], spmd[k]
+        if not prog.kernels[k].body:
+            return        # a lifetime marker
+        ptrs = []
+        for s, off, steps in args:
+            p = slots[s]
+            byte = c(off) if off or s == n_ext else None
+            for li, stride in steps:
+                term = b.mul(tvals[li], c(stride))
+                byte = term if byte is None else b.add(byte, term)
+            if byte is not None:
+                p = b.gep(p, [byte], source_etype=ir.IntType(8))
+            ptrs.append(p)
+        if par and state["dirty"]:
+            b.call(barrier, [bar, nt])
+            state["dirty"] = False
+        t0 = b.call(rc, []) if profile else None
+        if par:
+            b.call(kfn, ptrs + [tid, nt])
+            b.call(barrier, [bar, nt])
+        else:
+            with b.if_then(is_main):
+                b.call(kfn, ptrs + [c(0), c(1)])
+            state["dirty"] = True
+        if profile:
+            with b.if_then(is_main):
+                slot = b.gep(prof, [c(k)], source_etype=I64)
+                b.store(b.add(b.load(slot, typ=I64), b.sub(b.call(rc, []), t0)), slot)
+        if mb.error_fn is not None:
+            flag = b.load(err, typ=I64)
+            with b.if_then(b.icmp_unsigned("!=", flag, c(0)), likely=False):
+                b.ret_void()
+
+    def emit_range(lo, hi):
+        k = lo
+        while k < hi:
+            inner = [r for r in starts.get(k, []) if r.end <= hi and r.index not in tvals]
+            if inner:
+                r = max(inner, key=lambda r: r.end)     # the outermost region starting here
+                emit_loop(r)
+                k = r.end
+            else:
+                call(k)
+                k += 1
+
+    def emit_loop(r):
+        shared = nthreads > 1 and any(spmd[r.start:r.end])
+        if shared and state["dirty"]:
+            b.call(barrier, [bar, nt])
+            state["dirty"] = False
+        pre = b.block
+        head = fn.append_basic_block(f"loop{r.index}.head")
+        body = fn.append_basic_block(f"loop{r.index}.body")
+        done = fn.append_basic_block(f"loop{r.index}.done")
+        b.branch(head)
+        b.position_at_end(head)
+        t = b.phi(I64, name=f"t{r.index}")
+        t.add_incoming(c(0), pre)
+        b.cbranch(b.icmp_signed("<", t, c(r.length)), body, done)
+        b.position_at_end(body)
+        tvals[r.index] = b.sub(c(r.length - 1), t) if r.reverse else t
+        emit_range(r.start, r.end)
+        if shared and state["dirty"]:
+            # The next step's first shared kernel must see thread 0's writes.
+            b.call(barrier, [bar, nt])
+            state["dirty"] = False
+        t.add_incoming(b.add(t, c(1)), b.block)
+        b.branch(head)
+        b.position_at_end(done)
+        del tvals[r.index]
+        if not shared and any(prog.kernels[k].body for k in range(r.start, r.end)):
+            state["dirty"] = True
+
+    emit_range(0, len(prog.kernels))
+    b.ret_void()

@@ -1,0 +1,238 @@
+"""Lowering of `scan` (a loop over a sequence axis) and `tuple_get`.
+
+A scan becomes a *loop region* of the program: a run of kernels (the body
+graph's kernels, lowered once) that the backend's entry function executes
+`length` times, forward or reverse, in native code.  Inside the region:
+
+* per-step slices (x_t, y_t, and the carry saved entering step t) are *view*
+  buffers: the backend passes pointer(parent) + t * (slice size) for them, so
+  nothing is copied in or out of the stacked arrays;
+* captured values (weights) are the outer buffers themselves, read in place;
+* each carry lives in the tuple element that holds the final carry: the init
+  value is copied there before the loop, the body's new carry is written to a
+  scratch buffer and copied back at the end of every step (carries are small).
+
+The body graph is optimized (fusion etc.) before lowering, so its elementwise
+chains become single kernels and its matmuls use the backend's GEMM.
+
+Lifetimes: the memory planner sees each kernel's buffers only; two empty
+"keep" kernels, just before and just after the region, list every buffer that
+must live across iterations (outer values the body reads, the stacked
+outputs, the carries), so none of them shares bytes with a body temporary.
+"""
+from __future__ import annotations
+
+from math import prod
+
+from ..ir.errors import NotLoweredError
+from ..ir.graph import Graph
+from . import ir as K
+from .ir import Buffer, Kernel
+from .lower import (LOWER, Lowerer, _foldable_transposes, _shape, elementwise_kernel,
+                    lower_fused, rule)
+
+
+class LoopRegion:
+    """Kernels [start, end) of the program run `length` times (t = 0.., or reversed)."""
+    __slots__ = ("start", "end", "length", "reverse", "index")
+
+    def __init__(self, start, end, length, reverse, index):
+        self.start, self.end, self.length, self.reverse = start, end, int(length), bool(reverse)
+        self.index = index
+
+    def __repr__(self):
+        return (f"loop{self.index}[kernels {self.start}..{self.end}) x {self.length}"
+                f"{' reversed' if self.reverse else ''}")
+
+
+class View:
+    """A view buffer's placement: parent buffer + (base + t_loop * step) elements."""
+    __slots__ = ("parent", "loop", "step", "base")
+
+    def __init__(self, parent, loop, step, base=0):
+        self.parent, self.loop, self.step, self.base = parent, loop, int(step), int(base)
+
+
+def _regions(prog) -> list:
+    return prog.loops
+
+
+def view_buffer(lw, parent: Buffer, loop: LoopRegion, step: int, size: int) -> Buffer:
+    _regions(lw.prog)
+    lw._count += 1
+    b = Buffer(f"{parent.name}_t{lw._count}", parent.dtype, size)
+    lw.prog.views[id(b)] = View(parent, loop, step)
+    return b
+
+
+def _copy(out, src, n):
+    return elementwise_kernel("copy", out, (n,), [src], [(n,)], lambda xs: xs[0])
+
+
+def _users(lw):
+    u = getattr(lw, "_scan_users", None)
+    if u is None:
+        u = lw._scan_users = lw.graph.users()
+    return u
+
+
+@rule("tuple_get")
+def lower_tuple_get(lw, n):
+    src = n.inputs[0]
+    tb = getattr(lw, "tuple_bufs", {}).get(src.id)
+    if tb is None:
+        raise NotLoweredError(f"tuple_get of a {src.op.name} node is not supported (at {n.loc})")
+    lw.bufs[n.id] = tb[n.attrs["index"]]
+    return []
+
+
+@rule("scan")
+def lower_scan(lw, n):
+    from ..passes import optimize
+    a = n.attrs
+    nc, nx = a["n_carry"], a["n_x"]
+    types = n.type.types
+    ny = len(types) - 2 * nc
+    ins = n.inputs
+    init, xs, caps = ins[:nc], ins[nc:nc + nx], ins[nc + nx:]
+    T = int(_shape(xs[0])[0]) if xs else int(a["length"])
+    if T <= 0:
+        raise NotLoweredError(f"scan over an empty sequence (at {n.loc})")
+    used = {u.attrs["index"] for u in _users(lw).get(n.id, []) if u.op.name == "tuple_get"}
+    out_ids = {o.id for o in lw.graph.outputs}
+    if n.id in out_ids:
+        raise NotLoweredError(f"a loop node cannot be a graph output itself (at {n.loc})")
+    # Tuple elements: final carries (also the live carries), stacked ys, stacked saved carries.
+    tb = [lw.new_buffer(t.dtype, prod(int(d) for d in t.shape), hint="scan") for t in types]
+    if not hasattr(lw, "tuple_bufs"):
+        lw.tuple_bufs = {}
+    lw.tuple_bufs[n.id] = tb
+    carry_sizes = [prod(_shape(c)) for c in init]
+    for k in range(nc):
+        lw.emit(n, [_copy(tb[k], lw.buf(init[k]), carry_sizes[k])])
+
+    body, _ = optimize(Graph(a["body"].outputs, a["body"].inputs), 2)
+    regions = _regions(lw.prog)
+    region = LoopRegion(len(lw.prog.kernels), None, T, a["reverse"], len(regions))
+    regions.append(region)
+    start = len(lw.prog.kernels)
+    sub = _BodyLowerer(lw, body)
+    bind = {}
+    for k in range(nc):
+        bind[body.inputs[k].id] = tb[k]
+    for j, x in enumerate(xs):
+        step = prod(_shape(x)[1:])
+        bind[body.inputs[nc + j].id] = view_buffer(lw, lw.buf(x), region, step, step)
+    for j, c in enumerate(caps):
+        bind[body.inputs[nc + nx + j].id] = lw.buf(c)
+    # Save the carries entering this step (for BPTT) if anyone reads them.
+    for k in range(nc):
+        if nc + ny + k in used:
+            v = view_buffer(lw, tb[nc + ny + k], region, carry_sizes[k], carry_sizes[k])
+            lw.emit(n, [_copy(v, tb[k], carry_sizes[k])])
+    # Where the body's results go.
+    targets = []     # (body output node, destination buffer)
+    new_carry = []
+    for k in range(nc):
+        nb = lw.new_buffer(body.outputs[k].dtype, carry_sizes[k], hint="nc")
+        new_carry.append(nb)
+        targets.append((body.outputs[k], nb))
+    for j in range(ny):
+        o = body.outputs[nc + j]
+        step = prod(_shape(o))
+        targets.append((o, view_buffer(lw, tb[nc + j], region, step, step)))
+    sub.lower(bind, targets)
+    for k in range(nc):
+        lw.emit(n, [_copy(tb[k], new_carry[k], carry_sizes[k])])
+    region.end = len(lw.prog.kernels)
+    # Keep-alive markers around the region (see the module docstring).
+    views = lw.prog.views
+    keep, seen = [], set()
+    for kern in lw.prog.kernels[start:region.end]:
+        for b in kern.buffers:
+            while id(b) in views:
+                b = views[id(b)].parent
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            inner = id(b) in sub.created and b not in tb[:nc]
+            if not inner:
+                keep.append(b)
+    tag = f"loop{region.index}_begin_T{T}" + ("_reverse" if a["reverse"] else "")
+    lw.prog.kernels.insert(start, Kernel(tag, keep, []))
+    lw.prog.kernel_nodes.insert(start, n)
+    for r in regions:
+        if r is not region and r.start >= start:   # regions nested inside this one
+            r.start += 1
+            r.end += 1
+    region.start, region.end = start + 1, region.end + 1
+    lw.emit(n, [Kernel(f"loop{region.index}_end", keep, [])])
+    return []
+
+
+class _BodyLowerer:
+    """Lowers a loop body's nodes into the enclosing program (shared buffers/kernels)."""
+
+    def __init__(self, lw, body):
+        self.lw, self.graph = lw, body
+        self.created = set()
+
+    def lower(self, bind, targets):
+        lw, body = self.lw, self.graph
+        saved_bufs, saved_folded, saved_graph = lw.bufs, getattr(lw, "folded", {}), lw.graph
+        saved_users = getattr(lw, "_scan_users", None)
+        lw.bufs = dict(bind)
+        lw.graph = body
+        lw._scan_users = None
+        lw.folded = _foldable_transposes(body)
+        shadow = lw.__dict__.get("new_buffer")   # a wrapper of an enclosing loop body
+        orig_new = lw.new_buffer
+        created = self.created
+
+        def new_buffer(*args, **kw):
+            b = orig_new(*args, **kw)
+            created.add(id(b))
+            return b
+        lw.new_buffer = new_buffer
+        try:
+            dest = {}
+            for o, buf in targets:
+                if o.id in bind or o.is_leaf or o.op.name in ("reshape", "tuple_get", "scan") \
+                        or o.id in dest or o.id in lw.folded:
+                    continue
+                dest[o.id] = buf
+            for m in body.nodes:
+                if m.id in lw.bufs or m.id in lw.folded:
+                    continue
+                name = m.op.name
+                if m.is_leaf:
+                    if name == "input":
+                        raise NotLoweredError(f"loop body input {m.label()} is not bound")
+                    b = lw.new_buffer(m.dtype, prod(_shape(m)), hint="c", temp=False)
+                    lw.prog.externals.append((b, (name[:5], m)))
+                    lw.bufs[m.id] = b
+                    continue
+                if name == "reshape":
+                    lw.bufs[m.id] = lw.buf(m.inputs[0])
+                    continue
+                if name in ("scan", "tuple_get"):
+                    lw.emit(m, LOWER[name](lw, m))
+                    continue
+                if name not in LOWER and name != "fused":
+                    raise NotLoweredError(f"the llvm backend cannot lower op {name} (inside a "
+                                          f"loop body) yet; built at {m.loc}")
+                lw.bufs[m.id] = dest.get(m.id) or lw.new_buffer(m.dtype, prod(_shape(m)),
+                                                                hint="v")
+                lw.emit(m, LOWER[name](lw, m) if name in LOWER else lower_fused(lw, m))
+            for o, buf in targets:
+                src = lw.buf(o)
+                if src is not buf:
+                    size = prod(_shape(o))
+                    lw.emit(o, [_copy(buf, src, size)])
+        finally:
+            lw.bufs, lw.folded, lw.graph = saved_bufs, saved_folded, saved_graph
+            lw._scan_users = saved_users
+            if shadow is None:
+                del lw.new_buffer
+            else:
+                lw.new_buffer = shadow
