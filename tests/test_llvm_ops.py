@@ -17,7 +17,7 @@ import pytest
 
 import graphc as gc
 from graphc.ir.errors import NotLoweredError
-from graphc.ops.base import Op, apply, register
+from graphc.ops.base import Op, apply
 from graphc.ir.node import TensorType
 
 RNG = np.random.default_rng(0)
@@ -204,9 +204,9 @@ def test_parameters_are_read_at_call_time():
     np.testing.assert_array_equal(f(np.arange(3, dtype=np.float32)), [0, 3, 6])
 
 
-@register
 class _UnloweredTestOp(Op):
-    """An op with a reference implementation but no lowering (test only)."""
+    """An op with a reference implementation but no lowering (test only; it is
+    applied as an object, not registered, so the op registry stays clean)."""
     name = "_test_unlowered"
     arity = 1
 
@@ -219,7 +219,7 @@ class _UnloweredTestOp(Op):
 
 def test_not_lowered_error_lists_ops_and_lines():
     x = gc.input("x", (3,))
-    y = apply("_test_unlowered", [gc.exp(x)])
+    y = apply(_UnloweredTestOp(), [gc.exp(x)])
     f = gc.compile([x], y * 2.0, backend="llvm")
     with pytest.raises(NotLoweredError, match="_test_unlowered") as info:
         f(np.ones(3, np.float32))
