@@ -197,6 +197,12 @@ class Generator:
                     return steps
                 s = segs[0][0]
                 if len(segs[0]) == 1 and isinstance(s, K.Loop) and s.kind != "parallel":
+                    # scratch: this loop's and any privatized earlier (fission keeps them
+                    # inside the loop they were made for)
+                    steps = self.plan_reduction_nest(loop, s, list(self.extra_buffers), host,
+                                                     ranges, fixed)
+                    if steps is not None:
+                        return steps
                     # interchange: the serial loop to the host, the parallel one inside
                     r = dict(ranges)
                     r[id(s.var)] = (0, max(s.extent - 1, 0))
@@ -207,6 +213,45 @@ class Generator:
         r[id(loop.var)] = (0, max(loop.extent - 1, 0))
         return [HostLoop(loop.var, loop.extent, self.plan(
             loop.body, host + [loop], r, fixed | {id(loop.var)}))]
+
+    def plan_reduction_nest(self, outer, red, scratch, host, ranges, fixed):
+        """`for outer (parallel): for red: [scratch writes; C += GEMM]`, where the red
+        iterations meet only in the GEMMs' accumulation (conv2d_grad_weight's images
+        within a group): copies of the scratch per red iteration, then one kernel per
+        statement over (outer, red, ...) and GEMMs that atomically add into C.
+        None when the nest does not have that shape."""
+        if not T.accumulation_only(red, {id(b) for b in scratch}):
+            return None
+        got = T.privatize(red, extra=scratch)
+        if got is None:
+            return None
+        red2, new = got
+        chain, inner = A.loop_chain(red2)
+        if any(l.extent != 1 for l in chain[1:]) or len(segments(inner)) < 2:
+            return None
+        nest = [outer] + chain
+        tfix = set(fixed) | {id(outer.var), id(red2.var)}
+        for seg in segments(inner):      # check everything before emitting anything
+            if len(seg) == 1 and isinstance(seg[0], K.Gemm):
+                if not (gemm_batchable(seg[0], nest, ranges, tfix)
+                        and prod(l.extent for l in nest) <= MAX_GRID_YZ):
+                    return None
+            elif A.contains_gemm(seg):
+                return None
+        replaced = {id(b) for b in scratch} & {
+            id(x.buf) for x in A.walk_stmts(red.body) if isinstance(x, K.Store)}
+        self.extra_buffers = [b for b in self.extra_buffers if id(b) not in replaced] + new
+        steps = []
+        for seg in segments(inner):
+            if len(seg) == 1 and isinstance(seg[0], K.Gemm):
+                steps.append(self.gemm_kernel(seg[0], nest, host, reduce=[red2]))
+                continue
+            body = seg
+            for l in reversed(chain):
+                body = [K.Loop(l.var, l.extent, body, "serial")]
+            steps += self.plan([K.Loop(outer.var, outer.extent, body, "parallel")], host,
+                               ranges, fixed, top=True)
+        return steps
 
     # ------------------------------------------------------------ kernel scaffolding
     def _begin(self, body_stmts, extra_exprs, host, what):
@@ -392,17 +437,21 @@ class Generator:
         return lines
 
     # ------------------------------------------------------------ GEMM
-    def gemm_kernel(self, g, batch, host):
+    def gemm_kernel(self, g, batch, host, reduce=()):
+        """reduce: batch loops whose GEMMs add into the same C (atomicAdd epilogue)."""
         big = g.M >= BIG and g.N >= BIG and g.K >= TILE
         what = (f"{'register-blocked ' if big else ''}tiled GEMM {g.M}x{g.N}x{g.K}"
                 + (" (accumulate)" if g.accumulate else "")
-                + (f", batched over ({', '.join(l.var.name for l in batch)})" if batch else ""))
+                + (f", batched over ({', '.join(l.var.name for l in batch)})" if batch else "")
+                + (f", summed over ({', '.join(l.var.name for l in reduce)}) with atomicAdd"
+                   if reduce else ""))
         name, namer, ew, sig, params, head = self._begin([g], [], host, what)
         nb = prod(l.extent for l in batch) if batch else 1
         lines = self._decompose(namer, batch, "(long long)blockIdx.z", 1)
         for nm, e in (("a0", g.a[1]), ("b0", g.b[1]), ("c0", g.c[1])):
             lines.append(f"  const long long {nm} = {ew.emit(e)};")
-        lines += G.big_tile_lines(g) if big else G.small_tile_lines(g)
+        atomic = bool(reduce)
+        lines += G.big_tile_lines(g, atomic) if big else G.small_tile_lines(g, atomic)
         edge = BIG if big else TILE
         self._emit(name, sig, head, lines, TILE * TILE)
         grid = (-(-g.N // edge), -(-g.M // edge), nb)
@@ -410,7 +459,9 @@ class Generator:
             raise NotLoweredError(f"cuda backend: a GEMM with {g.M} rows needs more than "
                                   f"{MAX_GRID_YZ} row tiles (gridDim.y limit)")
         la = Launch(name, grid, (TILE, TILE, 1), params, True, self.node, what)
-        la.mapping = dict(batch=list(batch), gemm=g, host=list(host))
+        rids = {id(l) for l in reduce}
+        la.mapping = dict(batch=[l for l in batch if id(l) not in rids], gemm=g, host=list(host),
+                          reduce=list(reduce))
         self.launches.append(la)
         return la
 

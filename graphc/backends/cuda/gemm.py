@@ -3,6 +3,7 @@ operands' base offsets a0, b0, c0).
 
 Both stage tiles of A and B in shared memory between two __syncthreads per
 step of depth TILE; out-of-range elements load as 0, so any M, N, K works.
+`atomic`: C += the product with atomicAdd (batched GEMMs that sum into one C).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ TILE = 16    # tile edge and depth; blocks of TILE x TILE threads
 BIG = 64     # GEMMs with M, N >= BIG use BIG x BIG tiles, a 4x4 register block per thread
 
 
-def small_tile_lines(g):
+def small_tile_lines(g, atomic=False):
     """16x16 tiles of A and B in shared memory, one element of C per thread."""
     (Ab, _, ars, acs), (Bb, _, brs, bcs), (Cb, _, crs, ccs) = g.a, g.b, g.c
     dt, zero, T = ctype(Cb.dtype), const(0, Cb.dtype), TILE
@@ -33,9 +34,10 @@ def small_tile_lines(g):
             "    __syncthreads();", "  }",
             f"  if (row < {g.M}LL && col < {g.N}LL) {{",
             f"    {dt}* out = &{Cb.name}[c0 + row * {crs}LL + col * {ccs}LL];",
+            "    atomicAdd(out, acc);" if atomic else
             f"    *out = {'*out + acc' if g.accumulate else 'acc'};", "  }"]
 
-def big_tile_lines(g):
+def big_tile_lines(g, atomic=False):
     """64x64 tiles of C per block of 16x16 threads, each thread a 4x4 register block
     (rows ty + 16 i, columns tx + 16 j: coalesced stores, conflict-free shared reads);
     A and B tiles of depth 16 are staged in shared memory, loaded along whichever
@@ -97,6 +99,7 @@ def big_tile_lines(g):
         "      const long long col = n0 + tx + 16 * j;",
         f"      if (row < {g.M}LL && col < {g.N}LL) {{",
         f"        {dt}* out = &{Cb.name}[c0 + row * {crs}LL + col * {ccs}LL];",
+        "        atomicAdd(out, acc[i][j]);" if atomic else
         f"        *out = {'*out + acc[i][j]' if g.accumulate else 'acc[i][j]'};",
         "      }",
         "    }",

@@ -35,6 +35,34 @@ def scratch_written(body) -> list:
     return out
 
 
+def accumulation_only(loop, scratch_ids) -> bool:
+    """The iterations of `loop` interact only by GEMMs adding into C: every store goes
+    to a scratch buffer (made private per iteration), and every GEMM accumulates into
+    a float C at an offset independent of the loop variable that nothing else in the
+    loop touches."""
+    gemm_c = set()
+    for s in A.walk_stmts(loop.body):
+        if isinstance(s, K.Store) and id(s.buf) not in scratch_ids:
+            return False
+        if isinstance(s, K.Gemm):
+            C, off = s.c[0], s.c[1]
+            if (not s.accumulate or id(C) in scratch_ids or C.dtype.kind != "f"
+                    or id(loop.var) in A.free_vars(off)):
+                return False
+            gemm_c.add(id(C))
+    if not gemm_c:
+        return False
+    for s in A.walk_stmts(loop.body):
+        touched = [s.buf] if isinstance(s, K.Store) else []
+        for e in A.stmt_exprs(s) if not isinstance(s, K.Gemm) else []:
+            touched += [x.buf for x in A.walk_exprs(e) if isinstance(x, K.Load)]
+        if isinstance(s, K.Gemm):
+            touched += [s.a[0], s.b[0]]
+        if any(id(b) in gemm_c for b in touched):
+            return False
+    return True
+
+
 class _Rewriter:
     """Copy statements, sending accesses of `old` buffers to `new` at an offset."""
 
@@ -96,9 +124,13 @@ class _Rewriter:
         return out
 
 
-def privatize(loop):
-    """(loop with per-iteration copies of its thread scratch, new buffers) or None."""
+def privatize(loop, extra=()):
+    """(loop with per-iteration copies of its thread scratch and of the `extra`
+    buffers it writes, new buffers) or None when the copies would be too big."""
     scratch = scratch_written(loop.body)
+    ids = {id(b) for b in scratch}
+    written = {id(s.buf) for s in A.walk_stmts(loop.body) if isinstance(s, K.Store)}
+    scratch += [b for b in extra if id(b) in written and id(b) not in ids]
     if not scratch:
         return loop, []
     total = sum(b.size * b.dtype.itemsize for b in scratch) * loop.extent
