@@ -236,14 +236,7 @@ LLVM = _llvm_available()
 
 # Cases the llvm backend gets wrong today (its bugs, reported to its owner); not strict,
 # since that backend is being extended.
-_EMPTY = "llvm backend: zero-size buffers are sized as 1 element (runtime.py buffer check)"
-LLVM_KNOWN_FAILURES = {
-    "test_reduce_max_bool_inputs": "llvm backend: max over bool (np.iinfo on bool) fails",
-    "test_reduce_sum_empty_set": _EMPTY,
-    "test_reduce_sum_empty_set_non_reduced_axis_zero": _EMPTY,
-    "test_reshape_allowzero_reordered": _EMPTY,
-    "test_shape_start_greater_than_end": _EMPTY,
-}
+LLVM_KNOWN_FAILURES: dict = {}   # name -> reason; every earlier entry passes now
 
 
 @pytest.mark.skipif(not LLVM, reason="the llvm backend is not importable here")
