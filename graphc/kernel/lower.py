@@ -527,3 +527,4 @@ def lower_matmul(lw, n):
 from . import lower_nn  # noqa: E402,F401  (registers the nn rules)
 from . import lower_index  # noqa: E402,F401  (registers the indexing rules)
 from . import lower_loop  # noqa: E402,F401  (registers scan and tuple_get)
+from . import lower_fused  # noqa: E402,F401  (fused reductions with an epilogue)

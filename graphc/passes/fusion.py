@@ -117,12 +117,16 @@ def _is_ew(n) -> bool:
     return bool(n.inputs) and n.op.elementwise and is_tensor(n)
 
 
+def _is_reduction(n) -> bool:
+    return n.op.name in REDUCE_OPS and bool(n.inputs) and is_tensor(n.inputs[0])
+
+
 def _numel(shape):
     return None if any(isinstance(d, str) for d in shape) else prod(shape)
 
 
 def find_groups(graph: Graph, max_size: int = 64) -> list:
-    """Fusion groups as lists of nodes (inputs first; the last one is the root)."""
+    """Fusion groups as (kind, nodes) (nodes inputs first; the last one is the root)."""
     order = graph.nodes
     index = {n.id: k for k, n in enumerate(order)}
     users = graph.users()
@@ -132,10 +136,14 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
     for root in reversed(order):
         if root.id in assigned or not root.inputs:
             continue
+        # part[id]: "post" = computed at the group's output shape (elementwise ops,
+        # epilogues), "pre" = inside the reduction's loop at its input's shape.
         if _is_ew(root):
-            domain, kind = tuple(root.shape), "elementwise"
-        elif root.op.name in REDUCE_OPS and is_tensor(root.inputs[0]):
-            domain, kind = tuple(root.inputs[0].shape), "reduce"
+            kind, part = "elementwise", {root.id: "post"}
+            domain = {"post": tuple(root.shape), "pre": None}
+        elif _is_reduction(root):
+            kind, part = "reduce", {root.id: "red"}
+            domain = {"post": tuple(root.shape), "pre": tuple(root.inputs[0].shape)}
         else:
             continue
         members = {root.id: root}
@@ -153,13 +161,23 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
             if (p.id in assigned or not p.inputs or p.id in outputs
                     or not all(u.id in members for u in users[p.id])):
                 continue
-            if _is_ew(p) and (tuple(p.shape) == domain or _numel(p.shape) == 1):
-                members[p.id] = p
+            sides = {"post" if part[u.id] == "post" else "pre" for u in users[p.id]}
+            if len(sides) != 1:
+                continue        # read both inside and after the reduction: materialized
+            side = sides.pop()
+            if _is_ew(p) and (tuple(p.shape) == domain[side] or _numel(p.shape) == 1):
+                members[p.id], part[p.id] = p, side
                 push(p)
             elif (kind == "elementwise" and p.op.name in MATMUL_OPS | CONV_OPS
-                  and tuple(p.shape) == domain):
+                  and tuple(p.shape) == domain["post"]):
                 kind = "matmul_epilogue" if p.op.name in MATMUL_OPS else "conv_epilogue"
-                members[p.id] = p       # its inputs stay outside the group
+                members[p.id], part[p.id] = p, "post"   # its inputs stay outside the group
+            elif (kind == "elementwise" and _is_reduction(p)
+                  and tuple(p.shape) == domain["post"]):
+                # an elementwise epilogue on a reduction (bias gradient + SGD update)
+                kind, domain["pre"] = "reduce", tuple(p.inputs[0].shape)
+                members[p.id], part[p.id] = p, "red"
+                push(p)
         if len(members) < 2:
             continue
         group = sorted(members.values(), key=lambda n: index[n.id])

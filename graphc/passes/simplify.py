@@ -209,6 +209,19 @@ def _reshape_of_splat(n, b):
     return _broadcast(s, n.shape) if n.shape != () else s
 
 
+def _reshape_of_keepdims(n, b):
+    """reshape(sum(x, axes, keepdims=True)) to the reduced shape without the kept
+    1-dims -> sum(x, axes): the same values in the same order.  Only when the
+    reshape is the reduction's one reader (otherwise both forms would be computed).
+    The reduction then feeds its readers directly, so an elementwise epilogue
+    (the bias gradient's SGD update) fuses into it."""
+    r = b["r"]
+    if not r.attrs.get("keepdims") or b.get("_nusers", {}).get(r.id) != 1:
+        return None
+    out = apply(r.op, [r.inputs[0]], axis=r.attrs["axis"], keepdims=False)
+    return out if tuple(out.shape) == tuple(n.shape) else None
+
+
 def _nan_unsafe(ctx):
     return ctx.nan_unsafe
 
@@ -238,6 +251,8 @@ RULES = [
     Rule("reshape.reshape", P("reshape", P("reshape", X("x"))), _collapse_reshape),
     Rule("broadcast.broadcast", P("broadcast_to", P("broadcast_to", X("x"))),
          _collapse_broadcast),
+    Rule("reshape(reduce keepdims)",
+         P("reshape", P(("sum", "mean", "max", "min"), X("x"), name="r")), _reshape_of_keepdims),
     Rule("reshape(broadcast scalar)", P("reshape", P("broadcast_to", X("s"))), _reshape_of_splat),
     Rule("transpose(matmul)", P("transpose", P("matmul", X("a"), X("b"), name="mm")),
          _transpose_of_matmul),
@@ -309,7 +324,7 @@ def simplify_node(n, ctx, rules=None, state=None):
 def simplify(graph: Graph, ctx):
     """Apply the algebraic rewrite rules (RULES) bottom-up."""
     changes = []
-    state = {"_relu_of": {}}
+    state = {"_relu_of": {}, "_nusers": {k: len(v) for k, v in graph.users().items()}}
 
     def visit(n):
         if not n.inputs or not is_tensor(n) or not all(is_tensor(i) for i in n.inputs):

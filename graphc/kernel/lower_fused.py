@@ -1,0 +1,145 @@
+"""Lowering of the fused groups that `lower.lower_fused` does not cover itself.
+
+Registered as LOWER["fused"]; every other fused node goes on to
+`lower.lower_fused` unchanged.
+
+* A `reduce` group whose root is elementwise: prologue ops (at the reduced
+  input's shape) -> one reduction -> epilogue ops (at the reduction's output
+  shape), e.g. the bias gradient with its SGD update `b - lr * sum(g, 0)`.
+  One kernel: the prologue is inlined into the reduction's loads and the
+  epilogue is applied where the reduced value is stored.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from . import ir as K
+from .ir import INDEX, Assign, BinOp, Const, Kernel, Load, Local, Loop, Store, Var, affine, \
+    contiguous_strides
+from .lower import (LOWER, SCALAR, _combine, _fused_leaves, _ident, _inner_expr, _shape, _uniq,
+                    broadcast_strides, lower_fused, reduce_kernels)
+from .scalar import scalar_expr
+
+REDUCTIONS = ("sum", "mean", "max", "min")
+
+
+def _ancestors(node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        m = stack.pop()
+        for i in m.inputs:
+            if i.id not in seen:
+                seen.add(i.id)
+                stack.append(i)
+    return seen
+
+
+def split_reduce_epilogue(inner):
+    """(prologue nodes, reduction, epilogue nodes) of an inner graph that is an
+    elementwise expression around exactly one reduction, or None."""
+    root = inner.outputs[0]
+    reds = [m for m in inner.nodes if m.op.name in REDUCTIONS and m.inputs]
+    if len(reds) != 1 or reds[0] is root:
+        return None
+    red = reds[0]
+    before = _ancestors(red)
+    pre = [m for m in inner.nodes if m.id in before]
+    post = [m for m in inner.nodes if m.id not in before and m is not red]
+    if not all(m.is_leaf or m.op.name in SCALAR for m in pre + post):
+        return None
+    if _shape(root) != _shape(red) or any(
+            not m.is_leaf and _shape(m) != _shape(red) and prod(_shape(m)) != 1 for m in post):
+        return None
+    return pre, red, post
+
+
+def _epilogue_expr(root, red, red_value, leaves, ovs, out_shape):
+    """The epilogue's value at output position `ovs` (index exprs over out_shape)."""
+    vals = {red.id: red_value}
+
+    def val(m):
+        if m.id not in vals:
+            if m.id in leaves:
+                b, shp = leaves[m.id]
+                vals[m.id] = Load(b, affine(ovs, broadcast_strides(shp, out_shape)))
+            elif m.op.name == "constant":
+                vals[m.id] = Const(np.asarray(m.value).reshape(-1)[0].item(), m.dtype)
+            else:
+                vals[m.id] = scalar_expr(m.op.name, m.attrs, [val(i) for i in m.inputs],
+                                         m.dtype)
+        return vals[m.id]
+    return val(root)
+
+
+def lower_reduce_epilogue(lw, n, parts):
+    pre, red, post = parts
+    src = red.inputs[0]
+    xs = _shape(src)
+    axes = set(red.op.axes(src.ndim, red.attrs["axis"]))
+    op, acc_dt = red.op.name, red.dtype
+    out_shape = _shape(red)
+    keep = red.attrs["keepdims"]
+    kept = [d for d in range(len(xs)) if d not in axes]
+    kept_shape = [xs[d] for d in kept]
+    out_st = contiguous_strides(kept_shape)
+    leaves = _fused_leaves(lw, n)
+    out = lw.buf(n)
+    in_bufs = [b for b, _ in leaves.values()]
+
+    def load_at(vs):
+        return _inner_expr(pre, src, leaves, vs, xs)
+
+    def out_vars(kvs):
+        """Index exprs over out_shape from loop vars over the kept dims."""
+        if not keep:
+            return list(kvs)
+        it = iter(kvs)
+        return [next(it) if d not in axes else K.idx(0) for d in range(len(xs))]
+
+    def epi(value, kvs):
+        return _epilogue_expr(n.value.outputs[0], red, value, leaves, out_vars(kvs), out_shape)
+
+    size = prod(xs)
+    big_total = xs and len(axes) == len(xs) and size >= 1 << 16
+    if not big_total and (not xs or (len(xs) - 1) in axes):
+        # innermost axis reduced: one register accumulator per output element,
+        # the epilogue applied to it before the store
+        vs = {d: Var(f"r{d}") for d in range(len(xs))}
+        acc = Local(acc_dt, "acc")
+        v = load_at([vs[d] for d in range(len(xs))])
+        v = v if v.dtype == acc_dt else K.Cast(v, acc_dt)
+        body = [Assign(acc, _combine(op, acc, v))]
+        for k, d in enumerate(sorted(axes, reverse=True)):
+            body = [Loop(vs[d], xs[d], body, "vector" if k == 0 else "serial")]
+        tot = acc
+        if op == "mean":
+            tot = BinOp("div", acc, Const(float(prod(xs[d] for d in axes)), acc_dt))
+        kvs = [vs[d] for d in kept]
+        body = ([Assign(acc, _ident(op, acc_dt))] + body +
+                [Store(out, affine(kvs, out_st), epi(tot, kvs))])
+        for d in reversed(kept):
+            body = [Loop(vs[d], xs[d], body, "parallel" if d == kept[0] else "serial")]
+        return [Kernel(f"fused_{op}_epilogue", _uniq([out] + in_bufs), body, flops=size)]
+    # otherwise the plain reduction kernel(s) into a scratch row, the epilogue
+    # appended to the last kernel as a loop nest over the output
+    scratch = lw.new_buffer(acc_dt, max(1, prod(kept_shape)), hint="red")
+    ks = reduce_kernels(lw, op, xs, axes, acc_dt, scratch, in_bufs, load_at,
+                        name=f"fused_{op}_epilogue")
+    last = ks[-1]
+    last.body += K.loop_nest(kept_shape, lambda kvs: [
+        Store(out, affine(kvs, out_st), epi(Load(scratch, affine(kvs, out_st)), kvs))])
+    last.buffers = _uniq(last.buffers + [out] + in_bufs)
+    return ks
+
+
+def lower_fused_group(lw, n):
+    if n.attrs.get("kind") == "reduce":
+        parts = split_reduce_epilogue(n.value)
+        if parts is not None:
+            return lower_reduce_epilogue(lw, n, parts)
+    return lower_fused(lw, n)
+
+
+LOWER["fused"] = lower_fused_group

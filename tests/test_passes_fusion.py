@@ -1,0 +1,129 @@
+"""Fusion rules around reductions (docs/optimizer.md, "Fusion"): the groups the
+optimizer forms, their count, and their values on the NumPy interpreter and the
+LLVM backend against independent NumPy formulas.
+
+Tolerances: float32 reductions of n terms within 2 n eps sum|terms| (plus a few
+ulp for the elementwise ops around them); exact where nothing is reduced.
+"""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.ir.graph import Graph
+from graphc.kernel import lower_graph
+from graphc.passes import count_kernels, optimize
+
+RNG = np.random.default_rng(5)
+EPS = np.finfo(np.float32).eps
+
+
+def fused(g):
+    return [(n.attrs["kind"], n.attrs["label"]) for n in g.nodes if n.op.name == "fused"]
+
+
+def both_backends(ins, out, feeds):
+    """(NumPy-interpreter result, LLVM result) of the optimized graph."""
+    return (gc.compile(ins, out, backend="numpy")(*feeds),
+            gc.compile(ins, out, backend="llvm")(*feeds))
+
+
+def close(got, want, n_terms, scale):
+    tol = (2 * n_terms + 8) * EPS * scale
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= tol), (got, want)
+
+
+# ------------------------------------------------------------------ reduction epilogues
+def test_bias_gradient_and_sgd_update_become_one_reduce_kernel():
+    g = gc.input("g", (16, 12))
+    b = gc.Parameter(RNG.standard_normal(12).astype(np.float32), name="b")
+    bgrad = gc.reshape(gc.sum(g, axis=0, keepdims=True), (12,))   # what autodiff builds
+    upd = b - 0.1 * bgrad
+    og, rep = optimize(Graph([upd], [g]), 2)
+    assert fused(og) == [("reduce", "sum+mul+sub")]
+    assert count_kernels(og) == 1 and rep.kernels_before == 3     # sum, mul, sub (reshape is a view)
+    assert rep.changed("simplify")            # reshape(sum keepdims) -> sum
+    gv = RNG.standard_normal((16, 12)).astype(np.float32)
+    want = b.value.astype(np.float64) - 0.1 * np.array(
+        [sum(float(gv[i, j]) for i in range(16)) for j in range(12)])
+    for got in both_backends([g], upd, [gv]):
+        close(got, want, 16, 0.1 * np.abs(gv).sum(0) + np.abs(b.value))
+
+
+@pytest.mark.parametrize("case", ["inner_reduced", "inner_kept", "keepdims", "big_total",
+                                  "small_total"])
+def test_reduction_epilogues_lower_to_one_kernel(case):
+    x = gc.input("x", (9, 31))
+    b = gc.input("b", (31,))
+    c = gc.input("c", (9,))
+    big = gc.input("big", (300, 300))
+    xv = RNG.standard_normal((9, 31)).astype(np.float32)
+    bv = RNG.standard_normal(31).astype(np.float32)
+    cv = RNG.standard_normal(9).astype(np.float32)
+    bigv = RNG.standard_normal((300, 300)).astype(np.float32)
+    x64, b64, c64, big64 = (a.astype(np.float64) for a in (xv, bv, cv, bigv))
+    if case == "inner_reduced":
+        out = c - 0.5 * gc.sum(gc.square(x - b), axis=1)
+        terms = (x64 - b64) ** 2
+        want, n, scale = c64 - 0.5 * terms.sum(1), 31, 0.5 * terms.sum(1) + np.abs(c64)
+        label = "sub+square+sum+mul+sub"
+    elif case == "inner_kept":
+        out = b * 2.0 - gc.mean(gc.abs(x) * 3.0, axis=0)
+        terms = np.abs(x64) * 3
+        want, n, scale = b64 * 2 - terms.sum(0) / 9, 9, terms.sum(0) / 9 + 2 * np.abs(b64)
+        label = "mul+abs+mul+mean+sub"
+    elif case == "keepdims":
+        out = gc.tanh(gc.max(x * b, axis=1, keepdims=True)) + 1.0
+        want, n, scale = np.tanh((x64 * b64).max(1, keepdims=True)) + 1, 1, 2.0
+        label = "mul+max+tanh+add"
+    elif case == "big_total":     # large full reductions run in chunks: the epilogue too
+        out = gc.sqrt(gc.mean(gc.square(big)) + 1e-5)
+        want, n, scale = np.sqrt((big64 ** 2).mean() + 1e-5), 90000, 1.0
+        label = "square+mean+add+sqrt"
+    else:
+        out = gc.exp(gc.sum(x)) * 2.0
+        want, n, scale = np.exp(x64.sum()) * 2, 279, np.exp(x64.sum()) * 2 * np.abs(x64).sum()
+        label = "sum+exp+mul"
+    ins = [x, b, c, big]
+    og, _ = optimize(Graph([out], ins), 2)
+    assert fused(og) == [("reduce", label)]
+    assert len(lower_graph(og).kernels) == (2 if case == "big_total" else 1)
+    for got in both_backends(ins, out, [xv, bv, cv, bigv]):
+        close(got, want, n, scale)
+
+
+def test_value_read_before_and_after_the_reduction_stays_materialized():
+    x = gc.input("x", (6, 5))
+    s = gc.input("s", ())
+    k = gc.exp(s)                                    # one element: fusable on both sides
+    out = gc.sum(x * k, axis=1) * k
+    og, _ = optimize(Graph([out], [x, s]), 2)
+    assert [n.op.name for n in og.nodes if n.inputs] == ["exp", "fused"]
+    assert fused(og) == [("reduce", "mul+sum+mul")]
+    xv = RNG.standard_normal((6, 5)).astype(np.float32)
+    sv = np.float32(0.3)
+    want = (xv.astype(np.float64) * np.exp(0.3)).sum(1) * np.exp(0.3)
+    for got in both_backends([x, s], out, [xv, sv]):
+        close(got, want, 5, np.exp(0.6) * np.abs(xv).sum(1))
+
+
+def test_reduction_with_another_reader_is_not_an_epilogue():
+    x = gc.input("x", (6, 5))
+    r = gc.sum(x, axis=1)
+    outs = [gc.relu(r), r * 2.0]                     # r read by two groups
+    og, _ = optimize(Graph(outs, [x]), 2)
+    assert sorted(n.op.name for n in og.nodes if n.inputs) == ["mul", "relu", "sum"]
+    assert fused(og) == []
+
+
+def test_reshape_of_keepdims_reduction_with_two_readers_is_kept():
+    """Rewriting would compute the reduction twice (keepdims and not)."""
+    x = gc.input("x", (4, 3))
+    s = gc.sum(x, axis=0, keepdims=True)
+    outs = [gc.reshape(s, (3,)), x - s]
+    og, rep = optimize(Graph(outs, [x]), 1)
+    assert [n.op.name for n in og.nodes if n.inputs].count("sum") == 1
+    xv = RNG.standard_normal((4, 3)).astype(np.float32)
+    col = np.array([sum(float(xv[i, j]) for i in range(4)) for j in range(3)])
+    for got in (gc.compile([x], outs, backend=be)(xv) for be in ("numpy", "llvm")):
+        close(got[0], col, 4, np.abs(xv).sum(0))
+        close(got[1], xv - col, 4, np.abs(xv).sum(0) + np.abs(xv))
