@@ -278,3 +278,14 @@ def test_indexing_and_loss_kernels_are_race_free():
     grads = gc.grad(loss, [x, wt])
     for level in (0, 2):
         assert check_program(program([x, ids, wt, y], [loss] + grads, level)) > 100
+
+
+def test_recurrent_kernels_are_race_free():
+    from graphc import nn
+    lstm = nn.LSTM(5, 7, num_layers=2, rng=np.random.default_rng(0))
+    x = gc.input("x", (4, 3, 5))
+    out = lstm(x)
+    y = out[0] if isinstance(out, tuple) else out
+    loss = gc.sum(y * y)
+    cp = program([x], [loss] + gc.grad(loss, [x] + list(lstm.parameters())))
+    assert check_program(cp) > 1000

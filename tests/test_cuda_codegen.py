@@ -193,9 +193,22 @@ def _lenet_step():
     return [x, y], [loss] + list(ups.values())
 
 
+def _lstm_step():
+    from graphc import nn, optim
+    rng = np.random.default_rng(0)
+    lstm, head = nn.LSTM(16, 32, rng=rng), nn.Linear(32, 10, rng=rng)
+    x, y = gc.input("x", (12, 8, 16)), gc.input("y", (8,), dtype="int64")
+    out = lstm(x)
+    h = out[0] if isinstance(out, tuple) else out
+    loss = gc.cross_entropy(head(h[-1]), y)
+    opt = optim.SGD(list(lstm.parameters()) + list(head.parameters()), lr=0.1)
+    return [x, y], [loss] + list(opt.updates(loss).values())
+
+
 @needs_compiler
 @needs_ptxas
-@pytest.mark.parametrize("make", [_mlp_step, _lenet_step], ids=["mlp", "lenet5"])
+@pytest.mark.parametrize("make", [_mlp_step, _lenet_step, _lstm_step],
+                         ids=["mlp", "lenet5", "lstm"])
 def test_training_step_kernels_compile_and_fit_resources(make):
     ins, outs = make()
     cp = gen(ins, outs)

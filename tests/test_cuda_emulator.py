@@ -563,3 +563,28 @@ def test_random_shapes_broadcasting_and_reductions():
         np.testing.assert_allclose(s_g, s_w, rtol=0, atol=n * EPS32 * np.abs(z_w).sum() + 1e-6)
         np.testing.assert_allclose(a_g, a_w, rtol=0, atol=n * EPS32 * np.abs(feeds[2 * k]).max()
                                    + 1e-6)
+
+
+# ------------------------------------------------------------------ recurrences (scan)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_recurrent_layers_and_backprop_through_time(cell):
+    """scan's loop region: the body's kernels run once per time step with per-step
+    views into the stacked buffers; backprop runs a reversed loop."""
+    from graphc import nn
+    layer = getattr(nn, cell)(5, 7)
+    x = gc.input("x", (6, 3, 5))
+    out = layer(x)
+    y = out[0] if isinstance(out, tuple) else out
+    loss = gc.sum(y * y)
+    ps = list(layer.parameters())
+    outs = [y, loss] + gc.grad(loss, [x] + ps)
+    v = RNG.standard_normal((6, 3, 5)).astype(np.float32)
+    f = gc.compile([x], outs, backend="cuda")
+    got = f(v)
+    want = gc.compile([x], outs, backend="numpy")(v)
+    close(got, want, 2e-5, 2e-6)
+    cp = next(iter(f._cache.values())).cprog
+    from graphc.backends.cuda.codegen import TimeLoop
+    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
+    assert len(loops) == 2 and {s.region.reverse for s in loops} == {False, True}
+    assert all(s.extent == 6 for s in loops)

@@ -20,8 +20,9 @@ barrier, which the IR's "zero-fill, then accumulate" kernels need):
   `blockIdx.z` when their C tiles are disjoint, else they stay on the host
   (`HostLoop`) and their variables are passed as kernel arguments.
 
-The plan is a list of `Launch` and `HostLoop` steps that a runtime (driver or
-emulator) executes.
+The plan is a list of `Launch`, `HostLoop` and `TimeLoop` (a `scan`'s loop
+region: its kernels run once per time step, with per-step view buffers moved
+by the runtime) steps that a runtime (driver or emulator) executes.
 """
 from __future__ import annotations
 
@@ -103,6 +104,16 @@ class HostLoop:
         self.var, self.extent, self.steps = var, extent, steps
 
 
+class TimeLoop:
+    """A loop region of the kernel IR (a `scan`): its steps run `length` times, t
+    forward or reversed; view buffers inside it sit at parent + t * step."""
+
+    def __init__(self, region):
+        self.region = region
+        self.extent = region.length
+        self.steps: list = []
+
+
 class CudaProgram:
     """Generated source, the kernels in it, and the launch plan."""
 
@@ -111,7 +122,8 @@ class CudaProgram:
 
     def launch_count(self):
         def n(steps):
-            return sum(s.extent * n(s.steps) if isinstance(s, HostLoop) else 1 for s in steps)
+            return sum(s.extent * n(s.steps) if isinstance(s, (HostLoop, TimeLoop)) else 1
+                       for s in steps)
         return n(self.steps)
 
 
@@ -135,9 +147,17 @@ class Generator:
     def run(self):
         A.reset_keys()
         steps = []
+        regions = list(getattr(self.prog, "loops", ()) or ())
+        stack = [(None, steps)]      # open time loops (the IR's loop regions, nestable)
         for k, (kern, node) in enumerate(zip(self.prog.kernels, self.prog.kernel_nodes)):
+            while stack[-1][0] is not None and stack[-1][0].end <= k:
+                stack.pop()
+            for r in sorted((r for r in regions if r.start == k), key=lambda r: -r.end):
+                tl = TimeLoop(r)
+                stack[-1][1].append(tl)
+                stack.append((r, tl.steps))
             self.kidx, self.kern, self.node, self.part = k, kern, node, 0
-            steps += self.plan(kern.body, [], {}, frozenset(), top=True)
+            stack[-1][1].extend(self.plan(kern.body, [], {}, frozenset(), top=True))
         cp = CudaProgram(self.prog, "\n".join(self.chunks), steps, self.launches)
         cp.extra_buffers = self.extra_buffers
         return cp

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ...ir.errors import GraphcError
-from .codegen import HostLoop
+from .codegen import HostLoop, TimeLoop
 from .compiler import build_emulator, compile_cuda
 
 
@@ -289,6 +289,7 @@ class Runner:
         self.cprog, self.rt = cprog, runtime
         prog = cprog.prog
         self.prog = prog
+        self.views = dict(getattr(prog, "views", {}) or {})
         self._owned = []
         self.fns = runtime.load(cprog)
         self.n_inputs = len(graph.inputs)
@@ -352,6 +353,14 @@ class Runner:
         self.uploads += 1
         self.shadow[id(buf)] = raw.copy()
 
+    def _buf_ptr(self, buf, env):
+        """Device address of a buffer; a view (inside a time loop) moves with t."""
+        v = self.views.get(id(buf))
+        if v is None:
+            return self.ptr[id(buf)]
+        t = env[("loop", v.loop.index)]
+        return self._buf_ptr(v.parent, env) + (v.base + t * v.step) * buf.dtype.itemsize
+
     def _run(self, steps, env):
         for st in steps:
             if isinstance(st, HostLoop):
@@ -359,9 +368,15 @@ class Runner:
                     env[id(st.var)] = v
                     self._run(st.steps, env)
                 continue
+            if isinstance(st, TimeLoop):
+                r = st.region
+                for t in (range(r.length - 1, -1, -1) if r.reverse else range(r.length)):
+                    env[("loop", r.index)] = t
+                    self._run(st.steps, env)
+                continue
             if 0 in st.grid:
                 continue          # an empty tensor: nothing to launch (CUDA rejects grid 0)
-            args = [ctypes.c_void_p(self.ptr[id(obj)]) if kind == "buf"
+            args = [ctypes.c_void_p(self._buf_ptr(obj, env)) if kind == "buf"
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
             self.rt.launch(self.fns[st.name], st.grid, st.block, args)
 
