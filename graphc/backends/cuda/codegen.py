@@ -306,8 +306,17 @@ class Generator:
         namer = Namer(reserved=[b.name for b in bufs] + RESERVED)
         ew = ExprWriter(namer, lambda b: b.name)
         hvars = [l.var for l in host if id(l.var) in used_vars]
-        sig = [f"{ctype(b.dtype)}* __restrict__ {b.name}" if id(b) in written else
-               f"const {ctype(b.dtype)}* __restrict__ {b.name}" for b in bufs]
+        # views (time-loop slices) of one buffer may overlap: no __restrict__ for them
+        views = getattr(self.prog, "views", {}) or {}
+
+        def root(b):
+            while id(b) in views:
+                b = views[id(b)].parent
+            return id(b)
+        roots = [root(b) for b in bufs]
+        shared = {r for r in roots if roots.count(r) > 1}
+        sig = [f"{'' if id(b) in written else 'const '}{ctype(b.dtype)}*"
+               f"{'' if r in shared else ' __restrict__'} {b.name}" for b, r in zip(bufs, roots)]
         sig += [f"const long long {namer.of(v, v.name)}" for v in hvars]
         params = [("buf", b) for b in bufs] + [("var", v) for v in hvars]
         head = [f"// {name}: {what}", f"//   from {_node_comment(self.node)}"]
