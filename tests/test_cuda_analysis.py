@@ -289,3 +289,12 @@ def test_recurrent_kernels_are_race_free():
     loss = gc.sum(y * y)
     cp = program([x], [loss] + gc.grad(loss, [x] + list(lstm.parameters())))
     assert check_program(cp) > 1000
+
+
+def test_grouped_weight_gradient_kernels_are_race_free():
+    # 18 images: 6 groups of 3, the images of a group summed by an atomic GEMM
+    x, g = gc.input("x", (18, 2, 5, 4)), gc.input("g", (18, 3, 5, 4))
+    cp = program([x, g], [gc.conv2d_grad_weight(x, g, (3, 3), padding=1)], 0)
+    (gemm,) = [la for la in cp.launches if la.mapping and "gemm" in la.mapping]
+    assert [l.var.name for l in gemm.mapping["reduce"]] == ["nl"]
+    assert check_program(cp) > 1000
