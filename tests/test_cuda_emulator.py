@@ -462,6 +462,7 @@ def test_mlp_training_matches_numpy_backend():
     assert runner.uploads == 4
 
 
+@pytest.mark.slow
 def test_lenet_trains_on_digits_like_numpy_backend():
     """30 SGD steps of LeNet-5 on 480 real digit images (batch 16): the emulated CUDA
     backend's loss curve is the NumPy backend's, and it really learns."""
