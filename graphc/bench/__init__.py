@@ -102,13 +102,16 @@ def bench_conv(threads, repeat, torch, backward=False, batch=32):
     return name, flops, interleaved(impls, repeat, warmup=1), compile_s
 
 
+LENET_SHAPES = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (400, 120), (120,), (120, 84), (84,),
+                (84, 10), (10,)]
+
+
 def _lenet_graph(batch, backend, lr=0.01):
     """LeNet-5 (28x28 input) training step as a compiled graphc function."""
     import graphc as gc
     rng = np.random.default_rng(0)
-    shapes = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (400, 120), (120,), (120, 84), (84,),
-              (84, 10), (10,)]
-    params = [gc.Parameter((rng.standard_normal(s) * 0.1).astype(np.float32)) for s in shapes]
+    params = [gc.Parameter((rng.standard_normal(s) * 0.1).astype(np.float32))
+              for s in LENET_SHAPES]
     c1, c1b, c2, c2b, f1, f1b, f2, f2b, f3, f3b = params
     x = gc.input("x", (batch, 1, 28, 28))
     y = gc.input("y", (batch,), dtype="int64")
@@ -171,6 +174,105 @@ def bench_lenet(batch, threads, repeat, torch):
     return f"LeNet-5 train step batch {batch}", flops, interleaved(impls, repeat), compile_s
 
 
+# ------------------------------------------------------------------ memory
+def _proc_status() -> dict:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process in bytes (Linux)."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def _memory_child(framework, batch, steps, threads) -> dict:
+    """Runs in a fresh process: the peak memory of `steps` LeNet-5 training steps.
+
+    Baseline: after importing the framework and loading its native library (libtorch
+    for PyTorch; graphc plus libllvmlite with the host target initialised), with the
+    data already in memory.  Then the model is built and one step runs (graphc
+    compiles here; the compile's own transient peak is reported separately as
+    setup_peak).  The kernel's high-water mark is reset (/proc/self/clear_refs) and
+    the loop runs.  loop_peak: VmHWM over the loop minus the baseline RSS (parameters,
+    gradients, activations, workspace, and whatever the setup left resident, compiled
+    code included).  loop_peak_anon: the same for anonymous memory alone (the heap:
+    data the process owns, without file-backed library code pages), estimated as
+    VmHWM - RssFile - RssShmem at the end of the loop (the loop touches no new code
+    after the warm-up step) minus the baseline RssAnon.
+    """
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    yb = rng.integers(0, 10, batch)
+    if framework == "torch":
+        torch = _torch(threads)
+    else:
+        os.environ["GRAPHC_NUM_THREADS"] = str(threads)
+        import graphc  # noqa: F401
+        from ..backends.llvm import runtime
+        runtime._target()
+        from .. import autodiff, passes  # noqa: F401  (imports are not memory of the loop)
+        from ..kernel import lower  # noqa: F401
+    base = _proc_status()
+    if framework == "torch":
+        rng0 = np.random.default_rng(0)
+        init = [(rng0.standard_normal(s) * 0.1).astype(np.float32) for s in LENET_SHAPES]
+        step = _torch_lenet(torch, batch, init)
+        tx, ty = torch.from_numpy(xb), torch.from_numpy(yb)
+
+        def run():
+            step(tx, ty)
+    else:
+        f, _ = _lenet_graph(batch, framework)
+
+        def run():
+            f(xb, yb)
+    run()
+    setup = _proc_status()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")       # reset VmHWM to the current RSS
+    for _ in range(steps):
+        run()
+    end = _proc_status()
+    return {"framework": framework, "batch": batch, "steps": steps,
+            "setup_peak": setup["VmHWM"] - base["VmRSS"],
+            "loop_peak": end["VmHWM"] - base["VmRSS"],
+            "loop_peak_anon": end["VmHWM"] - end["RssFile"] - end.get("RssShmem", 0)
+            - base["RssAnon"],
+            "end_anon": end["RssAnon"] - base["RssAnon"]}
+
+
+def bench_memory(batch, threads, steps, torch, frameworks=("llvm", "numpy", "torch")):
+    """Each framework in its own fresh subprocess (peak memory is per process)."""
+    import json
+    import subprocess
+    import sys
+    rows = []
+    for fw in frameworks:
+        if fw == "torch" and torch is None:
+            continue
+        code = (f"import json; from graphc.bench import _memory_child; "
+                f"print(json.dumps(_memory_child({fw!r}, {batch}, {steps}, {threads})))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"memory child {fw} failed:\n{r.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def format_memory(rows) -> str:
+    mib = 1 / 2 ** 20
+    lines = [f"| framework | batch | steps | loop peak RSS growth MiB | loop peak heap (anon) "
+             f"MiB | setup peak MiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = {"llvm": "graphc-llvm", "numpy": "graphc-numpy"}.get(r["framework"],
+                                                                      r["framework"])
+        lines.append(f"| {name} | {r['batch']} | {r['steps']} | {r['loop_peak'] * mib:.1f} | "
+                     f"{r['loop_peak_anon'] * mib:.1f} | {r['setup_peak'] * mib:.1f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ report
 def machine() -> str:
     cpu = "unknown CPU"
@@ -204,7 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)))
     ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--only", default="matmul,conv,lenet",
-                    help="comma-separated subset of: matmul, conv, convbwd, lenet")
+                    help="comma-separated subset of: matmul, conv, convbwd, lenet, rnn")
     ap.add_argument("--sizes", default="256,1024,2048", help="matmul sizes")
     ap.add_argument("--conv-batch", type=int, default=32)
     args = ap.parse_args(argv)
@@ -231,6 +333,9 @@ def main(argv=None) -> int:
     if "lenet" in only:
         run(bench_lenet(64, args.threads, args.repeat, torch))
         run(bench_lenet(1, args.threads, args.repeat * 5, torch))
+    if "rnn" in only:   # recurrent networks (bench/rnn.py)
+        from .rnn import run_all
+        run_all(args.threads, args.repeat, torch, run)
     print()
     print(format_rows(results))
     return 0

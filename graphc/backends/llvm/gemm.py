@@ -86,7 +86,13 @@ def emit_gemm(em, g):
         else:
             em.stmts(g.as_loops())
         return
-    fn, ws, ws_elems, nr = gemm_function(em.mb, dtype)
+    fn, nr, kc, mc, nc = gemm_function(em.mb, dtype)
+    # This call's workspace slice per thread: the A panels (MC x KC, fixed: the
+    # function addresses B's panels after them) and the B panels of one band of at most
+    # NC columns by KC rows, sized to this product, so small GEMMs keep small scratch.
+    ws_elems = mc * kc + -(-min(g.N, nc) // nr) * nr * min(g.K, kc)
+    ws_elems = -(-ws_elems // 16) * 16
+    ws = workspace(em.mb, dtype, ws_elems * em.mb.nthreads)
     b = em.b
     c = lambda v: ir.Constant(I64, v)
     offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
@@ -117,9 +123,7 @@ def gemm_function(mb, dtype):
         from .runtime import _target
         em = GemmEmitter(mb, dtype, params(dtype, _target()["avx512"]))
         fn = em.build()
-        n = em.kc * em.nc + em.mc * em.kc
-        ws = workspace(mb, dtype, n * mb.nthreads)   # one slice per thread
-        fns[dtype.name] = (fn, ws, n, em.NR)
+        fns[dtype.name] = (fn, em.NR, em.kc, em.mc, em.nc)
     return fns[dtype.name]
 
 
@@ -166,8 +170,8 @@ class GemmEmitter:
         (self.A, self.Ab, self.ars, self.acs, self.B, self.Bb, self.brs, self.bcs,
          self.C, self.Cb, self.crs, self.ccs, M, N, K, accumulate, ws) = fn.args
         # The caller's workspace slice (a typed float*: see vload/vstore).
-        self.Bp = ws
-        self.Ap = b.gep(ws, [self.c64(self.kc * self.nc)], inbounds=True)
+        self.Ap = ws
+        self.Bp = b.gep(ws, [self.c64(self.mc * self.kc)], inbounds=True)
         self.tile = b.alloca(ir.ArrayType(self.ft, self.MR * self.NR))
         with counted_loop(b, fn, 0, N, self.nc, "jc") as jc:
             with counted_loop(b, fn, 0, K, self.kc, "pc") as pc:

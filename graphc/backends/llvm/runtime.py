@@ -96,7 +96,10 @@ def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="ent
 
     keep_object: a cache key; the object code is then stored in the disk cache."""
     s = _target()
-    mod = llvm.parse_assembly(ir_text)
+    # A private context: the global one would keep every type and constant of every
+    # compiled graph interned for the life of the process.
+    ctx = llvm.create_context()
+    mod = llvm.parse_assembly(ir_text, context=ctx)
     mod.triple = s["triple"]
     mod.data_layout = s["layout"]
     mod.verify()
@@ -111,12 +114,53 @@ def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="ent
     tm = s["target"].create_target_machine(cpu=s["cpu"], features=s["features"], opt=3,
                                            jit=True)
     engine = llvm.create_mcjit_compiler(mod, tm)
-    if keep_object is not None:
-        from . import cache
-        # MCJIT hands over the object code it generates: store it, no second codegen.
-        engine.set_object_cache(lambda m, data: cache.store(keep_object, data), None)
+    objects = []
+    # MCJIT hands over the object code it generates: keep it (and store it in the disk
+    # cache), no second codegen.
+    engine.set_object_cache(lambda m, data: objects.append(bytes(data)), None)
     engine.finalize_object()
+    if keep_object is not None and objects:
+        from . import cache
+        cache.store(keep_object, objects[0])
+    if len(objects) == 1:
+        # The engine keeps the optimized module (tens of MB of IR for a training step)
+        # for as long as it lives: swap it for an engine holding only the machine code,
+        # and hand the compiler's freed heap back to the OS.
+        lean = engine_from_object(objects[0], entry)
+        if lean is not None:
+            engine.close()
+            del engine, mod, ctx
+            release_heap()
+            return lean
     return engine, engine.get_function_address(entry)
+
+
+def engine_from_object(data: bytes, entry="entry"):
+    """(engine, address of `entry`) for object code, or None if LLVM refuses it."""
+    s = _target()
+    try:
+        tm = s["target"].create_target_machine(cpu=s["cpu"], features=s["features"], opt=3,
+                                               jit=True)
+        mod = llvm.parse_assembly("")
+        mod.triple = s["triple"]
+        engine = llvm.create_mcjit_compiler(mod, tm)
+        engine.add_object_file(llvm.ObjectFileRef.from_data(data))
+        engine.finalize_object()
+        addr = engine.get_function_address(entry)
+    except Exception:
+        return None
+    return (engine, addr) if addr else None
+
+
+def release_heap():
+    """Return free heap pages to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    try:
+        libc = _state.get("libc")
+        if libc is None:
+            libc = _state["libc"] = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _debug_bounds() -> bool:
@@ -351,6 +395,12 @@ def compile_program(prog, graph):
         with open(os.path.join(dump, "graphc.ll"), "w") as f:
             f.write(text)
     engine, addr = jit(text, dump, keep_object=key)
+    # llvmlite's IR objects form reference cycles: free them (and the heap they used)
+    # now rather than at some later collection, so they do not add to the caller's peak.
+    del mb, text, fns, shared
+    import gc as _pygc
+    _pygc.collect()
+    release_heap()
     return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
                   list(graph.outputs), profile)
 
