@@ -331,13 +331,33 @@ def test_matmul_epilogue_and_reduce_prologue():
 def test_fusion_never_splits_a_shared_value():
     x = gc.input("x", (5,), dtype="float64")
     t = gc.exp(x)             # two users in different places
+    a = t * 2.0 - x
+    bb = gc.tanh(t + 1.0)
+    g, _ = level([a, bb], [x], 2)
+    fused = [n for n in g.nodes if n.op.name == "fused"]
+    # t stays materialized: exp is a kernel, each user fuses its own chain
+    assert "exp" in ops_of(g)
+    assert sorted(f.attrs["label"] for f in fused) == ["add+tanh", "mul+sub"]
+    xv = np.linspace(-2, 2, 5)
+    for got, want in zip(evaluate(g, {"x": xv}), [np.exp(xv) * 2 - xv, np.tanh(np.exp(xv) + 1)]):
+        np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
+def test_reductions_recompute_a_shared_elementwise_prologue():
+    x = gc.input("x", (5,), dtype="float64")
+    t = gc.exp(x)             # read by both reductions' prologues
     a = gc.sum(t * 2.0)
     bb = gc.sum(t + 1.0)
     g, _ = level([a, bb], [x], 2)
     fused = [n for n in g.nodes if n.op.name == "fused"]
-    # t stays materialized: exp is a kernel, the two reductions each fuse their producer
-    assert "exp" in ops_of(g)
-    assert sorted(f.attrs["label"] for f in fused) == ["add+sum", "mul+sum"]
+    # each reduction computes exp itself: two kernels, no buffer for t
+    assert ops_of(g) == ["fused", "fused"]
+    assert sorted(f.attrs["label"] for f in fused) == ["exp+add+sum", "exp+mul+sum"]
+    xv = np.linspace(-2, 2, 5)
+    e = [np.exp(v) for v in xv]
+    got = evaluate(g, {"x": xv})
+    np.testing.assert_allclose(got[0], sum(v * 2 for v in e), rtol=1e-14)
+    np.testing.assert_allclose(got[1], sum(v + 1 for v in e), rtol=1e-14)
 
 
 def test_outputs_stay_materialized():

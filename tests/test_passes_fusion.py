@@ -127,3 +127,69 @@ def test_reshape_of_keepdims_reduction_with_two_readers_is_kept():
     for got in (gc.compile([x], outs, backend=be)(xv) for be in ("numpy", "llvm")):
         close(got[0], col, 4, np.abs(xv).sum(0))
         close(got[1], xv - col, 4, np.abs(xv).sum(0) + np.abs(xv))
+
+
+# ------------------------------------------------------------------ recomputed prologues
+def test_layer_norm_variance_recomputes_the_centered_input():
+    """sum(square(x - mean)) is one kernel; x - mean fuses into the output too."""
+    x = gc.input("x", (8, 32))
+    w = gc.Parameter(RNG.standard_normal(32).astype(np.float32), name="w")
+    b = gc.Parameter(RNG.standard_normal(32).astype(np.float32), name="b")
+    y = gc.layer_norm(x, 32, w, b)
+    og, rep = optimize(Graph([y], [x]), 2)
+    assert [n.op.name for n in og.nodes if n.inputs] == ["mean", "fused", "fused"]
+    assert fused(og) == [("reduce", "sub+square+mean+add+sqrt+reciprocal"),
+                         ("elementwise", "sub+mul+mul+add")]
+    assert any("recomputes 2 elementwise ops" in c for c in rep.passes[-2].changes)
+    assert rep.kernels_before == 10 and rep.kernels_after == 3
+    xv = (RNG.standard_normal((8, 32)) * 3 + 1).astype(np.float32)
+    x64 = xv.astype(np.float64)
+    mu = np.array([sum(row) / 32 for row in x64])[:, None]
+    var = np.array([sum((v - m) ** 2 for v in row) / 32 for row, m in zip(x64, mu[:, 0])])
+    want = (x64 - mu) / np.sqrt(var[:, None] + 1e-5) * w.value + b.value
+    for got in both_backends([x], y, [xv]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(w.value).max())
+
+
+def test_decomposed_softmax_recomputes_exp_in_the_sum():
+    x = gc.input("x", (6, 10))
+    e = gc.exp(x - gc.max(x, axis=1, keepdims=True))
+    y = e / gc.sum(e, axis=1, keepdims=True)
+    og, rep = optimize(Graph([y], [x]), 2)
+    assert [n.op.name for n in og.nodes if n.inputs] == ["max", "fused", "fused"]
+    assert fused(og) == [("reduce", "sub+exp+sum"), ("elementwise", "sub+exp+div")]
+    assert rep.kernels_before == 5
+    xv = (RNG.standard_normal((6, 10)) * 50).astype(np.float32)
+    x64 = xv.astype(np.float64)
+    want = np.array([[np.exp(v - max(row)) / sum(np.exp(u - max(row)) for u in row)
+                      for v in row] for row in x64])
+    for got in both_backends([x], y, [xv]):
+        np.testing.assert_allclose(got, want, rtol=64 * EPS, atol=1e-7)
+
+
+def test_prologue_read_by_a_matmul_is_not_recomputed():
+    x = gc.input("x", (4, 5))
+    w = gc.input("w", (5, 3))
+    h = gc.tanh(x)
+    outs = [gc.sum(h, axis=1), h @ w]
+    og, rep = optimize(Graph(outs, [x, w]), 2)
+    assert sorted(n.op.name for n in og.nodes if n.inputs) == ["matmul", "sum", "tanh"]
+    assert not any("recomputes" in c for p in rep.passes for c in p.changes)
+
+
+def test_recomputation_is_bounded_by_max_fusion():
+    """A reduction recomputes at most max_fusion // 2 ops (here 3 > 1: none)."""
+    x = gc.input("x", (4, 6))
+    d = gc.tanh(gc.sigmoid(x))
+    outs = [gc.sum(gc.square(d), axis=1), d * 2.0]
+    g0 = Graph(outs, [x])
+    og, rep = optimize(g0, 2, max_fusion=2)
+    assert not any("recomputes" in c for p in rep.passes for c in p.changes)
+    og, rep = optimize(g0, 2)
+    assert any("recomputes 3" in c for p in rep.passes for c in p.changes)
+    assert rep.kernels_after == 2
+    xv = RNG.standard_normal((4, 6)).astype(np.float32)
+    dv = np.tanh(1 / (1 + np.exp(-xv.astype(np.float64))))
+    for got in (gc.compile([x], outs, backend=be)(xv) for be in ("numpy", "llvm")):
+        close(got[0], (dv ** 2).sum(1), 6, (dv ** 2).sum(1))
+        close(got[1], dv * 2, 0, 2 * np.abs(dv))

@@ -38,10 +38,10 @@ from math import prod
 import numpy as np
 
 from ..ir.errors import GraphcError
-from ..ir.graph import Graph
+from ..ir.graph import Graph, clone_with_inputs
 from ..ir.node import Node, TensorType
 from ..ops.base import REGISTRY, Op, register
-from .framework import is_tensor, register_pass
+from .framework import count_kernels, is_tensor, register_pass
 
 REDUCE_OPS = frozenset({"sum", "mean", "max", "min"})
 MATMUL_OPS = frozenset({"matmul"})
@@ -187,6 +187,94 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
     return groups
 
 
+# ------------------------------------------------------------------ recomputation
+RECOMPUTE_LIMIT = 16
+
+
+def _absorbable(b, domain) -> bool:
+    """Could some group absorb `b` if all its readers were in that group?"""
+    if not b.inputs or not is_tensor(b):
+        return False
+    if _is_ew(b):
+        return tuple(b.shape) == domain or _numel(b.shape) == 1
+    return (b.op.name in MATMUL_OPS | CONV_OPS or _is_reduction(b)) and tuple(b.shape) == domain
+
+
+def _prologue_cone(red, users, outputs, limit):
+    """The elementwise ops of red's input shape that red depends on through such ops
+    (topological order), when recomputing them inside red's kernel lets their
+    other readers fuse them; else None.
+
+    Conditions: some cone value is also read outside the cone; every such outside
+    reader is elementwise; the cone has at most `limit` ops; every value the cone
+    reads from outside it (which recomputation gives one more reader) is a leaf,
+    a graph output, unfusable, or already read outside the cone.
+    """
+    domain = tuple(red.inputs[0].shape)
+    cone, stack = {}, [red.inputs[0]]
+    while stack:
+        m = stack.pop()
+        if m.id in cone or not _is_ew(m) or tuple(m.shape) != domain or m.id in outputs:
+            continue
+        cone[m.id] = m
+        if len(cone) > limit:
+            return None
+        stack.extend(m.inputs)
+    if not cone:
+        return None
+    inside = set(cone) | {red.id}
+    shared = False
+    for m in cone.values():
+        outside = [u for u in users[m.id] if u.id not in inside]
+        if outside:
+            shared = True
+            if not all(_is_ew(u) for u in outside):
+                return None
+    if not shared:
+        return None
+    for m in cone.values():
+        for b in m.inputs:
+            if b.id in cone or b.id in outputs or not _absorbable(b, domain):
+                continue
+            if all(u.id in cone for u in users[b.id]):
+                return None
+    return cone
+
+
+def recompute_prologues(graph: Graph, limit: int = RECOMPUTE_LIMIT):
+    """A copy of `graph` in which each reduction that qualifies (see _prologue_cone)
+    reads its own copy of its elementwise prologue; (graph, descriptions)."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs}
+    cones = {}
+    for n in graph.nodes:
+        if _is_reduction(n):
+            c = _prologue_cone(n, users, outputs, limit)
+            if c is not None:
+                cones[n.id] = c
+    if not cones:
+        return graph, []
+    memo, notes = {}, []
+    for n in graph.nodes:
+        ins = tuple(memo[i.id] for i in n.inputs)
+        if n.id in cones:
+            cone = cones[n.id]
+            copies = {}
+            for m in graph.nodes:           # topological order
+                if m.id in cone:
+                    copies[m.id] = clone_with_inputs(
+                        m, tuple(copies.get(i.id, memo[i.id]) for i in m.inputs))
+            ins = tuple(copies.get(i.id, memo[i.id]) for i in n.inputs)
+            notes.append(f"{n.op.name} {n.label()} recomputes {len(cone)} elementwise ops")
+        memo[n.id] = n if all(a is b for a, b in zip(ins, n.inputs)) else clone_with_inputs(n, ins)
+    out = Graph([memo[o.id] for o in graph.outputs], [memo.get(i.id, i) for i in graph.inputs])
+    return out, notes
+
+
+def _kernels_after(graph, groups) -> int:
+    return count_kernels(graph) - sum(len(g) - 1 for _, g in groups)
+
+
 def _label(group) -> str:
     names = [n.op.name for n in group]
     if len(names) > 6:
@@ -234,10 +322,15 @@ def make_fused(kind: str, group: list, mapped_input) -> Node:
 def fuse(graph: Graph, ctx):
     """Group elementwise chains, matmul/conv epilogues and reduction prologues."""
     groups = find_groups(graph, ctx.max_fusion)
+    changes = []
+    alt, notes = recompute_prologues(graph, min(RECOMPUTE_LIMIT, ctx.max_fusion // 2))
+    if notes:
+        alt_groups = find_groups(alt, ctx.max_fusion)
+        if _kernels_after(alt, alt_groups) < _kernels_after(graph, groups):
+            graph, groups, changes = alt, alt_groups, notes
     root_of = {g[-1].id: (kind, g) for kind, g in groups}
     inside = {n.id for _, g in groups for n in g[:-1]}
     memo: dict = {}
-    changes = []
     for n in graph.nodes:
         if n.id in inside:
             continue
