@@ -209,6 +209,20 @@ class Gemm(Stmt):
         i, j, k = Var("gi"), Var("gj"), Var("gk")
         dt = C.dtype
         cidx = add(co, add(mul(i, idx(crs)), mul(j, idx(ccs))))
+        if brs == 1 and bcs != 1 and acs == 1 and self.M < 4 and self.K >= 16 \
+                and dt.kind == "f":
+            # A few rows times a transposed matrix (columns contiguous), as in x @ W.T
+            # at batch 1: dot products along contiguous rows of A and columns of B
+            # (i, j, k order), not a gather per element.
+            acc = Local(dt, "gacc")
+            av = Load(A, add(ao, add(mul(i, idx(ars)), k)))
+            bv = Load(B, add(bo, add(k, mul(j, idx(bcs)))))
+            init = Load(C, cidx) if self.accumulate else Const(0, dt)
+            return [Loop(i, self.M, [Loop(j, self.N, [
+                Assign(acc, init),
+                Loop(k, self.K, [Assign(acc, BinOp("add", acc, BinOp("mul", av, bv),
+                                                   reassoc=True))], "vector"),
+                Store(C, cidx, acc)])])]
         out = []
         if not self.accumulate:
             out.append(Loop(i, self.M, [Loop(j, self.N, [Store(C, cidx, Const(0, dt))],
@@ -325,7 +339,8 @@ def is_spmd(kernel, min_work=1 << 18) -> bool:
     waking threads and a barrier (otherwise one thread runs it)."""
     if not kernel.body or not all(
             (isinstance(s, Loop) and s.kind == "parallel" and s.extent > 1)
-            or (isinstance(s, Gemm) and s.N >= 64 and s.K >= 16 and s.M * s.N * s.K >= 1 << 15)
+            or (isinstance(s, Gemm) and s.N >= 64 and s.K >= 16 and s.M >= 4
+                and s.M * s.N * s.K >= 1 << 15)   # (smaller: the loop nest, on one thread)
             for s in kernel.body):
         return False
     work = max(kernel.flops, sum(b.size for b in kernel.buffers))

@@ -126,7 +126,23 @@ def _foldable_transposes(g) -> dict:
     return {n.id: n.inputs[0] for n in g.nodes
             if n.op.name == "transpose" and _swaps_last_two(n.attrs["perm"])
             and n.id not in outs and users.get(n.id)
-            and all(u.op.name == "matmul" for u in users[n.id])}
+            and all(u.op.name == "matmul" or _matmul_operand_of_fused(u, n)
+                    for u in users[n.id])}
+
+
+def _matmul_operand_of_fused(u, n) -> bool:
+    """Is `n` read by fused node `u` only as operands of matmuls inside it (a matmul
+    epilogue group, lowered op by op: the inner matmul can read the strides)?"""
+    if u.op.name != "fused" or u.value is None:
+        return False
+    inner = u.value
+    iu = inner.users()
+    inner_outs = {o.id for o in inner.outputs}
+    for i_in, o_in in zip(inner.inputs, u.inputs):
+        if o_in is n and (i_in.id in inner_outs or not iu.get(i_in.id) or
+                          not all(m.op.name == "matmul" for m in iu[i_in.id])):
+            return False
+    return True
 
 
 def lower_graph(graph) -> Program:
@@ -214,6 +230,10 @@ def lower_fused(lw, n):
     pure = n.attrs.get("kind") == "elementwise" and all(
         m.op.name in SCALAR or m.is_leaf for m in inner_nodes)
     if not pure:
+        if n.attrs.get("kind") == "matmul_epilogue":
+            ks = _lower_matmul_epilogue(lw, n)
+            if ks is not None:
+                return ks
         return _expand_inner(lw, n)
     out_shape = _shape(n)
     pos = {i.id: k for k, i in enumerate(inner.inputs)}
@@ -291,15 +311,72 @@ def _lower_fused_reduce(lw, n, root):
                           name="fused_" + root.op.name)
 
 
+def _lower_matmul_epilogue(lw, n):
+    """A matmul followed by elementwise ops: the GEMM, then one loop nest for the whole
+    elementwise tail (in place over the output when the product has its shape).
+    None when the group has another form (then it is lowered op by op)."""
+    inner = n.value
+    root = inner.outputs[0]
+    mms = [m for m in inner.nodes if m.op.name == "matmul"]
+    rest = [m for m in inner.nodes if not m.is_leaf and m.op.name != "matmul"]
+    in_ids = {i.id for i in inner.inputs}
+    if (len(mms) != 1 or root is mms[0] or any(m.op.name not in SCALAR for m in rest)
+            or any(i.id not in in_ids for i in mms[0].inputs)
+            or any(m.op.name not in ("input", "constant", "parameter")
+                   for m in inner.nodes if m.is_leaf)):
+        return None
+    mm = mms[0]
+    folded = getattr(lw, "folded", {})
+    leaves = {}
+    for i_in, o_in in zip(inner.inputs, n.inputs):
+        if o_in.id in folded:    # a transpose the matmul reads through strides
+            folded[i_in.id] = folded[o_in.id]
+            continue
+        lw.bufs[i_in.id] = lw.buf(o_in)
+        leaves[i_in.id] = (lw.buf(o_in), _shape(o_in))
+    for m in inner.nodes:
+        if m.op.name == "parameter" or (m.op.name == "constant" and m.value.size != 1):
+            b = lw.new_buffer(m.dtype, m.value.size, hint="c", temp=False)
+            lw.prog.externals.append((b, ("const" if m.op.name == "constant" else "param", m)))
+            leaves[m.id] = (b, _shape(m))
+    out = lw.buf(n)
+    out_shape = _shape(n)
+    mshape = _shape(mm)
+    if mshape == out_shape and mm.dtype == n.dtype:
+        lw.bufs[mm.id] = out          # product into the output, tail in place
+    else:
+        lw.bufs[mm.id] = lw.new_buffer(mm.dtype, prod(mshape), hint="mm")
+    kernels = lower_matmul(lw, mm)
+    leaves[mm.id] = (lw.bufs[mm.id], mshape)
+    nodes = [m for m in inner.nodes if m.id in leaves or not m.is_leaf or m.op.name == "constant"]
+    bufs = _uniq([out] + [b for b, _ in leaves.values()])
+    ost = contiguous_strides(out_shape)
+
+    def body(vs):
+        return [Store(out, affine(vs, ost), _inner_expr(nodes, root, leaves, vs, out_shape))]
+    shape = out_shape or (1,)
+    if not out_shape:
+        body_ = lambda vs: [Store(out, idx(0), _inner_expr(nodes, root, leaves, [], ()))]
+    else:
+        body_ = body
+    kernels.append(Kernel("epilogue", bufs, K.loop_nest(shape, body_, outer_kind="parallel"),
+                          flops=prod(out_shape) * len(rest)))
+    return kernels
+
+
 def _expand_inner(lw, n):
     """Lower a fused node's inner graph op by op (correct, not fused)."""
     inner = n.value
+    folded = getattr(lw, "folded", {})
     for i_in, o_in in zip(inner.inputs, n.inputs):
+        if o_in.id in folded:    # a transpose its inner matmuls read through strides
+            folded[i_in.id] = folded[o_in.id]
+            continue
         lw.bufs[i_in.id] = lw.buf(o_in)
     out_id = inner.outputs[0].id
     kernels_before = len(lw.prog.kernels)
     for m in inner.nodes:
-        if m.id in lw.bufs:
+        if m.id in lw.bufs or m.id in folded:
             continue
         if m.is_leaf:
             b = lw.new_buffer(m.dtype, prod(_shape(m)), hint="c", temp=False)

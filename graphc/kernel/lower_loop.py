@@ -134,6 +134,14 @@ def lower_scan(lw, n):
     targets = []     # (body output node, destination buffer)
     new_carry = []
     for k in range(nc):
+        mm = _accumulating_gemm(body, k)
+        if mm is not None:
+            # carry' = carry + A @ B, the carry read nowhere else: a GEMM accumulating
+            # into the carry in place (a gradient summed over the steps).
+            sub.accumulate[body.outputs[k].id] = (mm, tb[k])
+            new_carry.append(None)
+            targets.append((body.outputs[k], tb[k]))
+            continue
         nb = lw.new_buffer(body.outputs[k].dtype, carry_sizes[k], hint="nc")
         new_carry.append(nb)
         targets.append((body.outputs[k], nb))
@@ -143,7 +151,8 @@ def lower_scan(lw, n):
         targets.append((o, view_buffer(lw, tb[nc + j], region, step, step)))
     sub.lower(bind, targets)
     for k in range(nc):
-        lw.emit(n, [_copy(tb[k], new_carry[k], carry_sizes[k])])
+        if new_carry[k] is not None:
+            lw.emit(n, [_copy(tb[k], new_carry[k], carry_sizes[k])])
     region.end = len(lw.prog.kernels)
     # Keep-alive markers around the region (see the module docstring).
     views = lw.prog.views
@@ -170,12 +179,55 @@ def lower_scan(lw, n):
     return []
 
 
+def _accumulating_gemm(body, k):
+    """The inner matmul if body output k is a fused `carry_k + matmul(a, b)` (2-D, same
+    shape) and carry k is read by nothing else; else None."""
+    o, ph = body.outputs[k], body.inputs[k]
+    if o.op.name != "fused" or o.attrs.get("kind") != "matmul_epilogue" or o.value is None:
+        return None
+    if sum(1 for x in body.outputs if x is o) != 1 or sum(1 for i in o.inputs if i is ph) != 1:
+        return None
+    if len(body.users().get(ph.id, [])) != 1:
+        return None
+    inner = o.value
+    root = inner.outputs[0]
+    if root.op.name != "add" or len(inner.nodes) != len(inner.inputs) + 2:
+        return None     # exactly: the inputs, one matmul, the add
+    for mm, other in (root.inputs, root.inputs[::-1]):
+        if mm.op.name != "matmul" or mm.ndim != 2 or other.op.name != "input":
+            continue
+        pos = [j for j, i_in in enumerate(inner.inputs) if i_in is other]
+        if (len(pos) == 1 and o.inputs[pos[0]] is ph and all(i is not other for i in mm.inputs)
+                and tuple(mm.shape) == tuple(root.shape) == tuple(other.shape)
+                and mm.dtype == root.dtype):
+            return mm
+    return None
+
+
+def _lower_accumulating(lw, m, mm, acc):
+    inner = m.value
+    folded = lw.folded
+    for i_in, o_in in zip(inner.inputs, m.inputs):
+        if o_in.id in folded:
+            folded[i_in.id] = folded[o_in.id]
+            continue
+        lw.bufs[i_in.id] = lw.buf(o_in)
+    lw.bufs[mm.id] = acc
+    ks = LOWER["matmul"](lw, mm)
+    (kern,) = ks
+    (g,) = kern.body
+    assert isinstance(g, K.Gemm)
+    g.accumulate = True
+    return ks
+
+
 class _BodyLowerer:
     """Lowers a loop body's nodes into the enclosing program (shared buffers/kernels)."""
 
     def __init__(self, lw, body):
         self.lw, self.graph = lw, body
         self.created = set()
+        self.accumulate = {}   # body node id -> (inner matmul, carry buffer): see lower_scan
 
     def lower(self, bind, targets):
         lw, body = self.lw, self.graph
@@ -217,6 +269,11 @@ class _BodyLowerer:
                     continue
                 if name in ("scan", "tuple_get"):
                     lw.emit(m, LOWER[name](lw, m))
+                    continue
+                if m.id in self.accumulate:
+                    mm, acc = self.accumulate[m.id]
+                    lw.bufs[m.id] = acc
+                    lw.emit(m, _lower_accumulating(lw, m, mm, acc))
                     continue
                 if name not in LOWER and name != "fused":
                     raise NotLoweredError(f"the llvm backend cannot lower op {name} (inside a "
