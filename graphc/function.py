@@ -68,6 +68,7 @@ class Function:
         self.updates = self._check_updates(updates, loc)
         self._check_inputs(loc)
         self._cache: dict = {}
+        self._last_sig = None     # ((dtype, shape) per input, executable) of the last call
         self.reports: list = []
         # Parameters a result may alias (an output that is a parameter or a view
         # of one): such results are copied before updates write in place.
@@ -166,9 +167,33 @@ class Function:
             ex = self._cache[key] = self.backend.build(graph)
         return ex
 
+    def _fast_bind(self, args):
+        """The arrays and executable of a call whose positional arguments are C-contiguous
+        ndarrays with exactly the dtypes and shapes of the previous such call, else None
+        (then `_bind` does the full validation)."""
+        sig = self._last_sig
+        if sig is None or len(args) != len(sig[0]):
+            return None
+        for a, (dtype, shape) in zip(args, sig[0]):
+            if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape \
+                    or not a.flags.c_contiguous:
+                return None
+        return args, sig[1]
+
     def __call__(self, *args, **kwargs):
-        arrays, bindings = self._bind(args, kwargs)
-        ex = self._executable(bindings)
+        fast = None if kwargs else self._fast_bind(args)
+        if fast is not None:
+            arrays, ex = fast
+        else:
+            arrays, bindings = self._bind(args, kwargs)
+            ex = self._executable(bindings)
+            if not kwargs and all(type(a) is np.ndarray for a in args):
+                self._last_sig = (tuple((a.dtype, a.shape) for a in arrays), ex)
+        if self.updates and getattr(ex, "WRITES_UPDATES", False):
+            # The backend copies the new values straight into the parameters, after the
+            # whole graph has run (every reader saw the old values).
+            outs = ex(arrays, [p for p, _ in self.updates])
+            return outs[0] if self.single else outs
         results = ex(arrays)
         n = len(self.outputs)
         if not getattr(ex, "FRESH_OUTPUTS", False):  # a backend may promise fresh arrays

@@ -195,6 +195,7 @@ class Runner:
     """
 
     FRESH_OUTPUTS = True  # __call__ returns copies: outputs never alias parameters
+    WRITES_UPDATES = True  # __call__(arrays, params) writes the trailing outputs into params
 
     def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
                  nthreads, out_nodes, profile=False):
@@ -223,6 +224,7 @@ class Runner:
         self._table_addr = self.table.ctypes.data
         self._lock = threading.Lock()   # the arena is shared state: one call at a time
         self.kernel_names = [f"k{i}_{k.name}" for i, k in enumerate(prog.kernels)]
+        self._prepare()
         self._workers = []
         if nthreads > 1:
             self._done = threading.Semaphore(0)
@@ -243,12 +245,33 @@ class Runner:
                 self._done.release()
 
     def _view(self, buf):
-        src = self._where.get(id(buf))
-        if src is not None:
-            return src
         off = self.offsets[id(buf)] + self._shift
         n = buf.size * buf.dtype.itemsize
         return self.arena[off:off + n].view(buf.dtype)
+
+    def _prepare(self):
+        """Per-call tables, built once: which table slot each input fills, the external
+        arrays behind parameters/constants, the index checks on inputs, and where each
+        output is read from (a fixed view of the arena, or an external array)."""
+        prog = self.prog
+        self._in_slots = []                      # (slot, buffer, input position)
+        self._state_slots = []                   # (slot, buffer, kind, node or array)
+        slot_of = {}
+        for slot, (buf, (kind, what)) in enumerate(prog.externals):
+            slot_of[id(buf)] = slot
+            if kind == "input":
+                self._in_slots.append((slot, buf, what))
+            else:
+                self._state_slots.append((slot, buf, kind, what))
+        self._slot_of = slot_of
+        self._checks = [(slot_of[id(buf)], n, op, loc) for buf, n, op, loc in prog.index_checks
+                        if id(buf) in slot_of]
+        self._out_src = []                       # (slot or None, arena view or None, shape)
+        for buf, shape in zip(prog.outputs, self._out_shapes):
+            if id(buf) in slot_of:
+                self._out_src.append((slot_of[id(buf)], None, shape))
+            else:
+                self._out_src.append((None, self._view(buf).reshape(shape), shape))
 
     def kernels(self) -> list:
         """(name, FLOPs) of every kernel, in the order the entry runs them."""
@@ -272,55 +295,83 @@ class Runner:
         self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
         return a
 
-    def __call__(self, arrays):
-        prog = self.prog
+    def _bind_all(self, arrays):
+        """Validate and bind every external array; returns {slot: array}."""
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
-        with self._lock:
-            where = self._where = {}
-            bound = self._bound          # slot -> the array whose address the table holds
-            for slot, (buf, src) in enumerate(prog.externals):
-                kind, what = src
-                if kind == "input":
-                    a = self._bind_external(slot, buf, kind, arrays[what])
-                else:
-                    a = what if kind == "array" else what.value
-                    # Parameters may be replaced between calls: re-check only when the
-                    # array object changed (set_value writes in place and keeps it).
-                    if bound.get(slot) is not a:
-                        a = self._bind_external(slot, buf, kind, a)
-                        bound[slot] = a if a is (what if kind == "array" else what.value) \
-                            else None
-                where[id(buf)] = a
-            for buf, n, op, loc in prog.index_checks:
-                a = where.get(id(buf))
-                if a is not None and a.size and (a.min() < 0 or a.max() >= n):
+        bound = self._bound          # slot -> the array whose address the table holds
+        cur = {}
+        for slot, buf, pos in self._in_slots:
+            cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
+        for slot, buf, kind, what in self._state_slots:
+            a = what if kind == "array" else what.value
+            # Parameters may be replaced between calls: re-check only when the array
+            # object changed (set_value and in-place updates keep it).
+            if bound.get(slot) is not a:
+                orig = a
+                a = self._bind_external(slot, buf, kind, a)
+                bound[slot] = a if a is orig else None
+            cur[slot] = a
+        for slot, n, op, loc in self._checks:
+            a = cur[slot]
+            if a.size:
+                lo, hi = a.min(), a.max()
+                if lo < 0 or hi >= n:
                     raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                     f"found values from {int(a.min())} to {int(a.max())}\n"
+                                     f"found values from {int(lo)} to {int(hi)}\n"
                                      f"  node built at {loc}")
-            if self.debug_bounds:
-                self.err[:] = 0
-            for ev in self._workers:
-                ev.set()
-            try:
-                self._fn(self._table_addr, 0)
-            finally:
-                for _ in self._workers:
-                    self._done.acquire()
-            self.calls += 1
-            if self.debug_bounds and self.err[0]:
-                k, i, n = (int(v) for v in self.err[1:])
-                node = prog.kernel_nodes[k] if k < len(prog.kernel_nodes) else None
-                where_ = f" ({node.op.name} built at {node.loc})" if node is not None else ""
-                raise GraphcError(f"bounds check failed in kernel {self.kernel_names[k]}{where_}: "
-                                  f"index {i} outside a buffer of {n} elements")
-            outs = []
-            for buf, shape in zip(prog.outputs, self._out_shapes):
-                src = where.get(id(buf))
-                if src is None:
-                    off = self.offsets[id(buf)] + self._shift
-                    src = self.arena[off:off + buf.size * buf.dtype.itemsize].view(buf.dtype)
-                outs.append(src.reshape(shape).copy())
+        return cur
+
+    def _run(self):
+        if self.debug_bounds:
+            self.err[:] = 0
+        for ev in self._workers:
+            ev.set()
+        try:
+            self._fn(self._table_addr, 0)
+        finally:
+            for _ in self._workers:
+                self._done.acquire()
+        self.calls += 1
+        if self.debug_bounds and self.err[0]:
+            k, i, n = (int(v) for v in self.err[1:])
+            node = self.prog.kernel_nodes[k] if k < len(self.prog.kernel_nodes) else None
+            where_ = f" ({node.op.name} built at {node.loc})" if node is not None else ""
+            raise GraphcError(f"bounds check failed in kernel {self.kernel_names[k]}{where_}: "
+                              f"index {i} outside a buffer of {n} elements")
+
+    def __call__(self, arrays, updates=None):
+        """Run the graph on `arrays`; returns fresh copies of every output.
+
+        updates: optional list of Parameters for the last len(updates) outputs; those
+        results are then copied straight into the parameters' arrays (after the whole
+        graph has run, so every reader saw the old values) instead of being returned;
+        only the other outputs are returned."""
+        with self._lock:
+            cur = self._bind_all(arrays)
+            self._run()
+            srcs = self._out_src
+            n_out = len(srcs) - (len(updates) if updates else 0)
+            outs = [(cur[slot].reshape(shape) if view is None else view).copy()
+                    for slot, view, shape in srcs[:n_out]]
+            if updates:
+                usrc = srcs[n_out:]
+                if any(view is None for _, view, _ in usrc):
+                    # An update reads an external array (a parameter, e.g. a swap): stage
+                    # every new value before writing any parameter.
+                    staged = [(cur[slot].reshape(shape) if view is None else view).copy()
+                              for slot, view, shape in usrc]
+                    for p, new in zip(updates, staged):
+                        p.set_value(new)
+                else:
+                    # Arena views: the parameters live outside the arena, so writing one
+                    # cannot change another's new value.
+                    for p, (_, view, _) in zip(updates, usrc):
+                        dst = p.value
+                        if dst.dtype == view.dtype and dst.shape == view.shape:
+                            np.copyto(dst, view)
+                        else:      # a cast: the checked path
+                            p.set_value(view)
             return outs
 
 
