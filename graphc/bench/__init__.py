@@ -174,6 +174,43 @@ def bench_lenet(batch, threads, repeat, torch):
     return f"LeNet-5 train step batch {batch}", flops, interleaved(impls, repeat), compile_s
 
 
+def bench_onnx_resnet50(threads, repeat, size=224, batch=1):
+    """A ResNet-50-sized ONNX model (graphc.onnx.zoo.resnet50: 25.6M parameters) on
+    graphc's LLVM backend against onnxruntime (CPU provider, `threads` intra-op threads)
+    and graphc's NumPy interpreter, interleaved; prints how far the outputs agree."""
+    import graphc as gc
+    from ..onnx.zoo import resnet50
+    proto = resnet50(num_classes=1000, input_size=size)
+    xv = np.random.default_rng(3).standard_normal((batch, 3, size, size)).astype(np.float32)
+    t0 = time.perf_counter()
+    model = gc.onnx.load(proto)
+    f = model.compile(backend="llvm")
+    (got,) = f(xv)
+    compile_s = time.perf_counter() - t0
+    impls = {"graphc-llvm": lambda: f(xv)}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is not None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(proto.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        want = sess.run(None, {"x": xv})[0]
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        print(f"ResNet-50 {size}x{size}: graphc-llvm vs onnxruntime max |diff| / max |out| = "
+              f"{err:.1e}", flush=True)
+        impls["onnxruntime"] = lambda: sess.run(None, {"x": xv})
+    fn = model.compile(backend="numpy")
+    impls["graphc-numpy"] = lambda: fn(xv)
+    # ResNet-50's multiply-adds scale with the image area (4.1 GMAC at 224x224)
+    flops = 2 * 4.1e9 * batch * (size / 224) ** 2
+    return (f"ONNX ResNet-50 inference batch {batch} {size}x{size}", flops,
+            interleaved(impls, repeat, warmup=1), compile_s)
+
+
 # ------------------------------------------------------------------ memory
 def _proc_status() -> dict:
     """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process in bytes (Linux)."""
@@ -305,10 +342,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="graphc bench", description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)))
     ap.add_argument("--repeat", type=int, default=11)
-    ap.add_argument("--only", default="matmul,conv,lenet",
-                    help="comma-separated subset of: matmul, conv, convbwd, lenet, rnn")
+    ap.add_argument("--only", default="matmul,conv,lenet,onnx,memory",
+                    help="comma-separated subset of: matmul, conv, convbwd, lenet, rnn, onnx, "
+                         "memory")
     ap.add_argument("--sizes", default="256,1024,2048", help="matmul sizes")
     ap.add_argument("--conv-batch", type=int, default=32)
+    ap.add_argument("--onnx-size", type=int, default=224, help="ResNet-50 image size")
     args = ap.parse_args(argv)
     os.environ["GRAPHC_NUM_THREADS"] = str(args.threads)
     torch = _torch(args.threads)
@@ -336,6 +375,20 @@ def main(argv=None) -> int:
     if "rnn" in only:   # recurrent networks (bench/rnn.py)
         from .rnn import run_all
         run_all(args.threads, args.repeat, torch, run)
+    if "onnx" in only:
+        run(bench_onnx_resnet50(args.threads, max(3, args.repeat // 2), size=args.onnx_size))
+    mem = []
+    if "memory" in only:
+        for batch, steps in ((64, 50), (1, 200)):
+            rows = bench_memory(batch, args.threads, steps, torch)
+            mem += rows
+            for r in rows:
+                print(f"memory {r['framework']} batch {batch}: loop peak "
+                      f"{r['loop_peak'] / 2 ** 20:.1f} MiB (heap "
+                      f"{r['loop_peak_anon'] / 2 ** 20:.1f} MiB)", flush=True)
     print()
     print(format_rows(results))
+    if mem:
+        print()
+        print(format_memory(mem))
     return 0
