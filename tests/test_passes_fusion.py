@@ -193,3 +193,91 @@ def test_recomputation_is_bounded_by_max_fusion():
     for got in (gc.compile([x], outs, backend=be)(xv) for be in ("numpy", "llvm")):
         close(got[0], (dv ** 2).sum(1), 6, (dv ** 2).sum(1))
         close(got[1], dv * 2, 0, 2 * np.abs(dv))
+
+
+# ------------------------------------------------------------------ softmax-family rows
+def _softmax_rows(z):
+    z = z.astype(np.float64)
+    out = np.empty_like(z)
+    for k, row in enumerate(z):
+        e = [np.exp(v - max(row)) for v in row]
+        out[k] = [v / sum(e) for v in e]
+    return out
+
+
+def test_softmax_with_elementwise_epilogue_is_one_kernel():
+    z = gc.input("z", (8, 10))
+    t = gc.input("t", (8, 10))
+    outs = {"softmax": gc.softmax(z, axis=1) * t - 1.0,
+            "log_softmax": gc.log_softmax(z, axis=-1) * 2.0 + t}
+    zv = (RNG.standard_normal((8, 10)) * 400).astype(np.float32)     # overflows naively
+    tv = RNG.standard_normal((8, 10)).astype(np.float32)
+    sm = _softmax_rows(zv)
+    wants = {"softmax": sm * tv - 1.0,
+             "log_softmax": np.array([[(v - max(r) - np.log(sum(np.exp(u - max(r)) for u in r)))
+                                       for v in r] for r in zv.astype(np.float64)]) * 2.0 + tv}
+    for name, out in outs.items():
+        og, rep = optimize(Graph([out], [z, t]), 2)
+        assert fused(og) == [("reduce", f"{name}+mul+{'sub' if name == 'softmax' else 'add'}")]
+        assert [k.name for k in lower_graph(og).kernels] == [f"fused_{name}"]
+        for got in both_backends([z, t], out, [zv, tv]):
+            assert np.all(np.isfinite(got))
+            if name == "softmax":
+                np.testing.assert_allclose(got, wants[name], rtol=64 * EPS, atol=64 * EPS)
+            else:   # log_softmax: ~eps relative to the row's logit range
+                np.testing.assert_allclose(got, wants[name], rtol=64 * EPS, atol=2e3 * 8 * EPS)
+
+
+def test_cross_entropy_gradient_fuses_softmax_and_the_onehot_difference():
+    z = gc.input("z", (6, 5))
+    y = gc.input("y", (6,), dtype="int64")
+    loss = gc.cross_entropy(z, y)
+    (dz,) = gc.grad(loss, [z])
+    og, rep = optimize(Graph([loss, dz], [z, y]), 2)
+    assert [k for k, _ in fused(og)] == ["reduce", "reduce"]
+    labels = sorted(lbl for _, lbl in fused(og))
+    assert labels[0].startswith("softmax+") and labels[1] == "softmax_cross_entropy+mean"
+    assert rep.kernels_after == 2
+    zv = (RNG.standard_normal((6, 5)) * 3).astype(np.float32)
+    yv = RNG.integers(0, 5, 6)
+    sm = _softmax_rows(zv)
+    want_loss = np.mean([-np.log(sm[k, yv[k]]) for k in range(6)])
+    want_dz = (sm - np.eye(5)[yv]) / 6
+    for be in ("numpy", "llvm"):
+        got_loss, got_dz = gc.compile([z, y], [loss, dz], backend=be)(zv, yv)
+        close(got_loss, want_loss, 6, 2 * want_loss)
+        np.testing.assert_allclose(got_dz, want_dz, rtol=64 * EPS, atol=64 * EPS)
+
+
+@pytest.mark.parametrize("variant", ["mean", "weighted_sum", "smoothing", "ignore_index"])
+def test_loss_reductions_of_softmax_cross_entropy(variant):
+    z = gc.input("z", (7, 4))
+    y = gc.input("y", (7,), dtype="int64")
+    w = gc.input("w", (7,))
+    zv = (RNG.standard_normal((7, 4)) * 600).astype(np.float32)     # exp overflows naively
+    yv = RNG.integers(0, 4, 7)
+    yv[2] = 3
+    wv = RNG.random(7).astype(np.float32)
+    z64 = zv.astype(np.float64)
+    lse = np.array([max(r) + np.log(sum(np.exp(v - max(r)) for v in r)) for r in z64])
+    nll = lse - z64[np.arange(7), yv]
+    if variant == "mean":
+        out, want, kernels = gc.cross_entropy(z, y), nll.mean(), ["fused_softmax_cross_entropy_mean"]
+    elif variant == "weighted_sum":
+        per = gc.cross_entropy(z, y, reduction="none")
+        out = gc.sum(per * w) * 0.5 + 1.0
+        want, kernels = (nll * wv).sum() * 0.5 + 1, ["fused_softmax_cross_entropy_sum"]
+    elif variant == "smoothing":
+        out = gc.cross_entropy(z, y, label_smoothing=0.2)
+        smooth = lse - z64.mean(1)
+        want, kernels = (0.8 * nll + 0.2 * smooth).mean(), ["fused_softmax_cross_entropy_mean"]
+    else:      # mean over the samples whose label is not 3: two reductions, two kernels
+        out = gc.cross_entropy(z, y, ignore_index=3)
+        keep = yv != 3
+        want = nll[keep].sum() / keep.sum()
+        kernels = ["fused_softmax_cross_entropy_sum", "fused_sum_epilogue"]
+    og, _ = optimize(Graph([out], [z, y, w]), 2)
+    assert sorted(k.name for k in lower_graph(og).kernels) == sorted(kernels)
+    for got in both_backends([z, y, w], out, [zv, yv, wv]):
+        assert np.isfinite(got)
+        close(got, want, 7 * 4, np.abs(nll).sum() + np.abs(lse).sum() + 1)

@@ -28,7 +28,9 @@ UNARY = [gc.neg, gc.abs, gc.exp, gc.log, gc.sqrt, gc.square, gc.relu, gc.sigmoid
          lambda x: x + 0.0, lambda x: x * 1.0, lambda x: 1.0 * x - 0.0, lambda x: x / 1.0,
          lambda x: x * -1.0, lambda x: x ** 2.0, lambda x: x * 2.5,
          lambda x: gc.where(gc.greater(x, 0.0), x, 0.0),
-         lambda x: gc.sum(gc.broadcast_to(x, (3,) + x.shape), axis=0)]
+         lambda x: gc.sum(gc.broadcast_to(x, (3,) + x.shape), axis=0),
+         lambda x: gc.log_softmax(x, axis=-1) if x.ndim else x,
+         lambda x: gc.reshape(gc.sum(x, axis=0, keepdims=True), x.shape[1:]) if x.ndim else x]
 BINARY = [gc.add, gc.sub, gc.mul, gc.div, gc.maximum, gc.minimum, gc.matmul,
           lambda a, b: gc.where(gc.less(a, b), a, b), lambda a, b: a + gc.neg(b),
           lambda a, b: gc.transpose(gc.matmul(gc.transpose(a), b))]
@@ -120,6 +122,20 @@ def test_optimized_equals_unoptimized_on_random_inputs(gd, seed):
 def test_optimized_equals_unoptimized_with_nan_and_inf(gd, seed):
     graph, dtype = gd
     check_levels(graph, dtype, seed, special=True)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(random_graphs(), st.integers(0, 2 ** 31 - 1))
+def test_llvm_backend_runs_every_fused_group_it_is_given(gd, seed):
+    """The optimized graph (all fusion kinds) compiled by the LLVM backend gives the
+    unoptimized graph's values."""
+    graph, dtype = gd
+    feeds = random_feeds(graph, seed, special=False)
+    ref = run(graph, feeds)
+    f = gc.compile(graph.inputs, graph.outputs, backend="llvm")
+    got = f(*(feeds[i.id] for i in graph.inputs))
+    assert_same(got if isinstance(got, (list, tuple)) else [got], ref, dtype)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -8,6 +8,13 @@ Registered as LOWER["fused"]; every other fused node goes on to
   shape), e.g. the bias gradient with its SGD update `b - lr * sum(g, 0)`.
   One kernel: the prologue is inlined into the reduction's loads and the
   epilogue is applied where the reduced value is stored.
+* A group holding one row op of the softmax family (graphc.passes.fusion.ROW_OPS):
+  softmax/log_softmax of a matrix along its rows followed by elementwise ops,
+  or a full reduction (with prologue/epilogue ops) of softmax_cross_entropy's
+  per-row losses.  The op's own kernel (lower_nn) is reused: its stores are
+  rewritten to apply the epilogue, or to accumulate the reduction.
+Anything else (or a row kernel of an unexpected form) goes on to lower_fused,
+which expands the inner graph op by op.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from math import prod
 import numpy as np
 
 from . import ir as K
-from .ir import INDEX, Assign, BinOp, Const, Kernel, Load, Local, Loop, Store, Var, affine, \
+from .ir import Assign, BinOp, Buffer, Const, If, Kernel, Load, Local, Loop, Store, Var, affine, \
     contiguous_strides
 from .lower import (LOWER, SCALAR, _combine, _fused_leaves, _ident, _inner_expr, _shape, _uniq,
                     broadcast_strides, lower_fused, reduce_kernels)
@@ -36,7 +43,7 @@ def _ancestors(node) -> set:
     return seen
 
 
-def split_reduce_epilogue(inner):
+def split_reduce_epilogue(inner, allow=None):
     """(prologue nodes, reduction, epilogue nodes) of an inner graph that is an
     elementwise expression around exactly one reduction, or None."""
     root = inner.outputs[0]
@@ -47,7 +54,7 @@ def split_reduce_epilogue(inner):
     before = _ancestors(red)
     pre = [m for m in inner.nodes if m.id in before]
     post = [m for m in inner.nodes if m.id not in before and m is not red]
-    if not all(m.is_leaf or m.op.name in SCALAR for m in pre + post):
+    if not all(m.is_leaf or m is allow or m.op.name in SCALAR for m in pre + post):
         return None
     if _shape(root) != _shape(red) or any(
             not m.is_leaf and _shape(m) != _shape(red) and prod(_shape(m)) != 1 for m in post):
@@ -134,11 +141,127 @@ def lower_reduce_epilogue(lw, n, parts):
     return ks
 
 
+# ------------------------------------------------------------------ softmax-family rows
+ROW_OPS = ("softmax", "log_softmax", "softmax_cross_entropy")
+
+
+def _rewrite_stores(body, buf, fn, loops=(), serial=False):
+    """`body` with every Store into `buf` replaced by fn(store, enclosing loops)."""
+    out = []
+    for s in body:
+        if isinstance(s, Loop):
+            kind = "serial" if serial and s.kind == "parallel" else s.kind
+            out.append(Loop(s.var, s.extent, _rewrite_stores(s.body, buf, fn, loops + (s,), serial),
+                            kind))
+        elif isinstance(s, If):
+            out.append(If(s.cond, _rewrite_stores(s.body, buf, fn, loops, serial)))
+        elif isinstance(s, Store) and s.buf is buf:
+            out.extend(fn(s, loops))
+        else:
+            out.append(s)
+    return out
+
+
+def _row_kernel(lw, row, leaves):
+    """The row op's own kernel, reading the fused node's buffers; (kernel, its output
+    placeholder) or None."""
+    if not all(i.id in leaves for i in row.inputs) or row.op.name not in LOWER:
+        return None
+    for i in row.inputs:
+        lw.bufs[i.id] = leaves[i.id][0]
+    ph = Buffer(f"row{row.id}", row.dtype, prod(_shape(row)))
+    lw.bufs[row.id] = ph
+    ks = LOWER[row.op.name](lw, row)
+    return (ks[0], ph) if len(ks) == 1 else None
+
+
+def lower_softmax_epilogue(lw, n, row):
+    """softmax(z) (rows of a matrix) then elementwise ops: one kernel."""
+    inner = n.value
+    root = inner.outputs[0]
+    if row.ndim != 2 or row.attrs["axis"] != 1 or _shape(root) != _shape(row) or any(
+            not (m.is_leaf or m is row or m.op.name in SCALAR) for m in inner.nodes):
+        return None
+    leaves = _fused_leaves(lw, n)
+    got = _row_kernel(lw, row, leaves)
+    if got is None:
+        return None
+    k, ph = got
+    shape = _shape(row)
+    out = lw.buf(n)
+    hits = []
+
+    def store(st, loops):
+        if not loops or loops[0].extent != shape[0] or loops[-1].extent != shape[1]:
+            return [st]
+        hits.append(st)
+        ovs = [loops[0].var, loops[-1].var]
+        return [Store(out, st.index, _epilogue_expr(root, row, st.value, leaves, ovs, shape))]
+    body = _rewrite_stores(k.body, ph, store)
+    if len(hits) != 1:
+        return None
+    bufs = _uniq([out] + [b for b in k.buffers if b is not ph] + [b for b, _ in leaves.values()])
+    return [Kernel(f"fused_{row.op.name}", bufs, body, flops=k.flops)]
+
+
+def lower_xent_reduction(lw, n, row):
+    """A full reduction of softmax_cross_entropy's per-row losses (plus elementwise
+    ops before and after it): one kernel, the rows visited in order."""
+    parts = split_reduce_epilogue(n.value, allow=row)
+    if parts is None:
+        pre, red, post = ([m for m in n.value.nodes if m is not n.value.outputs[0]],
+                          n.value.outputs[0], [])
+        if red.op.name not in REDUCTIONS:
+            return None
+    else:
+        pre, red, post = parts
+    if (row.ndim != 1 or prod(_shape(red)) != 1 or row not in pre
+            or any(not (m.is_leaf or m is row or m.op.name in SCALAR) for m in pre + post)):
+        return None
+    leaves = _fused_leaves(lw, n)
+    got = _row_kernel(lw, row, leaves)
+    if got is None:
+        return None
+    k, ph = got
+    op, acc_dt = red.op.name, red.dtype
+    acc = Local(acc_dt, "acc")
+    dom = _shape(row)
+    hits = []
+
+    def store(st, loops):
+        hits.append(st)
+        v = _epilogue_expr(red.inputs[0], row, st.value, leaves, [st.index], dom)
+        v = v if v.dtype == acc_dt else K.Cast(v, acc_dt)
+        return [Assign(acc, _combine(op, acc, v))]
+    body = _rewrite_stores(k.body, ph, store, serial=True)
+    if len(hits) != 1:
+        return None
+    tot = acc
+    if op == "mean":
+        tot = BinOp("div", acc, Const(float(prod(dom)), acc_dt))
+    out = lw.buf(n)
+    root = n.value.outputs[0]
+    zero = [K.idx(0)] * red.ndim
+    val = tot if root is red else _epilogue_expr(root, red, tot, leaves, zero, _shape(red))
+    body = [Assign(acc, _ident(op, acc_dt))] + body + [Store(out, K.idx(0), val)]
+    bufs = _uniq([out] + [b for b in k.buffers if b is not ph] + [b for b, _ in leaves.values()])
+    return [Kernel(f"fused_{row.op.name}_{op}", bufs, body, flops=k.flops)]
+
+
 def lower_fused_group(lw, n):
     if n.attrs.get("kind") == "reduce":
-        parts = split_reduce_epilogue(n.value)
-        if parts is not None:
-            return lower_reduce_epilogue(lw, n, parts)
+        rows = [m for m in n.value.nodes if m.op.name in ROW_OPS]
+        if len(rows) == 1:
+            row = rows[0]
+            ks = (lower_xent_reduction(lw, n, row) if row.op.name == "softmax_cross_entropy"
+                  else lower_softmax_epilogue(lw, n, row))
+            if ks is not None:
+                return ks
+            lw.bufs.pop(row.id, None)      # the expansion below computes it
+        elif not rows:
+            parts = split_reduce_epilogue(n.value)
+            if parts is not None:
+                return lower_reduce_epilogue(lw, n, parts)
     return lower_fused(lw, n)
 
 

@@ -121,6 +121,21 @@ def _is_reduction(n) -> bool:
     return n.op.name in REDUCE_OPS and bool(n.inputs) and is_tensor(n.inputs[0])
 
 
+ROW_OPS = frozenset({"softmax", "log_softmax", "softmax_cross_entropy"})
+
+
+def _is_row_softmax(n) -> bool:
+    """softmax/log_softmax along axis 1 of a matrix (what the row kernels fuse)."""
+    return (n.op.name in ("softmax", "log_softmax") and is_tensor(n) and n.ndim == 2
+            and n.attrs["axis"] == 1)
+
+
+def _is_row_xent(n) -> bool:
+    """softmax_cross_entropy of (N, C) logits: one loss per row."""
+    return (n.op.name == "softmax_cross_entropy" and is_tensor(n) and n.ndim == 1
+            and n.inputs[0].ndim == 2)
+
+
 def _numel(shape):
     return None if any(isinstance(d, str) for d in shape) else prod(shape)
 
@@ -147,6 +162,8 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
         else:
             continue
         members = {root.id: root}
+        red = root if kind == "reduce" else None
+        blocked, has_row_op = set(), False
         heap = []
         queued = set()
 
@@ -158,7 +175,7 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
         push(root)
         while heap and len(members) < max_size:
             _, _, p = heapq.heappop(heap)
-            if (p.id in assigned or not p.inputs or p.id in outputs
+            if (p.id in assigned or not p.inputs or p.id in outputs or p.id in blocked
                     or not all(u.id in members for u in users[p.id])):
                 continue
             sides = {"post" if part[u.id] == "post" else "pre" for u in users[p.id]}
@@ -177,7 +194,22 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
                 # an elementwise epilogue on a reduction (bias gradient + SGD update)
                 kind, domain["pre"] = "reduce", tuple(p.inputs[0].shape)
                 members[p.id], part[p.id] = p, "red"
+                red = p
                 push(p)
+            elif (kind == "elementwise" and side == "post" and _is_row_softmax(p)
+                  and tuple(p.shape) == domain["post"]):
+                # softmax over the rows of a matrix, then elementwise ops (the
+                # cross-entropy gradient softmax(z) - onehot): one row kernel
+                kind = "reduce"
+                members[p.id], part[p.id] = p, "post"     # its input stays outside
+                blocked.update(i.id for i in p.inputs)
+            elif (kind == "reduce" and side == "pre" and not has_row_op and red is not None
+                  and _is_row_xent(p) and tuple(p.shape) == domain["pre"]
+                  and _numel(tuple(red.shape)) == 1):
+                # a loss reduced to one value: mean(softmax_cross_entropy(z, y))
+                members[p.id], part[p.id] = p, "pre"      # its inputs stay outside
+                blocked.update(i.id for i in p.inputs)
+            has_row_op = has_row_op or p.op.name in ROW_OPS and p.id in members
         if len(members) < 2:
             continue
         group = sorted(members.values(), key=lambda n: index[n.id])
