@@ -131,3 +131,30 @@ def test_arena_reaches_the_lifetime_lower_bound():
         for o2, e2, f2, l2 in spans[i + 1:]:
             if not (l1 < f2 or l2 < f1):
                 assert e1 <= o2 or e2 <= o1
+
+
+def test_conv_epilogue_is_one_kernel_after_the_conv():
+    # conv2d + batch-norm-like affine + relu: the optimizer makes one conv_epilogue
+    # group; the LLVM lowering runs the conv, then one in-place loop for the tail.
+    x = gc.input("x", (2, 3, 7, 6))
+    w = gc.Parameter(RNG.standard_normal((5, 3, 3, 3)).astype(np.float32))
+    mean = gc.Parameter(RNG.standard_normal((5, 1, 1)).astype(np.float32))
+    scale = gc.Parameter(RNG.standard_normal((5, 1, 1)).astype(np.float32))
+    beta = gc.Parameter(RNG.standard_normal((5, 1, 1)).astype(np.float32))
+    y = gc.relu((gc.conv2d(x, w, padding=1) - mean) * scale + beta)
+    f = gc.compile([x], y, backend="llvm")
+    xv = RNG.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    got = f(xv)
+    kinds = [n.attrs.get("kind") for n in f.graph.nodes if n.op.name == "fused"]
+    assert "conv_epilogue" in kinds
+    names = [k for k, _ in gllvm.runners(f)[0].kernels()]
+    assert sum("epilogue" in k for k in names) == 1, names
+    # independent reference: explicit loops over the padded image in float64
+    xp = np.pad(xv.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    wv = w.value.astype(np.float64)
+    conv = np.zeros((2, 5, 7, 6))
+    for i in range(3):
+        for j in range(3):
+            conv += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 7, j:j + 6], wv[:, :, i, j])
+    ref = np.maximum((conv - mean.value) * scale.value + beta.value, 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

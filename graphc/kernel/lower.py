@@ -230,7 +230,7 @@ def lower_fused(lw, n):
     pure = n.attrs.get("kind") == "elementwise" and all(
         m.op.name in SCALAR or m.is_leaf for m in inner_nodes)
     if not pure:
-        if n.attrs.get("kind") == "matmul_epilogue":
+        if n.attrs.get("kind") in ("matmul_epilogue", "conv_epilogue"):
             ks = _lower_matmul_epilogue(lw, n)
             if ks is not None:
                 return ks
@@ -312,13 +312,15 @@ def _lower_fused_reduce(lw, n, root):
 
 
 def _lower_matmul_epilogue(lw, n):
-    """A matmul followed by elementwise ops: the GEMM, then one loop nest for the whole
-    elementwise tail (in place over the output when the product has its shape).
-    None when the group has another form (then it is lowered op by op)."""
+    """A matmul (or conv2d: kind conv_epilogue) followed by elementwise ops: the GEMM,
+    then one loop nest for the whole elementwise tail (in place over the output when the
+    product has its shape).  None when the group has another form (then it is lowered
+    op by op)."""
     inner = n.value
     root = inner.outputs[0]
-    mms = [m for m in inner.nodes if m.op.name == "matmul"]
-    rest = [m for m in inner.nodes if not m.is_leaf and m.op.name != "matmul"]
+    head = "conv2d" if n.attrs.get("kind") == "conv_epilogue" else "matmul"
+    mms = [m for m in inner.nodes if m.op.name == head]
+    rest = [m for m in inner.nodes if not m.is_leaf and m.op.name != head]
     in_ids = {i.id for i in inner.inputs}
     if (len(mms) != 1 or root is mms[0] or any(m.op.name not in SCALAR for m in rest)
             or any(i.id not in in_ids for i in mms[0].inputs)
@@ -346,7 +348,7 @@ def _lower_matmul_epilogue(lw, n):
         lw.bufs[mm.id] = out          # product into the output, tail in place
     else:
         lw.bufs[mm.id] = lw.new_buffer(mm.dtype, prod(mshape), hint="mm")
-    kernels = lower_matmul(lw, mm)
+    kernels = lower_matmul(lw, mm) if head == "matmul" else LOWER[head](lw, mm)
     leaves[mm.id] = (lw.bufs[mm.id], mshape)
     nodes = [m for m in inner.nodes if m.id in leaves or not m.is_leaf or m.op.name == "constant"]
     bufs = _uniq([out] + [b for b, _ in leaves.values()])
