@@ -62,7 +62,7 @@ def test_lenet_optimized_graph_computes_the_same_loss_and_grads():
     f0 = gc.compile([x, y], [loss] + grads, optimize=0)
     f2 = gc.compile([x, y], [loss] + grads, optimize=2)
     r0, r2 = f0(xv, yv), f2(xv, yv)
-    assert f2.report().kernels_after <= 0.6 * f0.report().kernels_after
+    assert f2.report().kernels_after <= 0.6 * f0.report().kernels_after   # 62 -> 33
     for a, b in zip(r0, r2):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
@@ -99,9 +99,13 @@ def test_lenet_training_steps_match_between_levels():
 def test_lenet_report_numbers():
     graph, feeds, n_updates = lenet_training_graph(batch=16)
     g, rep = optimize(graph, 2, n_updates=n_updates)
-    assert rep.kernels_after * 2 <= rep.kernels_before + 2
+    assert (rep.kernels_before, rep.kernels_after) == (82, 35)      # docs/optimizer.md
+    assert rep.kernels_after * 2 <= rep.kernels_before
     kinds = {k for k, _, _ in rep.fused}
-    assert {"conv_epilogue", "matmul_epilogue", "elementwise"} <= kinds
+    assert {"conv_epilogue", "matmul_epilogue", "elementwise", "reduce"} <= kinds
+    labels = {lbl for _, lbl, _ in rep.fused}
+    # the loss is one kernel, its gradient one, each bias gradient one with its update
+    assert {"softmax_cross_entropy+mean", "softmax+equal+cast+sub+mul", "sum+mul+sub"} <= labels
     assert rep.memory_plan.arena_bytes < 0.75 * rep.memory_plan.total_bytes
     by_pos = {o.id: feeds[i.id] for i, o in zip(graph.inputs, g.inputs)}
     for a, b in zip(run(graph, feeds), run(g, by_pos)):

@@ -10,23 +10,36 @@ The fused node (the contract backends rely on):
                     correspond positionally to node.inputs; one output.  Besides
                     those inputs its only leaves are scalar (shape ()) constants.
 
-Grouping rules (predictable by design; docs/optimizer.md has examples):
+Kind "reduce" holds one row reduction and the elementwise ops around it:
+prologue ops (at the reduced input's shape) -> sum/mean/max/min -> epilogue ops
+(at its output shape); or a row softmax/log_softmax followed by elementwise ops;
+or softmax_cross_entropy's per-row losses -> elementwise ops -> a reduction to
+one value -> elementwise ops.
 
+Grouping rules (predictable by design; docs/optimizer.md has the full list and
+examples):
+
+0. Recomputation: a reduction whose elementwise prologue is also read by other
+   elementwise ops gets its own copy of it (recompute_prologues), kept only
+   when that yields fewer kernels.
 1. Nodes are visited from the outputs backwards.  A fusable node that no group
    holds yet roots a new group: an elementwise op (op.elementwise), or a
    reduction (sum, mean, max, min).
 2. A group absorbs a producer p of one of its members when
    - every user of p is already in the group (a value needed elsewhere stays
-     materialized: a group has exactly one output, nothing is recomputed),
+     materialized: a group has exactly one output),
    - p is not a graph output (outputs, including parameter-update values,
      are materialized),
-   - p is elementwise and has the group's iteration shape (the root's shape,
-     or the reduced input's shape for a reduction) or has a single element,
+   - p's users are all before/in the reduction or all after it,
+   - p is elementwise and has that side's iteration shape (the root's shape,
+     or the reduced input's shape for the prologue) or has a single element,
    - the group holds fewer than `max_fusion` ops.
-   In an elementwise group, one matmul (or conv2d) producer of the group's
-   iteration shape may be absorbed too: its inputs are not, and it makes the
-   group a matmul_epilogue (conv_epilogue).
-3. A group of one op is left as the plain op.
+3. A group of elementwise ops may also absorb one matmul/conv2d (-> matmul_/
+   conv_epilogue), one reduction of its shape (-> reduce, with its prologue),
+   or one row softmax/log_softmax (-> reduce); a reduce group reducing
+   softmax_cross_entropy's losses to one value may absorb that op.  The inputs
+   of matmul, conv2d and the softmax family stay outside the group.
+4. A group of one op is left as the plain op.
 """
 from __future__ import annotations
 
