@@ -279,22 +279,34 @@ def _memory_child(framework, batch, steps, threads) -> dict:
             "end_anon": end["RssAnon"] - base["RssAnon"]}
 
 
-def bench_memory(batch, threads, steps, torch, frameworks=("llvm", "numpy", "torch")):
-    """Each framework in its own fresh subprocess (peak memory is per process)."""
+def bench_memory(batch, threads, steps, torch,
+                 frameworks=("llvm-cold", "llvm-warm", "numpy", "torch")):
+    """Each framework in its own fresh subprocess (peak memory is per process).
+
+    llvm-cold compiles into an empty disk cache (the LLVM optimizer and code generator
+    run in the process); llvm-warm is a second process that finds the object code in
+    that cache (the usual case after the first run)."""
     import json
     import subprocess
     import sys
+    import tempfile
     rows = []
-    for fw in frameworks:
-        if fw == "torch" and torch is None:
-            continue
-        code = (f"import json; from graphc.bench import _memory_child; "
-                f"print(json.dumps(_memory_child({fw!r}, {batch}, {steps}, {threads})))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"memory child {fw} failed:\n{r.stderr[-2000:]}", flush=True)
-            continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="graphc-bench-cache-") as cache_dir:
+        for fw in frameworks:
+            if fw == "torch" and torch is None:
+                continue
+            env = dict(os.environ, GRAPHC_CACHE_DIR=cache_dir, GRAPHC_CACHE="1")
+            child = "llvm" if fw.startswith("llvm") else fw
+            code = (f"import json; from graphc.bench import _memory_child; "
+                    f"print(json.dumps(_memory_child({child!r}, {batch}, {steps}, {threads})))")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env=env)
+            if r.returncode != 0:
+                print(f"memory child {fw} failed:\n{r.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            row["framework"] = fw
+            rows.append(row)
     return rows
 
 
@@ -303,8 +315,8 @@ def format_memory(rows) -> str:
     lines = [f"| framework | batch | steps | loop peak RSS growth MiB | loop peak heap (anon) "
              f"MiB | setup peak MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
-        name = {"llvm": "graphc-llvm", "numpy": "graphc-numpy"}.get(r["framework"],
-                                                                      r["framework"])
+        name = r["framework"]
+        name = "graphc-" + name if name != "torch" else name
         lines.append(f"| {name} | {r['batch']} | {r['steps']} | {r['loop_peak'] * mib:.1f} | "
                      f"{r['loop_peak_anon'] * mib:.1f} | {r['setup_peak'] * mib:.1f} |")
     return "\n".join(lines)
