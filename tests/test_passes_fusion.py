@@ -130,18 +130,37 @@ def test_reshape_of_keepdims_reduction_with_two_readers_is_kept():
 
 
 # ------------------------------------------------------------------ recomputed prologues
-def test_layer_norm_variance_recomputes_the_centered_input():
-    """sum(square(x - mean)) is one kernel; x - mean fuses into the output too."""
+def test_reduction_recomputes_a_prologue_that_an_elementwise_group_also_reads():
+    """sum(square(x - c), 0) reads x and c; x - c then fuses into 3 * (x - c)."""
+    x = gc.input("x", (8, 6))
+    c = gc.input("c", (6,))
+    d = x - c
+    outs = [gc.sum(gc.square(d), axis=0), d * 3.0]
+    og, rep = optimize(Graph(outs, [x, c]), 2)
+    assert fused(og) == [("reduce", "sub+square+sum"), ("elementwise", "sub+mul")]
+    assert any("sum" in c_ and "recomputes 2 elementwise ops" in c_
+               for c_ in rep.passes[-2].changes)
+    assert rep.kernels_before == 4 and rep.kernels_after == 2
+    xv = RNG.standard_normal((8, 6)).astype(np.float32)
+    cv = RNG.standard_normal(6).astype(np.float32)
+    dv = xv.astype(np.float64) - cv
+    for be in ("numpy", "llvm"):
+        got = gc.compile([x, c], outs, backend=be)(xv, cv)
+        close(got[0], (dv ** 2).sum(0), 8, (dv ** 2).sum(0))
+        np.testing.assert_allclose(got[1], dv * 3, rtol=4 * EPS)
+
+
+# ------------------------------------------------------------------ row kernels
+def test_layer_norm_is_one_row_kernel():
+    """mean, variance and normalization: per row, two loops into scalars, one out."""
     x = gc.input("x", (8, 32))
     w = gc.Parameter(RNG.standard_normal(32).astype(np.float32), name="w")
     b = gc.Parameter(RNG.standard_normal(32).astype(np.float32), name="b")
     y = gc.layer_norm(x, 32, w, b)
     og, rep = optimize(Graph([y], [x]), 2)
-    assert [n.op.name for n in og.nodes if n.inputs] == ["mean", "fused", "fused"]
-    assert fused(og) == [("reduce", "sub+square+mean+add+sqrt+reciprocal"),
-                         ("elementwise", "sub+mul+mul+add")]
-    assert any("recomputes 2 elementwise ops" in c for c in rep.passes[-2].changes)
-    assert rep.kernels_before == 10 and rep.kernels_after == 3
+    assert fused(og) == [("reduce", "mean+sub+square+mean+add+...(10 ops)")]
+    assert rep.kernels_before == 10 and rep.kernels_after == 1
+    assert [k.name for k in lower_graph(og).kernels] == ["fused_rows"]
     xv = (RNG.standard_normal((8, 32)) * 3 + 1).astype(np.float32)
     x64 = xv.astype(np.float64)
     mu = np.array([sum(row) / 32 for row in x64])[:, None]
@@ -151,20 +170,51 @@ def test_layer_norm_variance_recomputes_the_centered_input():
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(w.value).max())
 
 
-def test_decomposed_softmax_recomputes_exp_in_the_sum():
+def test_decomposed_softmax_is_one_row_kernel():
     x = gc.input("x", (6, 10))
     e = gc.exp(x - gc.max(x, axis=1, keepdims=True))
     y = e / gc.sum(e, axis=1, keepdims=True)
     og, rep = optimize(Graph([y], [x]), 2)
-    assert [n.op.name for n in og.nodes if n.inputs] == ["max", "fused", "fused"]
-    assert fused(og) == [("reduce", "sub+exp+sum"), ("elementwise", "sub+exp+div")]
-    assert rep.kernels_before == 5
+    assert fused(og) == [("reduce", "max+sub+exp+sum+div")]
+    assert rep.kernels_before == 5 and rep.kernels_after == 1
     xv = (RNG.standard_normal((6, 10)) * 50).astype(np.float32)
-    x64 = xv.astype(np.float64)
-    want = np.array([[np.exp(v - max(row)) / sum(np.exp(u - max(row)) for u in row)
-                      for v in row] for row in x64])
     for got in both_backends([x], y, [xv]):
-        np.testing.assert_allclose(got, want, rtol=64 * EPS, atol=1e-7)
+        np.testing.assert_allclose(got, _softmax_rows(xv), rtol=64 * EPS, atol=1e-7)
+
+
+def test_row_kernel_over_two_trailing_axes():
+    """Normalizing each (3, 4) slice of a (2, 3, 4) tensor (instance-norm-like)."""
+    x = gc.input("x", (2, 3, 4))
+    mu = gc.mean(x, axis=(1, 2), keepdims=True)
+    rng_ = gc.max(gc.abs(x - mu), axis=(-2, -1), keepdims=True)
+    y = (x - mu) / (rng_ + 1.0)
+    og, rep = optimize(Graph([y], [x]), 2)
+    assert [k for k, _ in fused(og)] == ["reduce"] and rep.kernels_after == 1
+    xv = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    x64 = xv.astype(np.float64)
+    want = np.empty_like(x64)
+    for k in range(2):
+        m = sum(x64[k].ravel()) / 12
+        r = max(abs(v - m) for v in x64[k].ravel())
+        want[k] = (x64[k] - m) / (r + 1)
+    for got in both_backends([x], y, [xv]):
+        np.testing.assert_allclose(got, want, rtol=64 * EPS, atol=64 * EPS)
+
+
+def test_row_value_read_outside_is_not_merged():
+    """The mean is also an output: it stays its own kernel (and so does the rest)."""
+    x = gc.input("x", (5, 7))
+    mu = gc.mean(x, axis=1, keepdims=True)
+    y = gc.tanh(x - mu)
+    og, rep = optimize(Graph([y, mu], [x]), 2)
+    assert [n.op.name for n in og.nodes if n.inputs] == ["mean", "fused"]
+    assert fused(og) == [("elementwise", "sub+tanh")]
+    xv = RNG.standard_normal((5, 7)).astype(np.float32)
+    m = np.array([sum(r) / 7 for r in xv.astype(np.float64)])[:, None]
+    for be in ("numpy", "llvm"):
+        gy, gm = gc.compile([x], [y, mu], backend=be)(xv)
+        close(gm, m, 7, np.abs(xv).sum(1, keepdims=True) / 7)
+        np.testing.assert_allclose(gy, np.tanh(xv - m), rtol=16 * EPS, atol=16 * EPS)
 
 
 def test_prologue_read_by_a_matmul_is_not_recomputed():
@@ -281,3 +331,33 @@ def test_loss_reductions_of_softmax_cross_entropy(variant):
     for got in both_backends([z, y, w], out, [zv, yv, wv]):
         assert np.isfinite(got)
         close(got, want, 7 * 4, np.abs(nll).sum() + np.abs(lse).sum() + 1)
+
+
+# ------------------------------------------------------------------ the CUDA backend
+def test_new_fused_kernels_on_the_cuda_emulator():
+    """The CUDA backend compiles the same kernels (through its CPU emulator)."""
+    import shutil
+    if not any(shutil.which(cc) for cc in ("g++", "clang++", "c++")):
+        pytest.skip("the CUDA emulator needs a host C++ compiler")
+    from graphc.backends import cuda as C
+    x = gc.input("x", (9, 31))
+    b = gc.input("b", (31,))
+    lab = gc.input("lab", (9,), dtype="int64")
+    w = gc.Parameter(RNG.standard_normal(31).astype(np.float32), name="w")
+    outs = [b * 2.0 - gc.mean(gc.abs(x) * 3.0, axis=0),            # reduction epilogue
+            gc.layer_norm(x, 31, w),                                   # row kernel
+            gc.softmax(x) * b - 1.0,                                   # softmax rows
+            gc.cross_entropy(x, lab)] + gc.grad(gc.cross_entropy(x, lab), [x])
+    xv = RNG.standard_normal((9, 31)).astype(np.float32)
+    bv = RNG.standard_normal(31).astype(np.float32)
+    yv = RNG.integers(0, 31, 9)
+    want = gc.compile([x, b, lab], outs, optimize=0)(xv, bv, yv)
+    C.set_options(emulate=True)
+    try:
+        f = gc.compile([x, b, lab], outs, backend="cuda")
+        got = f(xv, bv, yv)
+    finally:
+        C.set_options(emulate=None)
+    assert len(fused(f.graph)) >= 5
+    for g_, w_ in zip(got, want):
+        np.testing.assert_allclose(g_, w_, rtol=32 * 31 * EPS, atol=32 * 31 * EPS)

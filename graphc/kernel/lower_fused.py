@@ -248,6 +248,90 @@ def lower_xent_reduction(lw, n, row):
     return [Kernel(f"fused_{row.op.name}_{op}", bufs, body, flops=k.flops)]
 
 
+# ------------------------------------------------------------------ row kernels
+def lower_row_kernel(lw, n):
+    """Several keepdims reductions over the trailing axes of one shape D, with
+    elementwise ops of shape D, of the row shape or of one element (layer_norm):
+    per row, each reduction is a loop over the row into a scalar (its D-shaped
+    operands recomputed inline), row-shaped ops are scalars, and a last loop
+    stores the D-shaped result.  None when the inner graph is not of that form."""
+    inner = n.value
+    root = inner.outputs[0]
+    reds = [m for m in inner.nodes if m.op.name in REDUCTIONS and m.inputs]
+    if not reds or not root.ndim or root.op.name in REDUCTIONS:
+        return None
+    D = _shape(root)
+    if _shape(reds[0].inputs[0]) != D:
+        return None
+    axes = tuple(reds[0].op.axes(len(D), reds[0].attrs["axis"]))
+    k = len(D) - len(axes)
+    if not axes or axes != tuple(range(k, len(D))):
+        return None
+    row_shape = D[:k] + (1,) * len(axes)
+    for m in inner.nodes:
+        if m.is_leaf:
+            continue
+        if m.op.name in REDUCTIONS:
+            if (not m.attrs["keepdims"] or _shape(m.inputs[0]) != D
+                    or tuple(m.op.axes(len(D), m.attrs["axis"])) != axes):
+                return None
+        elif m.op.name not in SCALAR or (_shape(m) not in (D, row_shape)
+                                          and prod(_shape(m)) != 1):
+            return None
+    leaves = _fused_leaves(lw, n)
+    rv = [Var(f"d{d}") for d in range(k)]
+    scalar_of = {}      # row-valued node id -> Local (per row)
+
+    def expr(m, pos, memo):
+        """m's value at full position `pos` (index exprs over D)."""
+        if m.id in scalar_of:
+            return scalar_of[m.id]
+        if m.id in memo:
+            return memo[m.id]
+        if m.id in leaves:
+            b, shp = leaves[m.id]
+            v = Load(b, affine(pos, broadcast_strides(shp, D)))
+        elif m.op.name == "constant":
+            v = Const(np.asarray(m.value).reshape(-1)[0].item(), m.dtype)
+        else:
+            v = scalar_expr(m.op.name, m.attrs, [expr(i, pos, memo) for i in m.inputs], m.dtype)
+        memo[m.id] = v
+        return v
+    row_pos = rv + [K.idx(0)] * len(axes)
+    body = []
+    for m in inner.nodes:
+        if m.is_leaf or m is root or (m.op.name not in REDUCTIONS and _shape(m) == D):
+            continue
+        loc = Local(m.dtype)
+        if m.op.name in REDUCTIONS:
+            av = [Var(f"a{d}") for d in axes]
+            v = expr(m.inputs[0], rv + av, {})
+            v = v if v.dtype == m.dtype else K.Cast(v, m.dtype)
+            loop = [Assign(loc, _combine(m.op.name, loc, v))]
+            for j, d in reversed(list(enumerate(axes))):
+                loop = [Loop(av[j], D[d], loop, "vector" if d == len(D) - 1 else "serial")]
+            body += [Assign(loc, _ident(m.op.name, m.dtype))] + loop
+            if m.op.name == "mean":
+                cnt = float(prod(D[d] for d in axes))
+                body.append(Assign(loc, BinOp("div", loc, Const(cnt, m.dtype))))
+        else:
+            body.append(Assign(loc, expr(m, row_pos, {})))
+        scalar_of[m.id] = loc
+    out = lw.buf(n)
+    av = [Var(f"o{d}") for d in axes]
+    st = contiguous_strides(D)
+    if root.id in scalar_of:
+        return None
+    store = [Store(out, affine(rv + av, st), expr(root, rv + av, {}))]
+    for j, d in reversed(list(enumerate(axes))):
+        store = [Loop(av[j], D[d], store, "vector" if d == len(D) - 1 else "serial")]
+    body += store
+    for d in reversed(range(k)):
+        body = [Loop(rv[d], D[d], body, "parallel" if d == 0 else "serial")]
+    bufs = _uniq([out] + [b for b, _ in leaves.values()])
+    return [Kernel("fused_rows", bufs, body, flops=len(reds) * 2 * prod(D))]
+
+
 def lower_fused_group(lw, n):
     if n.attrs.get("kind") == "reduce":
         rows = [m for m in n.value.nodes if m.op.name in ROW_OPS]
@@ -262,6 +346,9 @@ def lower_fused_group(lw, n):
             parts = split_reduce_epilogue(n.value)
             if parts is not None:
                 return lower_reduce_epilogue(lw, n, parts)
+            ks = lower_row_kernel(lw, n)
+            if ks is not None:
+                return ks
     return lower_fused(lw, n)
 
 

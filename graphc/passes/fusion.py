@@ -232,6 +232,93 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
     return groups
 
 
+# ------------------------------------------------------------------ row groups
+def _row_axes(red):
+    """The reduced axes of a keepdims reduction over the trailing axes of its
+    input, or None."""
+    if not _is_reduction(red) or not red.attrs.get("keepdims"):
+        return None
+    x = red.inputs[0]
+    axes = tuple(red.op.axes(x.ndim, red.attrs["axis"]))
+    if not axes or axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        return None
+    return axes
+
+
+def _row_member(n, domain, row_shape, axes) -> bool:
+    if _is_ew(n):
+        return tuple(n.shape) in (domain, row_shape) or _numel(n.shape) == 1
+    return _row_axes(n) == axes and tuple(n.inputs[0].shape) == domain
+
+
+def merge_row_groups(graph: Graph, groups: list, max_size: int) -> list:
+    """Merge an elementwise group of shape D with the reductions (and their groups)
+    over D's trailing axes whose row values (keepdims) only it and they read:
+    layer_norm's mean, variance and normalization become one row kernel.
+
+    Every member is then elementwise of shape D, of the row shape (D with the
+    reduced axes 1) or of one element, or a keepdims reduction over those axes
+    of a D-shaped value; nothing outside reads any member but the root.
+    """
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs}
+    grouped = {n.id for _, g in groups for n in g}
+    groups = list(groups) + [("elementwise", [n]) for n in reversed(graph.nodes)
+                             if _is_ew(n) and n.id not in grouped]   # lone ops may root too
+    group_of = {n.id: k for k, (_, g) in enumerate(groups) for n in g}
+    index = {n.id: i for i, n in enumerate(graph.nodes)}
+    roots = [g[-1] for _, g in groups]
+    merged_into = {}
+    for k in sorted(range(len(groups)), key=lambda j: -index[roots[j].id]):   # consumers first
+        kind, g = groups[k]
+        root = roots[k]
+        if kind != "elementwise" or not root.ndim or k in merged_into:
+            continue
+        domain = tuple(root.shape)
+        members = {n.id: n for n in g}
+        parts, axes, row_shape = [k], None, None
+        changed = True
+        while changed:
+            changed = False
+            for n in list(members.values()):
+                for p in n.inputs:
+                    if p.id in members or not p.inputs or p.id in outputs:
+                        continue
+                    src = group_of.get(p.id)
+                    block = [p] if src is None else groups[src][1]
+                    if src is not None and (src in merged_into or roots[src] is not p):
+                        continue
+                    red = next((m for m in block if _is_reduction(m)), None)
+                    ax = axes if red is None else _row_axes(red)
+                    if ax is None:
+                        continue
+                    rs = tuple(1 if d in ax else s for d, s in enumerate(domain))
+                    if not all(_row_member(m, domain, rs, ax) for m in block):
+                        continue
+                    if not all(u.id in members or u.id in {m.id for m in block}
+                               for u in users[p.id]):
+                        continue
+                    if red is None and axes is None:
+                        continue
+                    if len(members) + len(block) > max_size:
+                        continue
+                    axes, row_shape = ax, rs
+                    for m in block:
+                        members[m.id] = m
+                    if src is not None:
+                        parts.append(src)
+                    changed = True
+        if len(parts) == 1 and not any(_is_reduction(m) for m in members.values()):
+            continue
+        if not any(_is_reduction(m) for m in members.values()):
+            continue
+        for j in parts[1:]:
+            merged_into[j] = k
+        groups[k] = ("reduce", list(members.values()))
+    return [(kind, sorted(g, key=lambda n: index[n.id]))
+            for k, (kind, g) in enumerate(groups) if k not in merged_into and len(g) > 1]
+
+
 # ------------------------------------------------------------------ recomputation
 RECOMPUTE_LIMIT = 16
 
@@ -366,11 +453,11 @@ def make_fused(kind: str, group: list, mapped_input) -> Node:
 @register_pass("fuse")
 def fuse(graph: Graph, ctx):
     """Group elementwise chains, matmul/conv epilogues and reduction prologues."""
-    groups = find_groups(graph, ctx.max_fusion)
+    groups = merge_row_groups(graph, find_groups(graph, ctx.max_fusion), ctx.max_fusion)
     changes = []
     alt, notes = recompute_prologues(graph, min(RECOMPUTE_LIMIT, ctx.max_fusion // 2))
     if notes:
-        alt_groups = find_groups(alt, ctx.max_fusion)
+        alt_groups = merge_row_groups(alt, find_groups(alt, ctx.max_fusion), ctx.max_fusion)
         if _kernels_after(alt, alt_groups) < _kernels_after(graph, groups):
             graph, groups, changes = alt, alt_groups, notes
     root_of = {g[-1].id: (kind, g) for kind, g in groups}
