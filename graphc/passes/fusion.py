@@ -10,11 +10,12 @@ The fused node (the contract backends rely on):
                     correspond positionally to node.inputs; one output.  Besides
                     those inputs its only leaves are scalar (shape ()) constants.
 
-Kind "reduce" holds one row reduction and the elementwise ops around it:
+Kind "reduce" holds reductions and the elementwise ops around them:
 prologue ops (at the reduced input's shape) -> sum/mean/max/min -> epilogue ops
 (at its output shape); or a row softmax/log_softmax followed by elementwise ops;
 or softmax_cross_entropy's per-row losses -> elementwise ops -> a reduction to
-one value -> elementwise ops.
+one value -> elementwise ops; or a row group: keepdims reductions over the same
+trailing axes of a shape D with elementwise ops of shape D or of the row shape.
 
 Grouping rules (predictable by design; docs/optimizer.md has the full list and
 examples):
@@ -39,7 +40,10 @@ examples):
    or one row softmax/log_softmax (-> reduce); a reduce group reducing
    softmax_cross_entropy's losses to one value may absorb that op.  The inputs
    of matmul, conv2d and the softmax family stay outside the group.
-4. A group of one op is left as the plain op.
+4. Row groups (merge_row_groups): an elementwise group of shape D merges the
+   keepdims reductions over D's trailing axes (and their groups, and the ops
+   of shape D or of the row shape between them) that only it reads.
+5. A group of one op is left as the plain op.
 """
 from __future__ import annotations
 
