@@ -361,3 +361,19 @@ def test_new_fused_kernels_on_the_cuda_emulator():
     assert len(fused(f.graph)) >= 5
     for g_, w_ in zip(got, want):
         np.testing.assert_allclose(g_, w_, rtol=32 * 31 * EPS, atol=32 * 31 * EPS)
+
+
+def test_row_group_reduces_one_set_of_axes():
+    """A reduction over other axes is not merged (it stays its own kernel)."""
+    x = gc.input("x", (3, 4, 5))
+    a = gc.mean(x, axis=2, keepdims=True)             # (3, 4, 1): the row group's axes
+    c = gc.max(x, axis=(1, 2), keepdims=True)         # (3, 1, 1): other axes
+    y = (x - a) * c
+    og, rep = optimize(Graph([y], [x]), 2)
+    assert sorted(n.op.name for n in og.nodes if n.inputs) == ["fused", "max"]
+    assert fused(og) == [("reduce", "mean+sub+mul")]
+    xv = RNG.standard_normal((3, 4, 5)).astype(np.float32)
+    x64 = xv.astype(np.float64)
+    want = (x64 - x64.mean(2, keepdims=True)) * x64.max((1, 2), keepdims=True)
+    for got in both_backends([x], y, [xv]):
+        np.testing.assert_allclose(got, want, rtol=64 * EPS, atol=64 * EPS * 4)

@@ -294,15 +294,13 @@ def merge_row_groups(graph: Graph, groups: list, max_size: int) -> list:
                         continue
                     red = next((m for m in block if _is_reduction(m)), None)
                     ax = axes if red is None else _row_axes(red)
-                    if ax is None:
-                        continue
+                    if ax is None or (axes is not None and ax != axes):
+                        continue        # one set of reduced axes per row group
                     rs = tuple(1 if d in ax else s for d, s in enumerate(domain))
                     if not all(_row_member(m, domain, rs, ax) for m in block):
                         continue
                     if not all(u.id in members or u.id in {m.id for m in block}
                                for u in users[p.id]):
-                        continue
-                    if red is None and axes is None:
                         continue
                     if len(members) + len(block) > max_size:
                         continue
