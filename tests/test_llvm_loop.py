@@ -280,3 +280,29 @@ def test_lstm_graph_node_count_is_independent_of_T():
     small, large = count(10), count(100)
     assert small == large
     assert small[2] < 40
+
+
+def test_backward_loop_reuses_forward_products_instead_of_recomputing():
+    """BPTT re-derives each step from the saved carry; the lowering takes the
+    recomputed h @ W_hh.T (+ activations) from the forward loop's stacked outputs,
+    so per step: 1 GEMM forward, 2 backward (dh, dW), not 3."""
+    from graphc.kernel.ir import Gemm
+    m = RNN(8, 16, rng=9)
+    x = gc.input("x", (T, N, 8))
+    out, _ = m(x)
+    grads = gc.grad(gc.sum(out * out), list(m.parameters()) + [x])
+    xv = np.random.default_rng(9).standard_normal((T, N, 8)).astype(np.float32)
+    f = gc.compile([x], [out] + list(grads), backend="llvm")
+    _close(gc.compile([x], [out] + list(grads))(xv), f(xv))
+    prog = _program(f)
+
+    def gemms(body):
+        n = 0
+        for s in body:
+            if isinstance(s, Gemm):
+                n += 1
+            elif hasattr(s, "body"):
+                n += gemms(s.body)
+        return n
+    per_loop = [sum(gemms(k.body) for k in prog.kernels[r.start:r.end]) for r in prog.loops]
+    assert per_loop == [1, 2]

@@ -146,7 +146,8 @@ def _matmul_operand_of_fused(u, n) -> bool:
 
 
 def lower_graph(graph) -> Program:
-    return Lowerer(graph).run()
+    from .lower_loop import share_residuals
+    return Lowerer(share_residuals(graph)).run()
 
 
 # ------------------------------------------------------------------ elementwise

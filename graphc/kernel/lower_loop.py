@@ -46,11 +46,14 @@ class LoopRegion:
 
 
 class View:
-    """A view buffer's placement: parent buffer + (base + t_loop * step) elements."""
-    __slots__ = ("parent", "loop", "step", "base")
+    """A view buffer's placement: parent buffer + (base + t_loop * step) elements.
+    Holds the view buffer itself too: Program.views is keyed by id(), which must not
+    be reused by another buffer while the program lives."""
+    __slots__ = ("parent", "loop", "step", "base", "buf")
 
-    def __init__(self, parent, loop, step, base=0):
+    def __init__(self, parent, loop, step, base=0, buf=None):
         self.parent, self.loop, self.step, self.base = parent, loop, int(step), int(base)
+        self.buf = buf
 
 
 def _regions(prog) -> list:
@@ -61,7 +64,7 @@ def view_buffer(lw, parent: Buffer, loop: LoopRegion, step: int, size: int) -> B
     _regions(lw.prog)
     lw._count += 1
     b = Buffer(f"{parent.name}_t{lw._count}", parent.dtype, size)
-    lw.prog.views[id(b)] = View(parent, loop, step)
+    lw.prog.views[id(b)] = View(parent, loop, step, buf=b)
     return b
 
 
@@ -293,3 +296,157 @@ class _BodyLowerer:
                 del lw.new_buffer
             else:
                 lw.new_buffer = shadow
+
+
+# ------------------------------------------------------------------ BPTT residuals
+def share_residuals(graph):
+    """Let backward loops read what their forward loop already computed.
+
+    The BPTT scan that autodiff builds re-derives each forward step from the saved
+    carry, so its body recomputes e.g. ``h_{t-1} @ W.T + b + xp_t`` (a GEMM per step)
+    that the forward body computed too.  For a scan B whose sequence inputs include
+    the saved carries of a scan F, B's body nodes that equal F's body nodes (same
+    ops over the same carries, sequence slices and captured values) and contain a
+    matmul are taken from F instead: F stacks them as extra per-step outputs (or
+    they already are its outputs) and B reads them as extra sequence inputs.
+    Returns a new graph (or `graph` when nothing is shared)."""
+    done = set()
+    while True:
+        pair = _find_pair(graph, done)
+        if pair is None:
+            return graph
+        graph = _share(graph, *pair, done)
+
+
+def _find_pair(graph, done):
+    for n in graph.nodes:
+        if n.op.name != "scan" or n.id in done:
+            continue
+        a = n.attrs
+        xs = n.inputs[a["n_carry"]:a["n_carry"] + a["n_x"]]
+        fs = set()
+        for x in xs:
+            if x.op.name == "tuple_get" and x.inputs[0].op.name == "scan":
+                f = x.inputs[0]
+                fa = f.attrs
+                n_y = len(f.type.types) - 2 * fa["n_carry"]
+                if x.attrs["index"] >= fa["n_carry"] + n_y:
+                    fs.add(f)
+        if len(fs) == 1:
+            return fs.pop(), n
+        done.add(n.id)
+    return None
+
+
+def _keys(body, ph_keys, intern):
+    """{node id: int} structural keys of body nodes (equal keys: equal values)."""
+    import numpy as np
+    keys = {}
+    for m in body.nodes:
+        if m.id in ph_keys:
+            k = ph_keys[m.id]
+        elif m.op.name == "constant" and np.asarray(m.value).size <= 64:
+            v = np.asarray(m.value)
+            k = ("const", v.dtype.str, v.shape, v.tobytes())
+        elif m.is_leaf or any(isinstance(v, Graph) for v in m.attrs.values()):
+            k = ("node", m.id)
+        else:
+            try:
+                attrs = tuple(sorted(m.attrs.items()))
+                hash(attrs)
+            except TypeError:
+                k = ("node", m.id)
+            else:
+                k = (m.op.name, attrs, str(m.type), tuple(keys[i.id] for i in m.inputs))
+        keys[m.id] = intern.setdefault(k, len(intern))
+    return keys
+
+
+def _share(graph, F, B, done):
+    from ..ops.base import REGISTRY, apply
+    from ..ir.node import Node
+    fa, ba = F.attrs, B.attrs
+    fnc, fnx = fa["n_carry"], fa["n_x"]
+    fny = len(F.type.types) - 2 * fnc
+    bnc, bnx = ba["n_carry"], ba["n_x"]
+    fb, bb = fa["body"], ba["body"]
+    intern = {}
+    fph = {}
+    for k, p in enumerate(fb.inputs):
+        if k < fnc:
+            fph[p.id] = ("carry", k)
+        elif k < fnc + fnx:
+            fph[p.id] = ("x", F.inputs[k].id)
+        else:
+            fph[p.id] = ("cap", F.inputs[k].id)
+    bph = {}
+    for k, p in enumerate(bb.inputs):
+        src = B.inputs[k]
+        if k < bnc:
+            bph[p.id] = ("bcarry", k)
+        elif k < bnc + bnx:
+            if (src.op.name == "tuple_get" and src.inputs[0] is F
+                    and src.attrs["index"] >= fnc + fny):
+                bph[p.id] = ("carry", src.attrs["index"] - fnc - fny)
+            else:
+                bph[p.id] = ("x", src.id)
+        else:
+            bph[p.id] = ("cap", src.id)
+    fk = _keys(fb, fph, intern)
+    bk = _keys(bb, bph, intern)
+    fnode = {}
+    for m in fb.nodes:
+        fnode.setdefault(fk[m.id], m)
+    matched = {m.id for m in bb.nodes if bk[m.id] in fnode and not m.is_leaf}
+    has_mm = {}
+    for m in bb.nodes:
+        has_mm[m.id] = m.id in matched and (
+            m.op.name == "matmul" or any(has_mm.get(i.id, False) for i in m.inputs))
+    users = bb.users()
+    b_outs = {o.id for o in bb.outputs}
+    frontier = [m for m in bb.nodes if has_mm[m.id] and (
+        m.id in b_outs or any(u.id not in matched for u in users.get(m.id, [])))]
+    done.add(B.id)
+    if not frontier:
+        return graph
+    # F's per-step values for the frontier: existing outputs or new stacked ones.
+    f_ys = list(fb.outputs[fnc:])
+    extra = []
+    src_index = []
+    for m in frontier:
+        f = fnode[bk[m.id]]
+        j = next((j for j, y in enumerate(f_ys) if y is f), None)
+        if j is None:
+            j = len(f_ys)
+            f_ys.append(f)
+            extra.append(f)
+        src_index.append(fnc + j)
+    E = len(extra)
+    if E:
+        new_fb = Graph(list(fb.outputs) + extra, fb.inputs)
+        F2 = apply("scan", list(F.inputs), body=new_fb, n_carry=fnc, n_x=fnx,
+                   reverse=fa["reverse"], length=fa["length"], body_id=fa["body_id"])
+    else:
+        F2 = F
+    remap = {}
+    for n in graph.nodes:
+        if n.op.name == "tuple_get" and n.inputs[0] is F and F2 is not F:
+            i = n.attrs["index"]
+            remap[n.id] = apply("tuple_get", [F2], index=i if i < fnc + fny else i + E)
+    stacked = [apply("tuple_get", [F2], index=i) for i in src_index]
+    phs = []
+    for k, m in enumerate(frontier):
+        ph = Node(REGISTRY["input"], (), {}, m.type, name=f"residual{k}_t")
+        phs.append(ph)
+    new_bb = Graph(bb.outputs, [])
+    new_bb.replace_all({m.id: ph for m, ph in zip(frontier, phs)})
+    new_bb = Graph(new_bb.outputs, list(bb.inputs[:bnc + bnx]) + phs + list(bb.inputs[bnc + bnx:]))
+    b_in = [remap.get(i.id, i) for i in B.inputs]
+    B2 = apply("scan", b_in[:bnc + bnx] + stacked + b_in[bnc + bnx:], body=new_bb,
+               n_carry=bnc, n_x=bnx + len(frontier), reverse=ba["reverse"],
+               length=ba["length"], body_id=ba["body_id"])
+    done.add(B2.id)
+    remap[B.id] = B2
+    g = Graph(graph.outputs, graph.inputs)
+    g.replace_all(remap)
+    return g
