@@ -158,3 +158,34 @@ def test_conv_epilogue_is_one_kernel_after_the_conv():
             conv += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 7, j:j + 6], wv[:, :, i, j])
     ref = np.maximum((conv - mean.value) * scale.value + beta.value, 0)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ksize,pad,stride", [(3, 1, 1), (1, 0, 1), (3, 0, 2)])
+def test_batch1_conv_shares_the_gemm_and_matches_across_threads(monkeypatch, tmp_path,
+                                                                 ksize, pad, stride):
+    # N = 1, one group: im2col kernel + a top-level GEMM split in column bands.
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    xv = RNG.standard_normal((1, 16, 23, 29)).astype(np.float32)
+    wv = RNG.standard_normal((40, 16, ksize, ksize)).astype(np.float32)
+    results = []
+    for nt in ("1", "2"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", nt)
+        x, w = gc.input("x", xv.shape), gc.input("w", wv.shape)
+        f = gc.compile([x, w], gc.conv2d(x, w, padding=pad, stride=stride), backend="llvm")
+        results.append(f(xv, wv))
+        r = gllvm.runners(f)[0]
+        assert r.nthreads == int(nt)
+        if nt == "2":   # every thread works on the GEMM
+            from graphc.kernel.ir import is_spmd
+            assert all(is_spmd(k) for k in r.prog.kernels if k.name == "conv2d")
+    np.testing.assert_array_equal(results[0], results[1])
+    xp = np.pad(xv.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (23 + 2 * pad - ksize) // stride + 1
+    ow = (29 + 2 * pad - ksize) // stride + 1
+    ref = np.zeros((1, 40, oh, ow))
+    for i in range(ksize):
+        for j in range(ksize):
+            patch = xp[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            ref += np.einsum("nchw,oc->nohw", patch, wv[:, :, i, j].astype(np.float64))
+    tol = 4 * np.finfo(np.float32).eps * 16 * ksize * ksize
+    np.testing.assert_allclose(results[0], ref, rtol=tol, atol=tol * np.abs(ref).max())

@@ -107,6 +107,21 @@ def lower_conv2d(lw, n):
     X, Wb, Y = lw.buf(x), lw.buf(w), lw.buf(n)
     _same_dtype(lw, n, [X, Wb])
     gm = _ConvGeom(_shape(x), _shape(w), _shape(n)[2:], n.attrs)
+    flops = 2 * gm.N * gm.O * gm.P * gm.CKK
+    if gm.N * gm.G == 1:
+        # One image and one group (batch-1 inference): no image loop to share out, so the
+        # GEMM itself is split among threads (column bands), after an im2col kernel that
+        # threads share by channel rows.
+        a0, c0 = (Wb, idx(0), gm.CKK, 1), (Y, idx(0), gm.P, 1)
+        if gm.direct:
+            return [Kernel("conv2d", [Y, X, Wb],
+                           [Gemm(gm.O, gm.P, gm.CKK, a0, (X, idx(0), gm.P, 1), c0)], flops=flops)]
+        cols = lw.new_buffer(n.dtype, gm.CKK * gm.P, hint="cols")
+        fill = gm.im2col(X, cols, idx(0), idx(0))
+        fill[0].kind = "parallel"
+        return [Kernel("im2col", [cols, X], fill, flops=0),
+                Kernel("conv2d", [Y, Wb, cols],
+                       [Gemm(gm.O, gm.P, gm.CKK, a0, (cols, idx(0), gm.P, 1), c0)], flops=flops)]
     nv, gv = Var("n"), Var("g")
     y_off = affine([nv, gv], [gm.O * gm.P, gm.Og * gm.P])
     a = (Wb, affine([gv], [gm.Og * gm.CKK]), gm.CKK, 1)
@@ -120,7 +135,7 @@ def lower_conv2d(lw, n):
         inner = gm.im2col(X, cols, nv, gv) + [
             Gemm(gm.Og, gm.P, gm.CKK, a, (cols, idx(0), gm.P, 1), (Y, y_off, gm.P, 1))]
     body = [Loop(nv, gm.N, [Loop(gv, gm.G, inner)], "parallel")]
-    return [Kernel("conv2d", bufs, body, flops=2 * gm.N * gm.O * gm.P * gm.CKK)]
+    return [Kernel("conv2d", bufs, body, flops=flops)]
 
 
 @rule("conv2d_grad_input")
