@@ -377,3 +377,12 @@ def test_row_group_reduces_one_set_of_axes():
     want = (x64 - x64.mean(2, keepdims=True)) * x64.max((1, 2), keepdims=True)
     for got in both_backends([x], y, [xv]):
         np.testing.assert_allclose(got, want, rtol=64 * EPS, atol=64 * EPS * 4)
+
+
+def test_large_loss_reduction_stays_two_parallel_kernels():
+    """Logits of more than 2**16 elements: the fused loss would run its rows serially."""
+    for n, want in ((1024, ["fused"]), (1025, ["softmax_cross_entropy", "mean"])):
+        z = gc.input("z", (n, 64))
+        y = gc.input("y", (n,), dtype="int64")
+        og, _ = optimize(Graph([gc.cross_entropy(z, y)], [z, y]), 2)
+        assert [m.op.name for m in og.nodes if m.inputs] == want

@@ -139,6 +139,10 @@ def _is_reduction(n) -> bool:
 
 
 ROW_OPS = frozenset({"softmax", "log_softmax", "softmax_cross_entropy"})
+# A fused loss reduction visits the rows one after another (one accumulator):
+# only for logits up to this many elements; larger ones keep the parallel
+# per-row kernel and a (chunked, parallel) reduction.
+XENT_LIMIT = 1 << 16
 
 
 def _is_row_softmax(n) -> bool:
@@ -222,7 +226,8 @@ def find_groups(graph: Graph, max_size: int = 64) -> list:
                 blocked.update(i.id for i in p.inputs)
             elif (kind == "reduce" and side == "pre" and not has_row_op and red is not None
                   and _is_row_xent(p) and tuple(p.shape) == domain["pre"]
-                  and _numel(tuple(red.shape)) == 1):
+                  and _numel(tuple(red.shape)) == 1
+                  and (_numel(p.inputs[0].shape) or XENT_LIMIT + 1) <= XENT_LIMIT):
                 # a loss reduced to one value: mean(softmax_cross_entropy(z, y))
                 members[p.id], part[p.id] = p, "pre"      # its inputs stay outside
                 blocked.update(i.id for i in p.inputs)
