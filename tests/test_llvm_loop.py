@@ -306,3 +306,15 @@ def test_backward_loop_reuses_forward_products_instead_of_recomputing():
         return n
     per_loop = [sum(gemms(k.body) for k in prog.kernels[r.start:r.end]) for r in prog.loops]
     assert per_loop == [1, 2]
+
+
+def test_backends_without_native_loops_get_a_clear_error():
+    from graphc.ir.errors import NotLoweredError
+    from graphc.ir.graph import Graph
+    from graphc.kernel.lower import lower_graph
+    x = gc.input("x", (T, N, I))
+    out, _ = RNN(I, H, rng=0)(x)
+    with pytest.raises(NotLoweredError, match="cannot run loops.*test_llvm_loop.py"):
+        lower_graph(Graph([out], [x]))            # what the CUDA backend calls
+    prog = lower_graph(Graph([out], [x]), loops=True)
+    assert len(prog.loops) == 1

@@ -145,9 +145,17 @@ def _matmul_operand_of_fused(u, n) -> bool:
     return True
 
 
-def lower_graph(graph) -> Program:
-    from .lower_loop import share_residuals
-    return Lowerer(share_residuals(graph)).run()
+def lower_graph(graph, optimize_body=None, loops=False) -> Program:
+    """loops: the backend runs Program.loops (native loop regions, see lower_loop.py);
+    otherwise a `scan` raises NotLoweredError.  optimize_body: Graph -> Graph, applied
+    to loop bodies before they are lowered."""
+    if loops:
+        from .lower_loop import share_residuals
+        graph = share_residuals(graph)
+    lw = Lowerer(graph)
+    lw.optimize_body = optimize_body
+    lw.native_loops = loops
+    return lw.run()
 
 
 # ------------------------------------------------------------------ elementwise

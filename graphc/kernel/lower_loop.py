@@ -12,8 +12,9 @@ graph's kernels, lowered once) that the backend's entry function executes
   value is copied there before the loop, the body's new carry is written to a
   scratch buffer and copied back at the end of every step (carries are small).
 
-The body graph is optimized (fusion etc.) before lowering, so its elementwise
-chains become single kernels and its matmuls use the backend's GEMM.
+The body graph is optimized (fusion etc.) before lowering when the backend
+passes `lower_graph(graph, optimize_body=...)` (the kernel layer does not import
+the graph passes), so its elementwise chains become single kernels.
 
 Lifetimes: the memory planner sees each kernel's buffers only; two empty
 "keep" kernels, just before and just after the region, list every buffer that
@@ -91,7 +92,9 @@ def lower_tuple_get(lw, n):
 
 @rule("scan")
 def lower_scan(lw, n):
-    from ..passes import optimize
+    if not getattr(lw, "native_loops", False):
+        raise NotLoweredError(f"this backend cannot run loops (scan) yet; the loop was built "
+                              f"at {n.loc}")
     a = n.attrs
     nc, nx = a["n_carry"], a["n_x"]
     types = n.type.types
@@ -114,7 +117,9 @@ def lower_scan(lw, n):
     for k in range(nc):
         lw.emit(n, [_copy(tb[k], lw.buf(init[k]), carry_sizes[k])])
 
-    body, _ = optimize(Graph(a["body"].outputs, a["body"].inputs), 2)
+    body = Graph(a["body"].outputs, a["body"].inputs)
+    if getattr(lw, "optimize_body", None) is not None:   # the backend's optimizer (fusion)
+        body = lw.optimize_body(body)
     regions = _regions(lw.prog)
     region = LoopRegion(len(lw.prog.kernels), None, T, a["reverse"], len(regions))
     regions.append(region)

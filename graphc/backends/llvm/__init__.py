@@ -18,8 +18,14 @@ NEEDS_CONCRETE_SHAPES = True
 
 
 def build(graph):
-    prog = lower_graph(graph)
+    prog = lower_graph(graph, optimize_body=_optimize_body, loops=True)
     return compile_program(prog, graph)
+
+
+def _optimize_body(body):
+    """Loop bodies are optimized (fused) like the graph around them."""
+    from ...passes import optimize
+    return optimize(body, 2)[0]
 
 
 __all__ = ["build", "NEEDS_CONCRETE_SHAPES", "host_description", "runners", "profile_table"]
