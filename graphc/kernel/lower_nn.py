@@ -108,10 +108,11 @@ def lower_conv2d(lw, n):
     _same_dtype(lw, n, [X, Wb])
     gm = _ConvGeom(_shape(x), _shape(w), _shape(n)[2:], n.attrs)
     flops = 2 * gm.N * gm.O * gm.P * gm.CKK
-    if gm.N * gm.G == 1:
+    if gm.N * gm.G == 1 and flops >= 1 << 22:
         # One image and one group (batch-1 inference): no image loop to share out, so the
         # GEMM itself is split among threads (column bands), after an im2col kernel that
-        # threads share by channel rows.
+        # threads share by channel rows.  (Smaller convs stay on one thread: waking the
+        # others would cost more than it saves.)
         a0, c0 = (Wb, idx(0), gm.CKK, 1), (Y, idx(0), gm.P, 1)
         if gm.direct:
             return [Kernel("conv2d", [Y, X, Wb],
