@@ -141,7 +141,18 @@ def lower_scan(lw, n):
     # Where the body's results go.
     targets = []     # (body output node, destination buffer)
     new_carry = []
+    y_views = []
+    for j in range(ny):
+        step = prod(_shape(body.outputs[nc + j]))
+        y_views.append(view_buffer(lw, tb[nc + j], region, step, step))
     for k in range(nc):
+        o = body.outputs[k]
+        j = next((j for j in range(ny) if body.outputs[nc + j] is o), None)
+        if j is not None:
+            # The new carry is also y_t (an RNN's h): written once, into y's slot;
+            # the carry is copied from there at the end of the step.
+            new_carry.append(y_views[j])
+            continue
         mm = _accumulating_gemm(body, k)
         if mm is not None:
             # carry' = carry + A @ B, the carry read nowhere else: a GEMM accumulating
@@ -154,9 +165,7 @@ def lower_scan(lw, n):
         new_carry.append(nb)
         targets.append((body.outputs[k], nb))
     for j in range(ny):
-        o = body.outputs[nc + j]
-        step = prod(_shape(o))
-        targets.append((o, view_buffer(lw, tb[nc + j], region, step, step)))
+        targets.append((body.outputs[nc + j], y_views[j]))
     sub.lower(bind, targets)
     for k in range(nc):
         if new_carry[k] is not None:
