@@ -282,12 +282,14 @@ def test_lstm_graph_node_count_is_independent_of_T():
     assert small[2] < 40
 
 
-def test_backward_loop_reuses_forward_products_instead_of_recomputing():
+@pytest.mark.parametrize("cls", [RNN, LSTM])
+def test_backward_loop_reuses_forward_products_instead_of_recomputing(cls):
     """BPTT re-derives each step from the saved carry; the lowering takes the
     recomputed h @ W_hh.T (+ activations) from the forward loop's stacked outputs,
-    so per step: 1 GEMM forward, 2 backward (dh, dW), not 3."""
+    so per step: 1 GEMM forward, 2 backward (dh, dW), not 3 — and the forward loop
+    still runs once (the loss reads y, so the backward loop's inputs do too)."""
     from graphc.kernel.ir import Gemm
-    m = RNN(8, 16, rng=9)
+    m = cls(8, 16, rng=9)
     x = gc.input("x", (T, N, 8))
     out, _ = m(x)
     grads = gc.grad(gc.sum(out * out), list(m.parameters()) + [x])
@@ -315,6 +317,6 @@ def test_backends_without_native_loops_get_a_clear_error():
     x = gc.input("x", (T, N, I))
     out, _ = RNN(I, H, rng=0)(x)
     with pytest.raises(NotLoweredError, match="cannot run loops.*test_llvm_loop.py"):
-        lower_graph(Graph([out], [x]))            # what the CUDA backend calls
-    prog = lower_graph(Graph([out], [x]), loops=True)
+        lower_graph(Graph([out], [x]), loops=False)
+    prog = lower_graph(Graph([out], [x]))
     assert len(prog.loops) == 1

@@ -145,10 +145,10 @@ def _matmul_operand_of_fused(u, n) -> bool:
     return True
 
 
-def lower_graph(graph, optimize_body=None, loops=False) -> Program:
+def lower_graph(graph, optimize_body=None, loops=True) -> Program:
     """loops: the backend runs Program.loops (native loop regions, see lower_loop.py);
-    otherwise a `scan` raises NotLoweredError.  optimize_body: Graph -> Graph, applied
-    to loop bodies before they are lowered."""
+    with loops=False a `scan` raises NotLoweredError.  optimize_body: Graph -> Graph,
+    applied to loop bodies before they are lowered (e.g. the optimizer, for fusion)."""
     if loops:
         from .lower_loop import share_residuals
         graph = share_residuals(graph)

@@ -455,12 +455,15 @@ def _share(graph, F, B, done):
     new_bb = Graph(bb.outputs, [])
     new_bb.replace_all({m.id: ph for m, ph in zip(frontier, phs)})
     new_bb = Graph(new_bb.outputs, list(bb.inputs[:bnc + bnx]) + phs + list(bb.inputs[bnc + bnx:]))
-    b_in = [remap.get(i.id, i) for i in B.inputs]
+    # First re-point every reader of F's results (B's inputs may depend on them
+    # indirectly, e.g. the cotangent of y*y reads y), then swap B for the new loop.
+    g = Graph(graph.outputs, graph.inputs)
+    g.replace_all(remap)
+    Bn = next(m for m in g.nodes if m.op.name == "scan" and m.attrs["body"] is bb)
+    b_in = list(Bn.inputs)
     B2 = apply("scan", b_in[:bnc + bnx] + stacked + b_in[bnc + bnx:], body=new_bb,
                n_carry=bnc, n_x=bnx + len(frontier), reverse=ba["reverse"],
                length=ba["length"], body_id=ba["body_id"])
     done.add(B2.id)
-    remap[B.id] = B2
-    g = Graph(graph.outputs, graph.inputs)
-    g.replace_all(remap)
+    g.replace_all({Bn.id: B2})
     return g
