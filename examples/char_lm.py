@@ -38,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--sample", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", choices=["numpy", "llvm"], default="llvm")
     args = ap.parse_args(argv)
     nn.manual_seed(args.seed)
     text = open(TEXT, encoding="utf-8").read()
@@ -45,6 +46,8 @@ def main(argv=None):
     idx = {ch: i for i, ch in enumerate(vocab)}
     data = np.array([idx[ch] for ch in text], dtype=np.int64)
     V, T = len(vocab), args.seq_len
+    freq = np.bincount(data, minlength=V) / len(data)
+    unigram = float(-(freq * np.log(freq)).sum())   # the loss of the best context-free guess
 
     model = CharLM(V, seed=args.seed)
     B = args.batch_size
@@ -54,7 +57,8 @@ def main(argv=None):
     def loss_fn(xb, yb):
         logits = model(xb)
         return gc.cross_entropy(gc.reshape(logits, (T * B, V)), gc.reshape(yb, (T * B,)))
-    step = optim.Adam(model.parameters(), lr=5e-3).compile_step(loss_fn, x, y)
+    step = optim.Adam(model.parameters(), lr=5e-3).compile_step(loss_fn, x, y,
+                                                                backend=args.backend)
 
     rng = np.random.default_rng(args.seed)
     for i in range(args.steps):
@@ -62,15 +66,16 @@ def main(argv=None):
         xb = np.stack([data[s:s + T] for s in starts], axis=1)
         yb = np.stack([data[s + 1:s + T + 1] for s in starts], axis=1)
         loss = step(xb, yb)
+        recent = (recent if i else []) + [float(loss)]
         if i % 50 == 0 or i == args.steps - 1:
-            print(f"step {i}: loss {loss:.3f} (uniform guess: {np.log(V):.3f})")
+            print(f"step {i}: loss {loss:.3f} (unigram entropy of the text: {unigram:.3f} nats)")
 
     # Streaming sampler: one compiled step, the LSTM state fed back each call.
     ch = gc.input("ch", (1,), dtype="int64")
     h = gc.input("h", (1, 1, 128))
     c = gc.input("c", (1, 1, 128))
     logits, h2, c2 = model.step(ch, h, c)
-    sample = gc.compile([ch, h, c], [gc.softmax(logits, axis=-1), h2, c2])
+    sample = gc.compile([ch, h, c], [gc.softmax(logits, axis=-1), h2, c2], backend=args.backend)
     hv, cv = model.lstm.initial_state(1)
     cur, out = idx["S"], ["S"]
     for _ in range(args.sample):
@@ -79,7 +84,7 @@ def main(argv=None):
         cur = int(rng.choice(V, p=p / p.sum()))
         out.append(vocab[cur])
     print("sample:\n" + "".join(out))
-    return float(loss)
+    return float(np.mean(recent[-20:])), unigram
 
 
 if __name__ == "__main__":

@@ -69,16 +69,18 @@ def test_vanishing_gradients_shows_sigmoid_gradients_shrinking(tmp_path):
     assert "|grad| = " in svg and "gradient norm (log scale)" in svg
 
 
-def test_rnn_digit_rows_one_epoch():
-    out = run_example("rnn_digits_rows.py", "--epochs", "1")
-    acc = float(re.search(r"epoch 1: loss [\d.]+\s+test accuracy ([\d.]+)", out).group(1))
-    assert 0.3 < acc <= 1.0          # a GRU over 8 rows learns digits within one epoch
+def test_rnn_digit_rows_reaches_90_percent():
+    out = run_example("rnn_digits_rows.py", "--epochs", "3")
+    acc = float(re.search(r"epoch 3: loss [\d.]+\s+test accuracy ([\d.]+)", out).group(1))
+    assert 0.9 <= acc <= 1.0         # a GRU reading 8 rows of 8 pixels (issue 6's bar)
 
 
-def test_char_lm_two_steps_and_sample():
-    out = run_example("char_lm.py", "--steps", "2", "--sample", "20")
+def test_char_lm_learns_well_below_the_unigram_entropy():
+    out = run_example("char_lm.py", "--steps", "150", "--sample", "20")
     losses = [float(v) for v in re.findall(r"step \d+: loss ([\d.]+)", out)]
-    uniform = float(re.search(r"uniform guess: ([\d.]+)", out).group(1))
-    assert len(losses) == 2 and abs(losses[0] - uniform) < 0.5   # starts near chance
+    unigram = float(re.search(r"unigram entropy of the text: ([\d.]+)", out).group(1))
+    # the model starts near the uniform guess (log of the vocabulary, above the
+    # unigram entropy) and its loss falls well below the unigram entropy
+    assert losses[0] > unigram and losses[-1] < 0.75 * unigram, (losses, unigram)
     sample = out.split("sample:")[1].strip("\n")
     assert len(sample) >= 20

@@ -143,6 +143,27 @@ def test_variable_length_gradients_ignore_padding(cls):
     _param_grad_check(m, lambda: loss, [xv, lengths], [x, ln])
 
 
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_variable_length_batch_equals_each_sequence_alone(cls):
+    rng = np.random.default_rng(6)
+    m = cls(I, H, num_layers=2, bidirectional=True, rng=6)
+    x = gc.input("x", (T, N, I))
+    ln = gc.input("lengths", (N,), "int64")
+    out, st = m(x, lengths=ln)
+    h_n = st[0] if cls is LSTM else st
+    batch = gc.compile([x, ln], [out, h_n])
+    xs = gc.input("xs", ("T", 1, I))
+    out1, st1 = m(xs)
+    alone = gc.compile([xs], [out1, st1[0] if cls is LSTM else st1])
+    xv = rng.standard_normal((T, N, I)).astype(np.float32)
+    lengths = np.array([5, 2, 3])
+    got_out, got_h = batch(xv, lengths)
+    for i, L_i in enumerate(lengths):
+        o, h = alone(xv[:L_i, i:i + 1])
+        np.testing.assert_allclose(got_out[:L_i, i], o[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_h[:, i], h[:, 0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls", [RNN, LSTM, GRU])
 def test_streaming_step_equals_whole_sequence(cls):
     rng = np.random.default_rng(4)
