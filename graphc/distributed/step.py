@@ -105,26 +105,9 @@ def broadcast_parameters(params, comm=None, root: int = 0) -> None:
 
 # ------------------------------------------------------------------ the optimizer's rule
 def apply_gradients(optimizer, grads: dict) -> dict:
-    """{Parameter: new value} from the optimizer's update rule fed `grads`.
-
-    grads: {index of the parameter in optimizer.params: gradient node}.
-    This is ``Optimizer.updates(loss)`` with the ``gc.grad`` call taken out:
-    the same per-parameter rule, learning-rate cast, buffers and step counter.
-    """
-    ups: dict = {}
-    with role("update"):
-        t = optimizer._step + 1
-        lr_by_dtype: dict = {}
-        for i, p in enumerate(optimizer.params):
-            if i not in grads:
-                continue
-            lr = lr_by_dtype.get(p.dtype)
-            if lr is None:
-                lr = lr_by_dtype[p.dtype] = E.cast(optimizer._lr, p.dtype)
-            optimizer._rule_updates = ups
-            ups[p] = optimizer._rule(i, p, grads[i], lr, t)
-        ups[optimizer._step] = t
-    return ups
+    """{Parameter: new value} from the optimizer's update rule fed `grads`
+    ({index in optimizer.params: gradient node}); see Optimizer.apply_gradients."""
+    return optimizer.apply_gradients(grads)
 
 
 # ------------------------------------------------------------------ the step

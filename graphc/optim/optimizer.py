@@ -170,17 +170,28 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: the loss depends on none of the "
                              f"optimizer's parameters (at {loc})")
         grads = grad(loss, [p for _, p in used])
+        return self.apply_gradients({i: g for (i, _), g in zip(used, grads)})
+
+    def apply_gradients(self, grads: dict) -> dict:
+        """{Parameter: new value node} from gradients given as graph nodes.
+
+        grads: {index of the parameter in self.params: gradient node}.  This is
+        `updates` without the gc.grad call: the same per-parameter rule,
+        learning-rate cast, buffers and step counter.  Data-parallel training
+        feeds it gradients averaged across processes.
+        """
         ups: dict = {}
         with role("update"):
             t = self._step + 1                       # this step's number, 1-based
             lr_by_dtype: dict = {}
-            for (i, p), g in zip(used, grads):
+            for i, p in enumerate(self.params):
+                if i not in grads:
+                    continue
                 lr = lr_by_dtype.get(p.dtype)
                 if lr is None:
                     lr = lr_by_dtype[p.dtype] = E.cast(self._lr, p.dtype)
                 self._rule_updates = ups
-                new = self._rule(i, p, g, lr, t)
-                ups[p] = new
+                ups[p] = self._rule(i, p, grads[i], lr, t)
             ups[self._step] = t
         return ups
 
