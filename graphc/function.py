@@ -46,7 +46,10 @@ def specialize(outputs, bindings: dict, inputs=()):
                 t = n.op.infer([i.type for i in ins], **attrs)
             except (TypeError, ValueError) as e:
                 raise GraphBuildError(f"{n.op.name}: {e} (with {bindings})\n  at {n.loc}") from None
-            m = Node(n.op, ins, attrs, t, name=n.name, loc=n.loc)
+            concretize = getattr(n.op, "concretize", None)  # e.g. sum_to -> plain sums
+            m = concretize(ins, attrs) if concretize else None
+            if m is None:
+                m = Node(n.op, ins, attrs, t, name=n.name, loc=n.loc)
         m.scope, m.role = n.scope, n.role
         memo[n.id] = m
     return [memo[o.id] for o in outputs], {i.id: memo[i.id] for i in inputs}

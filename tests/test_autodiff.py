@@ -244,3 +244,19 @@ def test_grad_through_symbolic_broadcast():
     for n in (1, 4):
         a = RNG.normal(size=(n, 3))
         np.testing.assert_allclose(f(a), 2 * a.sum(axis=0), rtol=1e-12)
+
+
+def test_gradient_when_a_symbolic_dim_broadcasts_against_a_concrete_one():
+    # x (B, 3) * c (3, 3): B must be 1 or 3 at run time, and the gradient's
+    # reduction over the broadcast axis depends on which (sum_to, made concrete
+    # when the compiled function specializes).
+    c_val = np.arange(9.0).reshape(3, 3).astype(np.float32)
+    x = gc.input("x", ("B", 3))
+    y = gc.sum(x * gc.constant(c_val))
+    gx = gc.grad(y, x)
+    for backend in ("numpy", "llvm"):
+        f = gc.compile([x], [y, gx], backend=backend)
+        _, g3 = f(np.ones((3, 3), np.float32))
+        _, g1 = f(np.ones((1, 3), np.float32))
+        np.testing.assert_array_equal(g3, c_val)
+        np.testing.assert_array_equal(g1, c_val.sum(axis=0, keepdims=True))

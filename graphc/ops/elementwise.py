@@ -16,18 +16,28 @@ from .base import Op, apply, register, REGISTRY
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "abs", "exp", "log", "sqrt", "sign",
            "square", "reciprocal", "maximum", "minimum", "less", "less_equal", "greater",
            "greater_equal", "equal", "not_equal", "logical_not", "where", "cast", "zeros_like",
-           "ones_like", "unbroadcast"]
+           "ones_like", "unbroadcast", "sum_to"]
 
 
 # ------------------------------------------------------------------ helpers
-def unbroadcast(g: Node, shape) -> Node:
-    """Sum a broadcast cotangent back to `shape` (the input's shape)."""
+def unbroadcast(g: Node, target) -> Node:
+    """Sum a broadcast cotangent back to the shape of `target` (a node or a shape).
+
+    When a symbolic dimension met a concrete one in the forward broadcast (x of
+    shape (N, 3) against a (4, 3) constant), the reduction depends on the size
+    N takes at run time; given the node, this emits `sum_to`, which the
+    compiled function turns into concrete sums once N is known.
+    """
     from .reduce import sum as rsum
     from .shape import reshape
-    shape = tuple(shape)
+    shape = tuple(target.shape) if isinstance(target, Node) else tuple(target)
     if tuple(g.shape) == shape:
         return g
     lead = g.ndim - len(shape)
+    mixed = any(isinstance(d, str) != isinstance(gd, str)
+                for d, gd in zip(shape, g.shape[lead:]) if d != 1 and gd != 1)
+    if mixed and isinstance(target, Node):
+        return apply("sum_to", [g, target])
     axes = list(range(lead))
     for i, d in enumerate(shape):
         gd = g.shape[lead + i]
@@ -37,6 +47,35 @@ def unbroadcast(g: Node, shape) -> Node:
     if tuple(out.shape) != shape:
         out = reshape(out, shape)
     return out
+
+
+@register
+class SumToOp(Op):
+    """sum_to(g, like): g summed over its broadcast axes down to like's shape.
+
+    Only built by gradient rules when the reduced axes depend on a symbolic
+    size; once shapes are concrete it is replaced by plain sums (`concretize`).
+    """
+    name = "sum_to"
+    arity = 2
+
+    def infer(self, types):
+        g, like = types
+        return TensorType(g.dtype, like.shape)
+
+    def evaluate(self, g, like):
+        lead = g.ndim - like.ndim
+        axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(like.shape)
+                                          if d == 1 and g.shape[lead + i] != 1)
+        return np.sum(g, axis=axes, keepdims=True).reshape(like.shape).astype(g.dtype)
+
+    def vjp(self, node, gg):
+        from .shape import broadcast_to
+        return [broadcast_to(gg, node.inputs[0].shape), None]
+
+    def concretize(self, inputs, attrs):
+        g, like = inputs
+        return unbroadcast(g, tuple(like.shape))
 
 
 def _float_dtype(d):
@@ -68,8 +107,8 @@ def _binary(name, np_fn, grad=None, out_bool=False, doc=""):
         def vjp(self, node, g):
             a, b = node.inputs
             ga, gb = grad(node, g, a, b)
-            return [unbroadcast(ga, a.shape) if ga is not None and dt.is_float(a.dtype) else None,
-                    unbroadcast(gb, b.shape) if gb is not None and dt.is_float(b.dtype) else None]
+            return [unbroadcast(ga, a) if ga is not None and dt.is_float(a.dtype) else None,
+                    unbroadcast(gb, b) if gb is not None and dt.is_float(b.dtype) else None]
         cls.vjp = vjp
     register(cls)
 
@@ -195,8 +234,8 @@ class WhereOp(Op):
     def vjp(self, node, g):
         c, a, b = node.inputs
         return [None,
-                unbroadcast(where(c, g, 0.0), a.shape) if dt.is_float(a.dtype) else None,
-                unbroadcast(where(c, 0.0, g), b.shape) if dt.is_float(b.dtype) else None]
+                unbroadcast(where(c, g, 0.0), a) if dt.is_float(a.dtype) else None,
+                unbroadcast(where(c, 0.0, g), b) if dt.is_float(b.dtype) else None]
 
 
 def where(cond, a, b):
@@ -248,3 +287,8 @@ def ones_like(a: Node, dtype=None) -> Node:
     from .shape import broadcast_to
     from .base import constant
     return broadcast_to(constant(1, dtype or a.dtype), a.shape)
+
+
+def sum_to(g, like):
+    """Sum `g` over the axes along which `like` was broadcast to g's shape."""
+    return unbroadcast(g, like)

@@ -46,7 +46,7 @@ class MatmulOp(Op):
             return transpose(x, perm)
         ga = matmul(g, mT(b))
         gb = matmul(mT(a), g)
-        return [unbroadcast(ga, a.shape), unbroadcast(gb, b.shape)]
+        return [unbroadcast(ga, a), unbroadcast(gb, b)]
 
 
 def matmul(a, b):

@@ -109,7 +109,7 @@ class BroadcastToOp(Op):
 
     def vjp(self, node, g):
         from .elementwise import unbroadcast
-        return [unbroadcast(g, node.inputs[0].shape)]
+        return [unbroadcast(g, node.inputs[0])]
 
 
 def broadcast_to(a, shape):
