@@ -67,7 +67,7 @@ def _recurrence(ctx, kind, args, attrs):
             h0 = gc.transpose(ctx.node(h0), (1, 0, 2))
         if c0 is not None:
             c0 = gc.transpose(ctx.node(c0), (1, 0, 2))
-    t_len, batch = x.shape[0], x.shape[1]
+    t_len = x.shape[0]
     if isinstance(t_len, str):
         raise ctx.error("the sequence length must be concrete; specialize the model")
     mask = None
