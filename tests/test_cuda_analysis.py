@@ -116,7 +116,9 @@ def check_threads(threads, body, host, atomic, fixed=()):
 
 def check_program(cp):
     n = 0
-    for la in cp.launches:
+    # a fused time step runs its parts with the same block/thread decomposition
+    launches = [p for la in cp.launches for p in (la.parts or [la])]
+    for la in launches:
         m = la.mapping
         assert m is not None, la.name
         if "gemm" in m:

@@ -226,6 +226,16 @@ def test_training_step_kernels_compile_and_fit_resources(make):
     assert gemms and all(report[n].shared_bytes in (2 * 16 * 17 * 4, 2 * 16 * 65 * 4)
                          for n in gemms)
     assert all(report[n].barriers >= 1 for n in gemms)
+    from graphc.backends.cuda.codegen import TimeLoop
+    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
+    if make is _lstm_step:
+        # forward and BPTT loops: each step is one fused kernel (checked above by ptxas
+        # like the rest: no spills, registers and shared memory within limits)
+        assert {s.region.reverse for s in loops} == {False, True}
+        for s in loops:
+            (la,) = s.steps
+            assert la.parts and report[la.name].barriers >= 1
+            assert report[la.name].stack_bytes == 0, report[la.name].lines
 
 
 @needs_compiler

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from math import prod
 
+import numpy as np
+
 from ...ir.errors import NotLoweredError
 from ...kernel import ir as K
 from . import analysis as A
@@ -90,6 +92,8 @@ class Launch:
 
     def __init__(self, name, grid, block, params, sync, node, what):
         self.mapping = None
+        self.smem = 0          # static shared memory, bytes (an estimate for planning)
+        self.parts = None      # a fused time step: the launches it runs as device functions
         self.name, self.grid, self.block = name, tuple(grid), tuple(block)
         self.params = params   # [("buf", Buffer) | ("var", Var)]
         self.sync = sync       # uses __syncthreads (the emulator runs such blocks as fibers)
@@ -143,6 +147,9 @@ class Generator:
         self.chunks = [PRELUDE]
         self.launches: list = []
         self.extra_buffers: list = []   # privatized scratch (transform.py)
+        self.emitted: dict = {}         # kernel name -> (chunk index, signature, head, lines)
+        self.in_time_loop = False
+        self.parts: list = []           # launches fused into time-step kernels (fuse.py)
 
     def run(self):
         A.reset_keys()
@@ -157,9 +164,13 @@ class Generator:
                 stack[-1][1].append(tl)
                 stack.append((r, tl.steps))
             self.kidx, self.kern, self.node, self.part = k, kern, node, 0
+            self.in_time_loop = stack[-1][0] is not None
             stack[-1][1].extend(self.plan(kern.body, [], {}, frozenset(), top=True))
+        from .fuse import fuse_time_loops
+        fuse_time_loops(self, steps)
         cp = CudaProgram(self.prog, "\n".join(self.chunks), steps, self.launches)
         cp.extra_buffers = self.extra_buffers
+        cp.parts = self.parts
         return cp
 
     # ------------------------------------------------------------ planning
@@ -357,6 +368,8 @@ class Generator:
         return lines
 
     def _emit(self, name, sig, head, lines, launch_bounds):
+        # kept so a time step's kernels can be re-rendered as device functions (fuse.py)
+        self.emitted[name] = (len(self.chunks), sig, head, lines)
         text = head + [f'extern "C" __global__ void __launch_bounds__({launch_bounds}) '
                        f"{name}({', '.join(sig)}) {{"] + lines + ["}"]
         self.chunks.append("\n".join(text) + "\n")
@@ -393,6 +406,8 @@ class Generator:
     # ------------------------------------------------------------ block kernels
     def block_kernel(self, chain, body, blk, host):
         nblocks = prod(l.extent for l in chain) if chain else 1
+        if self.in_time_loop:    # a fused time step runs every part with THREADS threads
+            blk.threads = THREADS
         threads = blk.threads
         what = (f"block per ({', '.join(l.var.name for l in chain)}) of {nblocks}, "
                 f"{threads} threads" if chain else f"one block of {threads} threads")
@@ -409,6 +424,8 @@ class Generator:
         self._emit(name, sig, head, lines, threads)
         la = Launch(name, (nblocks, 1, 1), (threads, 1, 1), params, bool(blk.needs_sync),
                     self.node, what)
+        la.smem = sum(threads * np.dtype(r[0].dtype).itemsize for r in
+                      {str(r[0].dtype): r for r in blk.reductions}.values())
         la.mapping = dict(blocks=list(chain), body=list(body), host=list(host),
                           inner=[(s, info) for s, (kind, info) in zip(body, blk.kinds)
                                  if kind == "distribute"])
@@ -488,6 +505,7 @@ class Generator:
             raise NotLoweredError(f"cuda backend: a GEMM with {g.M} rows needs more than "
                                   f"{MAX_GRID_YZ} row tiles (gridDim.y limit)")
         la = Launch(name, grid, (TILE, TILE, 1), params, True, self.node, what)
+        la.smem = 2 * TILE * ((BIG if big else TILE) + 1) * np.dtype(g.c[0].dtype).itemsize
         rids = {id(l) for l in reduce}
         la.mapping = dict(batch=[l for l in batch if id(l) not in rids], gemm=g, host=list(host),
                           reduce=list(reduce))
