@@ -205,10 +205,21 @@ def _lstm_step():
     return [x, y], [loss] + list(opt.updates(loss).values())
 
 
+def _gru_step():
+    from graphc import nn, optim
+    rng = np.random.default_rng(1)
+    gru, head = nn.GRU(5, 13, num_layers=2, rng=rng), nn.Linear(13, 3, rng=rng)
+    x, y = gc.input("x", (7, 3, 5)), gc.input("y", (3,), dtype="int64")
+    h = gru(x)[0]
+    loss = gc.cross_entropy(head(h[-1]), y)
+    opt = optim.SGD(list(gru.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
+    return [x, y], [loss] + list(opt.updates(loss).values())
+
+
 @needs_compiler
 @needs_ptxas
-@pytest.mark.parametrize("make", [_mlp_step, _lenet_step, _lstm_step],
-                         ids=["mlp", "lenet5", "lstm"])
+@pytest.mark.parametrize("make", [_mlp_step, _lenet_step, _lstm_step, _gru_step],
+                         ids=["mlp", "lenet5", "lstm", "gru2"])
 def test_training_step_kernels_compile_and_fit_resources(make):
     ins, outs = make()
     cp = gen(ins, outs)
@@ -228,7 +239,7 @@ def test_training_step_kernels_compile_and_fit_resources(make):
     assert all(report[n].barriers >= 1 for n in gemms)
     from graphc.backends.cuda.codegen import TimeLoop
     loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
-    if make is _lstm_step:
+    if make in (_lstm_step, _gru_step):
         # forward and BPTT loops: each step is one fused kernel (checked above by ptxas
         # like the rest: no spills, registers and shared memory within limits)
         assert {s.region.reverse for s in loops} == {False, True}

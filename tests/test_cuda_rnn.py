@@ -143,3 +143,24 @@ def test_large_steps_fall_back_to_separate_launches(monkeypatch):
     for tl in time_loops(cp):
         assert launches_per_step(tl) > 1 and all(
             isinstance(s, HostLoop) or s.parts is None for s in tl.steps)
+
+
+def test_stacked_bidirectional_lstm_with_lengths():
+    """Two layers, both directions (forward loops run reversed too), variable lengths."""
+    layer = nn.LSTM(3, 5, num_layers=2, bidirectional=True, rng=np.random.default_rng(3))
+    x = gc.input("x", (4, 3, 3))
+    lengths = gc.input("lengths", (3,), dtype="int64")
+    y, (h, c) = layer(x, lengths=lengths)
+    loss = gc.sum(y * y) + gc.sum(h * c)
+    outs = [y, h, c, loss] + gc.grad(loss, [x] + list(layer.parameters()))
+    v = np.random.default_rng(5).standard_normal((4, 3, 3)).astype(np.float32)
+    ln = np.array([4, 1, 3])
+    f = gc.compile([x, lengths], outs, backend="cuda")
+    got = f(v, ln)
+    want = gc.compile([x, lengths], outs, backend="numpy")(v, ln)
+    for k, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=f"output {k}")
+    assert np.all(got[0][1:, 1] == 0)            # past the second sequence's end
+    loops = time_loops(next(iter(f._cache.values())).cprog)
+    assert len(loops) == 8 and sum(tl.region.reverse for tl in loops) == 4
+    assert all(launches_per_step(tl) == 1 for tl in loops)

@@ -32,8 +32,9 @@ from __future__ import annotations
 from .cexpr import ctype
 from .codegen import THREADS, HostLoop, Launch, TimeLoop
 
-MAX_ROUNDS = 4096          # sum over parts of the virtual blocks one real block works through
+MAX_ROUNDS = 256           # sum over parts of the virtual blocks one real block works through
 MAX_SMEM = 40 * 1024       # static shared memory of all parts together (48 KiB limit)
+MAX_PARAMS = 400           # kernel parameters (pointers; CUDA's limit is 4 KiB of them)
 
 
 def fuse_time_loops(gen, steps):
@@ -91,6 +92,8 @@ def fuse_step(gen, tl):
                     bufs.append(obj)
                 if not decl.startswith("const "):
                     written.add(id(obj))
+    if len(bufs) > MAX_PARAMS:
+        return None
     pname = {id(b): f"p{k}" for k, b in enumerate(bufs)}
     hname = {}
 
@@ -145,8 +148,7 @@ def _emit_steps(steps, lines, pname, hname, depth):
         bx, by, bz = s.block
         nb, nt = gx * gy * gz, bx * by * bz
         args = ", ".join(pname[id(o)] if k == "buf" else hname[id(o)] for k, o in s.params)
-        vb = f"{{gc_b % {gx}u, gc_b / {gx}u % {gy}u, gc_b / {gx * gy}u}}"
-        vt = f"{{gc_t % {bx}u, gc_t / {bx}u % {by}u, gc_t / {bx * by}u}}"
+        vb, vt = _coords("gc_b", gx, gy, gz), _coords("gc_t", bx, by, bz)
         vd = f"{{{bx}u, {by}u, {bz}u}}"
         lines.append(f"{pad}// {s.name}: {s.what}")
         if nb == 0:
@@ -163,3 +165,16 @@ def _emit_steps(steps, lines, pname, hname, depth):
                       f"{pad}  {s.name}({vb}, {vt}, {vd}, {args});",
                       f"{pad}}}",
                       f"{pad}__syncthreads();"]
+
+
+def _coords(v, nx, ny, nz):
+    """{x, y, z} of the linear index v in an nx x ny x nz box (x fastest), folded
+    where an extent is 1."""
+    x = "0u" if nx == 1 else (v if ny == nz == 1 else f"{v} % {nx}u")
+    if ny == 1:
+        y = "0u"
+    else:
+        y = v if nx == 1 else f"{v} / {nx}u"
+        y = y if nz == 1 else f"{y} % {ny}u"
+    z = "0u" if nz == 1 else (v if nx * ny == 1 else f"{v} / {nx * ny}u")
+    return f"{{{x}, {y}, {z}}}"
