@@ -22,7 +22,9 @@ barrier, which the IR's "zero-fill, then accumulate" kernels need):
 
 The plan is a list of `Launch`, `HostLoop` and `TimeLoop` (a `scan`'s loop
 region: its kernels run once per time step, with per-step view buffers moved
-by the runtime) steps that a runtime (driver or emulator) executes.
+by the runtime) steps that a runtime (driver or emulator) executes.  fuse.py
+then turns each time loop's kernels into one single-block step kernel, so a
+recurrence makes one launch per time step.
 """
 from __future__ import annotations
 
