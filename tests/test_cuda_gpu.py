@@ -91,3 +91,24 @@ def test_lenet_training_steps_on_gpu_match_numpy_and_keep_parameters_on_device()
     runner = next(iter(step.function._cache.values()))
     n_params = sum(1 for _, src in runner.prog.externals if src[0] == "param")
     assert runner.uploads == n_params      # uploaded on the first step only
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_recurrent_layers_with_fused_time_steps_on_gpu(cell):
+    """One fused step kernel per time step (fuse.py), forward and BPTT, for real."""
+    from graphc import nn
+    from graphc.backends.cuda.codegen import TimeLoop
+    layer = getattr(nn, cell)(6, 13, num_layers=2, rng=np.random.default_rng(0))
+    x = gc.input("x", (9, 5, 6))
+    y = layer(x)[0]
+    loss = gc.sum(y * y)
+    outs = [y, loss] + gc.grad(loss, [x] + list(layer.parameters()))
+    v = RNG.standard_normal((9, 5, 6)).astype(np.float32)
+    f = gc.compile([x], outs, backend="cuda")
+    got = f(v)
+    want = gc.compile([x], outs, backend="numpy")(v)
+    for k, (g, w) in enumerate(zip(got, want)):   # FMA contraction on the GPU: tolerances
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"output {k}")
+    cp = next(iter(f._cache.values())).cprog
+    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
+    assert len(loops) == 4 and all(len(s.steps) == 1 and s.steps[0].parts for s in loops)
