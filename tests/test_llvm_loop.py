@@ -252,6 +252,83 @@ def test_threads_share_the_gemms_inside_the_loop(monkeypatch):
     assert shared_in_loops
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_loop_invariant_weight_packed_once_per_call_sees_in_place_updates(monkeypatch,
+                                                                         threads):
+    """The recurrent weight's GEMM panels are packed once per loop run (gemm.py,
+    loops.mark_prepacked): an in-place change of the weight between calls, and a
+    different weight array, must be seen by the next call; a B that changes inside
+    the loop (the carry in h @ M_t) is never reused."""
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    from graphc.backends.llvm import gemm
+    rng = np.random.default_rng(12)
+    Tn, B, Hn = 4, 8, 64
+    W = gc.Parameter(rng.standard_normal((Hn, Hn)).astype(np.float32) * 0.1, name="W")
+    x = gc.input("x", (Tn, B, Hn))
+    h0 = gc.input("h0", (B, Hn))
+
+    def step(h, x_t):
+        h2 = gc.tanh(h @ W + x_t)
+        return h2, h2
+    hT, ys = gc.scan(step, h0, x)
+    f = gc.compile([x, h0], [ys], backend="llvm")
+
+    def ref(xv, hv, wv):
+        out = []
+        for t in range(Tn):
+            hv = np.tanh(hv.astype(np.float64) @ wv + xv[t])
+            out.append(hv)
+        return np.stack(out)
+    xv = rng.standard_normal((Tn, B, Hn)).astype(np.float32)
+    hv = rng.standard_normal((B, Hn)).astype(np.float32)
+    for k in range(3):
+        np.testing.assert_allclose(f(xv, hv)[0], ref(xv, hv, W.value), rtol=1e-4, atol=1e-5)
+        if k == 0:
+            assert gemm._PREPACK       # the step's GEMM reads W's panels packed once
+        W.value[...] = rng.standard_normal((Hn, Hn)).astype(np.float32) * 0.1   # in place
+    W.set_value(rng.standard_normal((Hn, Hn)).astype(np.float32) * 0.1)
+    np.testing.assert_allclose(f(xv, hv)[0], ref(xv, hv, W.value), rtol=1e-4, atol=1e-5)
+
+    # B carried (changes every step): M_{t+1} = M_t @ A_t, y_t = M_t; not prepacked.
+    m0 = gc.input("m0", (B, B * 4))
+    a = gc.input("a", (Tn, B * 4, B * 4))
+
+    def step2(m, a_t):
+        m2 = (m @ a_t) * 0.5
+        return m2, m2 @ gc.transpose(m2)
+    _, zs = gc.scan(step2, m0, a)
+    g = gc.compile([m0, a], [zs], backend="llvm")
+    mv = rng.standard_normal((B, B * 4)).astype(np.float32)
+    av = rng.standard_normal((Tn, B * 4, B * 4)).astype(np.float32)
+    want, cur = [], mv.astype(np.float64)
+    for t in range(Tn):
+        cur = cur @ av[t] * 0.5
+        want.append(cur @ cur.T)
+    np.testing.assert_allclose(g(mv, av)[0], np.stack(want), rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_fast_call_path_takes_fresh_and_strided_arrays():
+    """Runner's fast path copies small inputs into staging arrays: new array objects,
+    non-contiguous views and changed values each call must all be seen."""
+    m = LSTM(4, 6, rng=3)
+    x = gc.input("x", (2, 4))
+    h = gc.input("h", (1, 2, 6))
+    c = gc.input("c", (1, 2, 6))
+    y, (h2, c2) = m.step(x, (h, c))
+    f = gc.compile([x, h, c], [y, h2, c2], backend="llvm")
+    ref = gc.compile([x, h, c], [y, h2, c2])
+    rng = np.random.default_rng(5)
+    hv = np.zeros((1, 2, 6), np.float32)
+    cv = np.zeros((1, 2, 6), np.float32)
+    for k in range(4):
+        big = rng.standard_normal((2, 8)).astype(np.float32)
+        xv = big[:, ::2] if k % 2 else np.ascontiguousarray(big[:, :4])
+        got = f(xv, hv, cv)
+        want = ref(np.ascontiguousarray(xv), hv, cv)
+        _close(want, got)
+        _, hv, cv = got
+
+
 # ------------------------------------------------------------------ graph size
 def test_lstm_graph_node_count_is_independent_of_T():
     from graphc.ir.graph import Graph

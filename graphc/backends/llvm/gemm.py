@@ -111,7 +111,47 @@ def emit_gemm(em, g):
     args += [c(g.M), n_cols, c(g.K)]
     args.append(ir.Constant(ir.IntType(1), int(g.accumulate)))
     args.append(wsp)
+    i1 = ir.IntType(1)
+    mark = _PREPACK.get(id(g))
+    if mark is not None and mark[0] is g and em.depth == 0:
+        # B is loop-invariant (see mark_prepacked): pack it once per loop run into this
+        # site's persistent panels; the tag (B's address and band width per thread) says
+        # whether the panels hold it.  Loop starts clear the tags (loops.py).
+        nr_cols = -(-g.N // nr) * nr
+        per = nr_cols * g.K
+        nth = em.mb.nthreads
+        k = len(getattr(em.mb, "prepack_tags", ()))
+        if not hasattr(em.mb, "prepack_tags"):
+            em.mb.prepack_tags = []
+        ft = reg_type(dtype)
+        pk = ir.GlobalVariable(em.mb.module, ir.ArrayType(ft, per * nth),
+                               name=f"graphc_bpk{k}")
+        pk.linkage = "internal"
+        pk.initializer = ir.Constant(ir.ArrayType(ft, per * nth), None)
+        pk.align = 64
+        tag = ir.GlobalVariable(em.mb.module, ir.ArrayType(I64, 8 * nth), name=f"graphc_btag{k}")
+        tag.linkage = "internal"
+        tag.initializer = ir.Constant(ir.ArrayType(I64, 8 * nth), None)
+        tag.align = 64
+        em.mb.prepack_tags.append(tag)
+        bptr = b.ptrtoint(b.gep(em.ptr[id(g.b[0])], [offs[1]], source_etype=ft), I64)
+        t0 = b.gep(tag, [c(0), b.mul(em.tid, c(8))], inbounds=True)
+        t1 = b.gep(tag, [c(0), b.add(b.mul(em.tid, c(8)), c(1))], inbounds=True)
+        same = b.and_(b.icmp_unsigned("==", b.load(t0, typ=I64), bptr),
+                      b.icmp_unsigned("==", b.load(t1, typ=I64), n_cols))
+        b.store(bptr, t0)
+        b.store(n_cols, t1)
+        args.append(b.gep(pk, [c(0), b.mul(em.tid, c(per))], inbounds=True))
+        args += [ir.Constant(i1, 1), b.not_(same)]
+    else:
+        args += [wsp, ir.Constant(i1, 0), ir.Constant(i1, 1)]
     b.call(fn, args)
+
+
+# Gemm statements whose B operand does not change while their loop runs: id -> (gemm,).
+# Filled by loops.mark_prepacked just before the kernels are emitted (the Gemm object
+# is held so its id cannot be reused by another while the entry exists).
+_PREPACK = {}
 
 
 def gemm_function(mb, dtype):
@@ -157,7 +197,9 @@ class GemmEmitter:
     def build(self):
         mb = self.mb
         fnty = ir.FunctionType(ir.VoidType(), [PTR, I64, I64, I64] * 3 + [I64] * 3 +
-                               [ir.IntType(1), reg_type(self.dtype).as_pointer()])
+                               [ir.IntType(1), reg_type(self.dtype).as_pointer()] +
+                               [reg_type(self.dtype).as_pointer(), ir.IntType(1),
+                                ir.IntType(1)])
         fn = ir.Function(mb.module, fnty, name=f"graphc_gemm_{self.dtype.name}")
         fn.linkage = "internal"
         fn.attributes.add("noinline")
@@ -168,16 +210,24 @@ class GemmEmitter:
         entry = fn.append_basic_block("entry")
         self.b = b = ir.IRBuilder(entry)
         (self.A, self.Ab, self.ars, self.acs, self.B, self.Bb, self.brs, self.bcs,
-         self.C, self.Cb, self.crs, self.ccs, M, N, K, accumulate, ws) = fn.args
-        # The caller's workspace slice (a typed float*: see vload/vstore).
+         self.C, self.Cb, self.crs, self.ccs, M, N, K, accumulate, ws, bpk, use_pk,
+         do_pack) = fn.args
+        # The caller's workspace slice (a typed float*: see vload/vstore).  With use_pk,
+        # B's panels live in bpk instead (all of B, block (jc, pc) at jc*K + pc*nb_r),
+        # packed by this call only when do_pack (a loop-invariant B packed once).
         self.Ap = ws
-        self.Bp = b.gep(ws, [self.c64(self.mc * self.kc)], inbounds=True)
+        bp_ws = b.gep(ws, [self.c64(self.mc * self.kc)], inbounds=True)
         self.tile = b.alloca(ir.ArrayType(self.ft, self.MR * self.NR))
         with counted_loop(b, fn, 0, N, self.nc, "jc") as jc:
             with counted_loop(b, fn, 0, K, self.kc, "pc") as pc:
                 nb = b.sub(self.imin(N, b.add(jc, self.c64(self.nc))), jc)
                 kb = b.sub(self.imin(K, b.add(pc, self.c64(self.kc))), pc)
-                self.pack_b(jc, pc, nb, kb)
+                nb_r = b.mul(b.sdiv(b.add(nb, self.c64(self.NR - 1)), self.c64(self.NR)),
+                             self.c64(self.NR))
+                bp_pk = b.gep(bpk, [b.add(b.mul(jc, K), b.mul(pc, nb_r))], inbounds=True)
+                self.Bp = b.select(use_pk, bp_pk, bp_ws)
+                with b.if_then(b.or_(b.not_(use_pk), do_pack)):
+                    self.pack_b(jc, pc, nb, kb)
                 first = b.icmp_signed("==", pc, self.c64(0))
                 overwrite = b.and_(first, b.not_(accumulate))
                 with counted_loop(b, fn, 0, M, self.mc, "ic") as ic:

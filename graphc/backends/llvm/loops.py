@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from ...kernel import ir as K
 from .codegen import I64, PTR
 
 
 def loop_calls(prog, slot_of, offsets, n_ext) -> list:
     """Per kernel, per buffer: (table slot, byte offset, ((loop index, bytes per t), ...))."""
     views = prog.views
+    mark_prepacked(prog)
 
     def place(b):
         steps = []
@@ -36,6 +38,70 @@ def loop_calls(prog, slot_of, offsets, n_ext) -> list:
             return slot_of[id(b)], off, tuple(steps)
         return n_ext, offsets[id(b)] + off, tuple(steps)
     return [[place(b) for b in kern.buffers] for kern in prog.kernels]
+
+
+def _written(body, out):
+    for s in body:
+        if isinstance(s, K.Store):
+            out.add(id(s.buf))
+        elif isinstance(s, K.Gemm):
+            out.add(id(s.c[0]))
+        elif isinstance(s, (K.Loop, K.If)):
+            _written(s.body, out)
+    return out
+
+
+def mark_prepacked(prog):
+    """Mark the top-level GEMMs inside loops whose B operand no kernel of the loop writes
+    (a recurrent weight): gemm.py packs such a B once per loop run instead of every step.
+
+    Kernels with the same structure share one function (runtime._structure_key), so a
+    GEMM is marked only if every kernel of its structure is such a loop GEMM; its panels
+    are tagged with B's address, and every loop start clears the tags."""
+    from .gemm import _PREPACK
+    from .runtime import _structure_key
+    _PREPACK.clear()
+    views = prog.views
+
+    def root(b):
+        while id(b) in views:
+            b = views[id(b)].parent
+        return id(b)
+    inner = {}          # kernel index -> its innermost loop region
+    for r in prog.loops:
+        for k in range(r.start, r.end):
+            if k not in inner or inner[k].end - inner[k].start > r.end - r.start:
+                inner[k] = r
+    written = {}
+    ok, groups = {}, {}
+    for k, kern in enumerate(prog.kernels):
+        if not kern.body:
+            continue
+        gemms = [s for s in kern.body if isinstance(s, K.Gemm)]
+        if not gemms:
+            continue
+        key = _structure_key(kern)
+        groups.setdefault(key, []).append(k)
+        r = inner.get(k)
+        good = []
+        if r is not None:
+            if r.index not in written:
+                w = set()
+                for kk in range(r.start, r.end):
+                    _written(prog.kernels[kk].body, w)
+                written[r.index] = {root(b) for kk in range(r.start, r.end)
+                                    for b in prog.kernels[kk].buffers if id(b) in w}
+            for g in gemms:
+                bb = g.b[0]
+                if id(bb) not in views and root(bb) not in written[r.index] \
+                        and g.b[0] is not g.c[0] and g.b[0] is not g.a[0]:
+                    good.append(g)
+        ok[k] = (len(good) == len(gemms), good)
+    for key, ks in groups.items():
+        if all(ok[k][0] for k in ks):
+            for k in ks:
+                for g in ok[k][1]:
+                    _PREPACK[id(g)] = (g,)
 
 
 def loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog):
@@ -112,6 +178,9 @@ def loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog):
         if shared and state["dirty"]:
             b.call(barrier, [bar, nt])
             state["dirty"] = False
+        for tag in getattr(mb, "prepack_tags", ()):
+            # Loop-invariant B panels (gemm.py) are repacked in each run of a loop.
+            b.store(c(0), b.gep(tag, [c(0), b.mul(tid, c(8))], inbounds=True))
         pre = b.block
         head = fn.append_basic_block(f"loop{r.index}.head")
         body = fn.append_basic_block(f"loop{r.index}.body")
