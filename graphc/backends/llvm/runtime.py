@@ -363,7 +363,7 @@ class Runner:
                         break
                     fast.append((slot, pos, buf.dtype, buf.size, np.empty(buf.size, buf.dtype),
                                  {}))
-                if not ok:
+                if not ok or not fast:   # (no inputs: nothing to stage)
                     fast.clear()
                     fast.append(None)
                 self._fast_live = False
