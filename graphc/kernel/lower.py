@@ -18,6 +18,7 @@ from . import ir as K
 from .ir import (BOOL, INDEX, Assign, BinOp, Buffer, Cast, Const, Gemm, If, Kernel, Load, Local,
                  Loop, Select, Store, UnOp, Var, affine, contiguous_strides, idx)
 from .scalar import SCALAR, nan_max, nan_min, scalar_expr
+from .schedule import collapse_loops
 
 LOWER: dict = {}
 
@@ -74,6 +75,7 @@ class Lowerer:
 
     def emit(self, node, kernels):
         for k in kernels:
+            k.body = collapse_loops(k.body)   # long contiguous inner loops (schedule.py)
             self.prog.kernels.append(k)
             self.prog.kernel_nodes.append(node)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from math import prod
 
+import numpy as np
+
 from ..ir import dtypes as dt
 from . import ir as K
 from .ir import (BOOL, INDEX, Assign, BinOp, Cast, Const, Gemm, Kernel, Load, Local, Loop, Select,
@@ -294,11 +296,120 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=N
                     lambda out_pos, wv: finish(out_pos, best, bpos, wv), zero_buf)
 
 
+def _tiles(x_shape, out_hw, attrs, dil) -> bool:
+    """Windows tile the input exactly: no padding, stride == kernel, no dilation,
+    OH*kh == H and OW*kw == W (a 2x2/stride-2 pool of an even image), at most
+    16 elements per window (the window loops are unrolled)."""
+    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    H, W = x_shape[2:]
+    return ((kh, kw) == (sh, sw) and ph == pw == 0 and tuple(dil) == (1, 1) and kh * kw <= 16
+            and out_hw[0] * kh == H and out_hw[1] * kw == W)
+
+
+def _better(v, best):
+    """v replaces best: strictly greater, or the first NaN (NumPy's max propagates NaN)."""
+    return BinOp("or", BinOp("gt", v, best),
+                 BinOp("and", UnOp("isnan", v), UnOp("not", UnOp("isnan", best))))
+
+
+def _tiled_pool_rows(lw, X, x_shape, out_hw, attrs, nc, with_pos):
+    """Phase 1 of a tiled max pool, per plane nc: the best of each row segment of kw
+    elements, hb[t] for t = y*OW + j (input row y, window column j), and with_pos
+    the index l of its first maximum in hl[t].  Since W == OW*kw the segment's
+    elements are x[plane + kw*t + l]: one long loop over the plane with loads of
+    stride kw (vectorized as wide loads and shuffles, not per-row gathers)."""
+    H, W = x_shape[2:]
+    OW = out_hw[1]
+    kw = attrs["kernel_size"][1]
+    hb = lw.new_buffer(X.dtype, H * OW, hint="prow", scope="thread")
+    hl = lw.new_buffer(np.dtype("int32"), H * OW, hint="pcol", scope="thread") if with_pos else None
+    t = Var("t")
+    best, bl = Local(X.dtype, "best"), Local(np.dtype("int32"), "bl")
+    stmts = [Assign(best, Load(X, affine([nc, t], [H * W, kw])))]
+    if with_pos:
+        stmts.append(Assign(bl, Const(0, "int32")))
+    for l in range(1, kw):
+        v = Load(X, affine([nc, t], [H * W, kw], l))
+        take = _better(v, best)
+        if with_pos:
+            stmts.append(Assign(bl, Select(take, Const(l, "int32"), bl)))
+        stmts.append(Assign(best, Select(take, v, best)))
+    stmts.append(Store(hb, t, best))
+    if with_pos:
+        stmts.append(Store(hl, t, bl))
+    return hb, hl, [Loop(t, H * OW, stmts, "vector")]
+
+
+def _tiled_pool_cols(hb, out_hw, kh, dtype, finish, with_k):
+    """Phase 2: per window (i, j) the best over its kh row segments
+    hb[(i*kh + k)*OW + j] (first maximum kept); finish(i, j, best, bk) -> stores."""
+    OH, OW = out_hw
+    i, j = Var("i"), Var("j")
+    best, bk = Local(dtype, "wbest"), Local(np.dtype("int32"), "bk")
+    stmts = [Assign(best, Load(hb, affine([i, j], [kh * OW, 1])))]
+    if with_k:
+        stmts.append(Assign(bk, Const(0, "int32")))
+    for k in range(1, kh):
+        v = Load(hb, affine([i, j], [kh * OW, 1], k * OW))
+        take = _better(v, best)
+        if with_k:
+            stmts.append(Assign(bk, Select(take, Const(k, "int32"), bk)))
+        stmts.append(Assign(best, Select(take, v, best)))
+    # j outside i: LLVM fully unrolls the short inner loop and then vectorizes the
+    # outer one, so the loop left is the one over contiguous columns (rows as the
+    # outer loop got unrolled columns and a vectorized row loop of gathers).
+    return [Loop(j, OW, [Loop(i, OH, stmts + finish(i, j, best, bk))], "vector")]
+
+
+def _lower_tiled_max_pool(lw, n, X, Y):
+    x_shape = _shape(n.inputs[0])
+    N, C, H, W = x_shape
+    ohw = tuple(_shape(n)[2:])
+    OH, OW = ohw
+    nc = Var("nc")
+    hb, _, p1 = _tiled_pool_rows(lw, X, x_shape, ohw, n.attrs, nc, False)
+    p2 = _tiled_pool_cols(hb, ohw, n.attrs["kernel_size"][0], X.dtype, lambda i, j, best, bk: [
+        Store(Y, affine([nc, i, j], [OH * OW, OW, 1]), best)], False)
+    return [Kernel("max_pool2d", [Y, X, hb], [Loop(nc, N * C, p1 + p2, "parallel")],
+                   flops=prod(_shape(n)) * prod(n.attrs["kernel_size"]))]
+
+
+def _lower_tiled_max_pool_grad(lw, n, X, Gb, DX):
+    """dx for windows that tile x: phase 1 and 2 as in the forward; phase 2 also
+    writes, per row segment, g of its window where the window's maximum lies in
+    that segment and 0 elsewhere (gk[t]); phase 3 writes every element of the plane
+    in one long loop: dx[plane + kw*t + l] = gk[t] if l is the segment's maximum."""
+    x_shape = _shape(n.inputs[0])
+    N, C, H, W = x_shape
+    ohw = tuple(_shape(n.inputs[1])[2:])
+    OH, OW = ohw
+    kh, kw = n.attrs["kernel_size"]
+    nc = Var("nc")
+    hb, hl, p1 = _tiled_pool_rows(lw, X, x_shape, ohw, n.attrs, nc, True)
+    gk = lw.new_buffer(DX.dtype, H * OW, hint="pgrad", scope="thread")
+    zero = Const(0, DX.dtype)
+
+    def finish(i, j, best, bk):
+        g = Load(Gb, affine([nc, i, j], [OH * OW, OW, 1]))
+        return [Store(gk, affine([i, j], [kh * OW, 1], k * OW),
+                      Select(BinOp("eq", bk, Const(k, "int32")), g, zero)) for k in range(kh)]
+    p2 = _tiled_pool_cols(hb, ohw, kh, X.dtype, finish, True)
+    t = Var("t")
+    p3 = [Loop(t, H * OW, [
+        Store(DX, affine([nc, t], [H * W, kw], l),
+              Select(BinOp("eq", Load(hl, t), Const(l, "int32")), Load(gk, t), zero))
+        for l in range(kw)], "vector")]
+    return [Kernel("max_pool2d_grad", [DX, X, Gb, hb, hl, gk],
+                   [Loop(nc, N * C, p1 + p2 + p3, "parallel")], flops=prod(x_shape))]
+
+
 @rule("max_pool2d")
 def lower_max_pool2d(lw, n):
     x = n.inputs[0]
     X, Y = lw.buf(x), lw.buf(n)
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
+    if _tiles(_shape(x), ohw, n.attrs, dil):
+        return _lower_tiled_max_pool(lw, n, X, Y)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
                           lambda op, best, bpos, wv: [Store(Y, op, best)])
     return [Kernel("max_pool2d", [Y, X], body, flops=prod(_shape(n)) * prod(n.attrs["kernel_size"]))]
@@ -312,6 +423,8 @@ def lower_max_pool2d_grad(lw, n):
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     xs = _shape(x)
     (kh, kw), (sh, sw) = n.attrs["kernel_size"], n.attrs["stride"]
+    if _tiles(xs, ohw, n.attrs, dil):
+        return _lower_tiled_max_pool_grad(lw, n, X, Gb, DX)
     if _inside(xs, ohw, n.attrs, dil) and (sh, sw) == (kh, kw) and dil == (1, 1):
         # Windows tile the input without overlap: each window writes its own block
         # (g at the argmax, 0 elsewhere); no scatter-add, zero-fill only the uncovered rim.

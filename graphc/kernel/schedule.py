@@ -40,8 +40,10 @@ def substitute(node, var, expr):
     if isinstance(node, K.Load):
         return K.Load(node.buf, substitute(node.index, var, expr))
     if isinstance(node, BinOp):
-        return BinOp(node.op, substitute(node.a, var, expr), substitute(node.b, var, expr),
-                     node.reassoc)
+        a, b = substitute(node.a, var, expr), substitute(node.b, var, expr)
+        if node.dtype == K.INDEX and node.op in ("add", "mul"):
+            return (K.add if node.op == "add" else K.mul)(a, b)   # folds 0 and 1
+        return BinOp(node.op, a, b, node.reassoc)
     if isinstance(node, K.UnOp):
         return K.UnOp(node.op, substitute(node.a, var, expr))
     if isinstance(node, K.Select):
@@ -130,3 +132,106 @@ def _tag(kind):
 vectorize = _tag("vector")
 parallelize = _tag("parallel")
 unroll = _tag("unroll")
+
+
+# ------------------------------------------------------------------ loop collapsing
+class _NotAffine(Exception):
+    pass
+
+
+def _mentions(e, vs) -> bool:
+    if isinstance(e, Var):
+        return e in vs
+    if isinstance(e, K.Load):
+        return _mentions(e.index, vs)
+    if isinstance(e, BinOp):
+        return _mentions(e.a, vs) or _mentions(e.b, vs)
+    if isinstance(e, K.UnOp):
+        return _mentions(e.a, vs)
+    if isinstance(e, K.Select):
+        return any(_mentions(x, vs) for x in (e.cond, e.a, e.b))
+    if isinstance(e, K.Cast):
+        return _mentions(e.a, vs)
+    return False
+
+
+def _coefs(e, a, b):
+    """(coefficient of a, coefficient of b) in the integer expression e, where e is
+    affine in a and b (other terms are free of both); _NotAffine otherwise."""
+    if isinstance(e, Var):
+        return (int(e is a), int(e is b))
+    if not _mentions(e, (a, b)):
+        return (0, 0)
+    if isinstance(e, BinOp) and e.op in ("add", "sub"):
+        (x0, x1), (y0, y1) = _coefs(e.a, a, b), _coefs(e.b, a, b)
+        s = 1 if e.op == "add" else -1
+        return (x0 + s * y0, x1 + s * y1)
+    if isinstance(e, BinOp) and e.op == "mul":
+        for c, x in ((e.a, e.b), (e.b, e.a)):
+            if isinstance(c, K.Const):
+                x0, x1 = _coefs(x, a, b)
+                return (x0 * int(c.value), x1 * int(c.value))
+    raise _NotAffine
+
+
+def _check_collapse(node, a, b, extent_b):
+    """Raise _NotAffine unless a and b occur only in buffer indices of the form
+    c*(a*extent_b + b) + (terms free of a and b)."""
+    if isinstance(node, list):
+        for s in node:
+            _check_collapse(s, a, b, extent_b)
+    elif isinstance(node, (K.Load, K.Store)):
+        ca, cb = _coefs(node.index, a, b)
+        if ca != cb * extent_b:
+            raise _NotAffine
+        if isinstance(node, K.Store):
+            _check_collapse(node.value, a, b, extent_b)
+    elif isinstance(node, BinOp):
+        _check_collapse(node.a, a, b, extent_b)
+        _check_collapse(node.b, a, b, extent_b)
+    elif isinstance(node, K.UnOp):
+        _check_collapse(node.a, a, b, extent_b)
+    elif isinstance(node, K.Select):
+        for x in (node.cond, node.a, node.b):
+            _check_collapse(x, a, b, extent_b)
+    elif isinstance(node, K.Cast):
+        _check_collapse(node.a, a, b, extent_b)
+    elif isinstance(node, Var):
+        if node is a or node is b:
+            raise _NotAffine      # used as a value, not in an index
+    elif isinstance(node, K.Assign):
+        _check_collapse(node.value, a, b, extent_b)
+    elif isinstance(node, Loop):
+        _check_collapse(node.body, a, b, extent_b)
+    elif isinstance(node, (K.Const, K.Local)):
+        pass
+    else:                         # If, Gemm, anything else: leave the nest alone
+        raise _NotAffine
+
+
+def collapse_loops(body) -> list:
+    """Merge perfectly nested serial/vector loop pairs `for a: for b: S` into one
+    loop over t = a*extent_b + b when a and b appear only in buffer indices, always
+    as c*(a*extent_b + b) (contiguous across the pair): a row loop of 28 and its
+    column loop become one loop of 784, so the vectorizer sees one long trip count
+    instead of a 16-lane body and a 12-element remainder per row.  Iteration order
+    is unchanged, so results (reductions included) are identical.  Returns the new
+    statement list (loops are rebuilt, statements otherwise shared)."""
+    out = []
+    for s in body:
+        if isinstance(s, Loop):
+            s = Loop(s.var, s.extent, collapse_loops(s.body), s.kind)
+            while (s.kind == "serial" and len(s.body) == 1 and isinstance(s.body[0], Loop)
+                   and s.body[0].kind in ("serial", "vector")):
+                inner = s.body[0]
+                try:
+                    _check_collapse(inner.body, s.var, inner.var, inner.extent)
+                except _NotAffine:
+                    break
+                t = Var(s.var.name + inner.var.name)
+                new_body = substitute(substitute(inner.body, s.var, K.idx(0)), inner.var, t)
+                s = Loop(t, s.extent * inner.extent, new_body, inner.kind)
+        elif isinstance(s, If):
+            s = If(s.cond, collapse_loops(s.body))
+        out.append(s)
+    return out
