@@ -50,6 +50,17 @@ __all__ = ["RNN", "LSTM", "GRU"]
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
 
+def _project(x, w, b):
+    """x @ w.T + b over a (T, N, in) sequence.  With concrete T and N it is one 2-D
+    product of (T*N, in) rows (a single large GEMM, forward and for the weight's
+    gradient) rather than a batch of T products."""
+    T, N, F = x.shape
+    if isinstance(T, int) and isinstance(N, int):
+        y = L.linear(S.reshape(x, (T * N, F)), w, b)
+        return S.reshape(y, (T, N, y.shape[-1]))
+    return L.linear(x, w, b)
+
+
 def _split_last(x, n):
     """Split the last axis into n equal parts."""
     size = x.shape[-1] // n
@@ -120,7 +131,7 @@ class _RNNBase(Module):
     def _run_direction(self, x, state0, k, d, lengths):
         w_ih, w_hh, b_ih, b_hh = self._weights(k, d)
         reverse = d == "_reverse"
-        xp = L.linear(x, w_ih, b_ih)  # hoisted: every time step in one matmul
+        xp = _project(x, w_ih, b_ih)  # hoisted: every time step in one matmul
         lstm = self.mode == "LSTM"
         if lengths is None:
             def step(state, xp_t):
