@@ -237,14 +237,14 @@ def test_training_step_kernels_compile_and_fit_resources(make):
     assert gemms and all(report[n].shared_bytes in (2 * 16 * 17 * 4, 2 * 16 * 65 * 4)
                          for n in gemms)
     assert all(report[n].barriers >= 1 for n in gemms)
-    from graphc.backends.cuda.codegen import TimeLoop
-    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
     if make in (_lstm_step, _gru_step):
-        # forward and BPTT loops: each step is one fused kernel (checked above by ptxas
-        # like the rest: no spills, registers and shared memory within limits)
-        assert {s.region.reverse for s in loops} == {False, True}
-        for s in loops:
-            (la,) = s.steps
+        # forward and BPTT loops: each whole loop is one fused kernel (checked above by
+        # ptxas like the rest: no spills, registers and shared memory within limits)
+        from graphc.backends.cuda.codegen import TimeLoop
+        assert not [s for s in cp.steps if isinstance(s, TimeLoop)]
+        seqs = [la for la in cp.steps if getattr(la, "time_loop", None) is not None]
+        assert {la.time_loop.reverse for la in seqs} == {False, True}
+        for la in seqs:
             assert la.parts and report[la.name].barriers >= 1
             assert report[la.name].stack_bytes == 0, report[la.name].lines
 
@@ -345,3 +345,23 @@ def test_every_kind_of_kernel_compiles_for_the_gpu():
     assert set(report) == {la.name for la in cp.launches}
     assert all(r.spill_stores == 0 for r in report.values())
     assert "atomicAdd(&" in cp.source and "gc_lshr(" in cp.source and "gc_wmul(" in cp.source
+
+
+@needs_compiler
+@needs_ptxas
+def test_per_step_fused_kernels_fit_resources(monkeypatch):
+    """The other fusion mode (one launch per time step, used where a loop's views do not
+    allow a whole-sequence kernel) also compiles without spills."""
+    from graphc.backends.cuda import fuse
+    from graphc.backends.cuda.codegen import TimeLoop
+    monkeypatch.setattr(fuse, "SEQUENCE_KERNELS", False)
+    ins, outs = _lstm_step()
+    cp = gen(ins, outs)
+    report = compiler.ptxas_report(compiler.compile_cuda(cp.source).ptx)
+    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
+    assert len(loops) == 2
+    for s in loops:
+        (la,) = s.steps
+        r = report[la.name]
+        assert la.parts and r.spill_stores == r.spill_loads == r.stack_bytes == 0, r.lines
+        assert 0 < r.registers <= MAX_REGS and r.shared_bytes <= MAX_SMEM_PER_BLOCK

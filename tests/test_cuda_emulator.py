@@ -585,7 +585,7 @@ def test_recurrent_layers_and_backprop_through_time(cell):
     want = gc.compile([x], outs, backend="numpy")(v)
     close(got, want, 2e-5, 2e-6)
     cp = next(iter(f._cache.values())).cprog
-    from graphc.backends.cuda.codegen import TimeLoop
-    loops = [s for s in cp.steps if isinstance(s, TimeLoop)]
-    assert len(loops) == 2 and {s.region.reverse for s in loops} == {False, True}
-    assert all(s.extent == 6 for s in loops)
+    # each time loop became one launch (fuse.py; tests/test_cuda_rnn.py covers more)
+    loops = [s.time_loop for s in cp.steps if isinstance(s, Launch) and s.time_loop]
+    assert len(loops) == 2 and {r.reverse for r in loops} == {False, True}
+    assert all(r.length == 6 for r in loops)

@@ -67,30 +67,42 @@ def build(cell, T, N, I, H, seed):
     return layer, x, [y, loss] + gc.grad(loss, [x] + list(layer.parameters()))
 
 
-def time_loops(cp):
+def count(steps):
+    return sum(s.extent * count(s.steps) if isinstance(s, (HostLoop, TimeLoop)) else 1
+               for s in steps)
+
+
+def recurrences(cp):
+    """(loop region, launches the whole loop makes, its fused launch or None) for every
+    time loop of the plan, whether it stayed a TimeLoop or became one launch."""
+    out = []
+
     def walk(steps):
         for s in steps:
-            if isinstance(s, TimeLoop):
-                yield s
-            if isinstance(s, (HostLoop, TimeLoop)):
-                yield from walk(s.steps)
-    return list(walk(cp.steps))
+            if isinstance(s, Launch) and s.time_loop is not None:
+                out.append((s.time_loop, 1, s))
+            elif isinstance(s, TimeLoop):
+                one = s.steps[0] if len(s.steps) == 1 and isinstance(s.steps[0], Launch) else None
+                out.append((s.region, s.extent * count(s.steps), one))
+                walk(s.steps)
+            elif isinstance(s, HostLoop):
+                walk(s.steps)
+    walk(cp.steps)
+    return out
 
 
-def launches_per_step(tl):
-    def n(steps):
-        return sum(s.extent * n(s.steps) if isinstance(s, HostLoop) else
-                   (s.extent * n(s.steps) if isinstance(s, TimeLoop) else 1) for s in steps)
-    return n(tl.steps)
+CASES = [("LSTM", 4, 1, 3, 1),      # hidden 1, batch 1
+         ("GRU", 4, 1, 3, 1),
+         ("LSTM", 5, 3, 2, 13),     # primes
+         ("GRU", 3, 2, 5, 7)]
 
 
-@pytest.mark.parametrize("cell,T,N,I,H", [
-    ("LSTM", 4, 1, 3, 1),      # hidden 1, batch 1
-    ("GRU", 4, 1, 3, 1),
-    ("LSTM", 5, 3, 2, 13),     # primes
-    ("GRU", 3, 2, 5, 7),
-])
-def test_forward_and_bptt_match_numpy_with_one_launch_per_step(cell, T, N, I, H):
+@pytest.mark.parametrize("mode,cell,T,N,I,H", [("sequence",) + c for c in CASES] +
+                         [("step",) + c for c in CASES[1:3]])
+def test_forward_and_bptt_match_numpy_with_one_launch_per_step(mode, cell, T, N, I, H,
+                                                               monkeypatch):
+    """sequence: each whole loop is one launch; step: one launch per time step."""
+    monkeypatch.setattr(fuse, "SEQUENCE_KERNELS", mode == "sequence")
     layer, x, outs = build(cell, T, N, I, H, seed=H)
     v = np.random.default_rng(T * N).standard_normal((T, N, I)).astype(np.float32)
     f = gc.compile([x], outs, backend="cuda")
@@ -104,25 +116,24 @@ def test_forward_and_bptt_match_numpy_with_one_launch_per_step(cell, T, N, I, H)
     assert np.abs(got[2]).max() > 1e-3          # the input gradient is not trivially zero
 
     cp = next(iter(f._cache.values())).cprog
-    loops = time_loops(cp)
-    assert {tl.region.reverse for tl in loops} == {False, True}   # forward and BPTT loops
-    for tl in loops:
-        assert tl.extent == T
-        assert launches_per_step(tl) == 1
-        (la,) = tl.steps
+    loops = recurrences(cp)
+    assert sorted(r.reverse for r, _, _ in loops) == [False, True]   # forward and BPTT loops
+    for r, n, la in loops:
+        assert r.length == T and n == (1 if mode == "sequence" else T)
         assert la.grid == (1, 1, 1) and la.parts and len(la.parts) > 1
+        assert (la.time_loop is r) == (mode == "sequence")
     # the kernels fused into steps are device functions, not launchable kernels
     assert cp.source.count('extern "C" __global__') == len(cp.launches)
-    assert all(f"static __device__ void {p.name}(" in cp.source for tl in loops
-               for p in tl.steps[0].parts)
+    assert all(f"static __device__ __forceinline__ void {p.name}(" in cp.source for _, _, la in loops
+               for p in la.parts)
 
 
 def test_input_projection_is_hoisted_out_of_the_step():
     layer, x, outs = build("LSTM", 6, 4, 16, 8, seed=0)
     from graphc.ir.graph import Graph
     cp = C.generate_cuda(Graph(outs, [x]))
-    (fwd,) = [tl for tl in time_loops(cp) if not tl.region.reverse]
-    gemms = [p.mapping["gemm"] for p in fwd.steps[0].parts if p.mapping and "gemm" in p.mapping]
+    (fwd,) = [la for r, _, la in recurrences(cp) if not r.reverse]
+    gemms = [p.mapping["gemm"] for p in fwd.parts if p.mapping and "gemm" in p.mapping]
     # only h_{t-1} W_hh^T (K = hidden) inside the step; W_ih x (K = 16) runs before the loop
     assert gemms and all(g.K == 8 for g in gemms)
     outside = [la.mapping["gemm"] for la in cp.launches if la.mapping and "gemm" in la.mapping]
@@ -140,9 +151,10 @@ def test_large_steps_fall_back_to_separate_launches(monkeypatch):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
     cp = next(iter(f._cache.values())).cprog
-    for tl in time_loops(cp):
-        assert launches_per_step(tl) > 1 and all(
-            isinstance(s, HostLoop) or s.parts is None for s in tl.steps)
+    loops = recurrences(cp)
+    assert len(loops) == 2
+    for r, n, la in loops:
+        assert n > r.length and la is None
 
 
 def test_stacked_bidirectional_lstm_with_lengths():
@@ -161,6 +173,6 @@ def test_stacked_bidirectional_lstm_with_lengths():
     for k, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=f"output {k}")
     assert np.all(got[0][1:, 1] == 0)            # past the second sequence's end
-    loops = time_loops(next(iter(f._cache.values())).cprog)
-    assert len(loops) == 8 and sum(tl.region.reverse for tl in loops) == 4
-    assert all(launches_per_step(tl) == 1 for tl in loops)
+    loops = recurrences(next(iter(f._cache.values())).cprog)
+    assert len(loops) == 8 and sum(r.reverse for r, _, _ in loops) == 4
+    assert all(n == 1 and la.time_loop is r for r, n, la in loops)

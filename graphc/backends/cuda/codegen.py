@@ -96,6 +96,7 @@ class Launch:
         self.mapping = None
         self.smem = 0          # static shared memory, bytes (an estimate for planning)
         self.parts = None      # a fused time step: the launches it runs as device functions
+        self.time_loop = None  # a whole time loop in one launch: its region (fuse.py)
         self.name, self.grid, self.block = name, tuple(grid), tuple(block)
         self.params = params   # [("buf", Buffer) | ("var", Var)]
         self.sync = sync       # uses __syncthreads (the emulator runs such blocks as fibers)

@@ -1,4 +1,4 @@
-"""One launch per time step: a `TimeLoop`'s kernels fused into a single kernel.
+"""One launch per recurrence: a `TimeLoop`'s kernels fused into a single kernel.
 
 A recurrence step (the body of a `scan` loop region) is generated like any
 other code: thread kernels, block kernels and tiled GEMMs, several launches per
@@ -19,6 +19,15 @@ single block of 256 threads, calls them in the plan's order:
 * host loops inside the step become loops in the kernel, their variables
   passed on to the parts.
 
+Where every view buffer of the loop is a plain slice of a buffer outside it
+(the case for `scan` today), the loop over t moves into the kernel too — a
+*sequence kernel*, one launch for the whole loop, each view's pointer computed
+as parent + base + t * step in the kernel, `__syncthreads()` ending every step.
+Otherwise (`SEQUENCE_KERNELS = False`, or a view of a view) the step kernel is
+launched once per step and the runtime moves the views as before.  Both are
+single-block kernels declared `__launch_bounds__(256, 1)`: ptxas must not cap
+registers for an occupancy that one block never has.
+
 The input projection is not part of the step: graphc/nn/rnn.py computes it for
 all time steps with one matmul before the scan.  A step kernel is one block, so
 it suits the small steps of recurrent layers (hidden sizes up to a few hundred
@@ -34,6 +43,7 @@ from .codegen import THREADS, HostLoop, Launch, TimeLoop
 
 MAX_ROUNDS = 256           # sum over parts of the virtual blocks one real block works through
 MAX_SMEM = 40 * 1024       # static shared memory of all parts together (48 KiB limit)
+SEQUENCE_KERNELS = True    # a whole loop in one launch where its views allow it
 MAX_PARAMS = 400           # kernel parameters (pointers; CUDA's limit is 4 KiB of them)
 
 
@@ -46,7 +56,9 @@ def fuse_time_loops(gen, steps):
                 fuse_time_loops(gen, st.steps)
                 continue
             fused = fuse_step(gen, st)
-            if fused is not None:
+            if fused is not None and fused.time_loop is not None:
+                steps[k] = fused          # the whole loop in one launch
+            elif fused is not None:
                 st.steps = [fused]
 
 
@@ -103,18 +115,21 @@ def fuse_step(gen, tl):
         body = [ln.replace("blockIdx.", "gc_vb.").replace("threadIdx.", "gc_vt.")
                 .replace("blockDim.", "gc_vd.") for ln in lines]
         text = head + ["//   (a part of a fused time step: a device function)",
-                       f"static __device__ void {la.name}(const uint3 gc_vb, const uint3 gc_vt, "
+                       f"static __device__ __forceinline__ void {la.name}(const uint3 gc_vb, const uint3 gc_vt, "
                        f"const uint3 gc_vd, {', '.join(sig)}) {{"] + body + ["}"]
         gen.chunks[idx] = "\n".join(text) + "\n"
 
     r = tl.region
+    seq = _sequence_params(gen, r, bufs, written)
+    if seq is not None:
+        return _sequence_kernel(gen, tl, parts, bufs, pname, seq)
     name = f"k{parts[0].name.split('_', 1)[0][1:]}_time_step"
     what = (f"time step of a {'reversed ' if r.reverse else ''}loop of {r.length}: "
             f"{len(parts)} kernels fused, one block of {THREADS} threads")
     lines = [f"// {name}: {what}",
              "//   one launch per step; __syncthreads() between the parts replaces the launch",
              "//   boundaries (one block: a block barrier is a grid barrier)",
-             f'extern "C" __global__ void __launch_bounds__({THREADS}) {name}(' + ", ".join(
+             f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {name}(' + ", ".join(
                  f"{'' if id(b) in written else 'const '}{ctype(b.dtype)}* {pname[id(b)]}"
                  for b in bufs) + ") {",
              "  const unsigned gc_tid = threadIdx.x;"]
@@ -129,6 +144,80 @@ def fuse_step(gen, tl):
                    parts[0].node, what)
     fused.parts = parts
     fused.smem = sum(la.smem for la in parts)
+    gen.launches.append(fused)
+    return fused
+
+
+def _sequence_params(gen, r, bufs, written):
+    """For a whole-sequence kernel: (kernel parameter buffers, {id: name}, written ids),
+    the views of this loop replaced by their parents; None where a view of the loop
+    is not a plain slice of a buffer of its own type outside the loop."""
+    if not SEQUENCE_KERNELS:
+        return None
+    views = getattr(gen.prog, "views", {}) or {}
+    kparams, kname, kwritten = [], {}, set()
+    for b in bufs:
+        v = views.get(id(b))
+        if v is not None and v.loop is r:
+            if id(v.parent) in views and views[id(v.parent)].loop is r or \
+                    v.parent.dtype != b.dtype:
+                return None
+            b2 = v.parent
+        else:
+            b2 = b
+        if id(b2) not in kname:
+            kname[id(b2)] = f"q{len(kparams)}"
+            kparams.append(b2)
+        if id(b) in written:
+            kwritten.add(id(b2))
+    if len(kparams) > MAX_PARAMS:
+        return None
+    return kparams, kname, kwritten
+
+
+def _sequence_kernel(gen, tl, parts, bufs, pname, seq):
+    """One launch for the whole loop: the step's parts inside a loop over t, each
+    view of the loop a pointer moved to parent + base + t * step in the kernel."""
+    kparams, kname, kwritten = seq
+    r = tl.region
+    views = gen.prog.views
+    name = f"k{parts[0].name.split('_', 1)[0][1:]}_sequence"
+    what = (f"whole {'reversed ' if r.reverse else ''}loop of {r.length} steps: "
+            f"{len(parts)} kernels fused, one block of {THREADS} threads")
+    L = r.length
+    lines = [f"// {name}: {what}",
+             "//   one launch per sequence; __syncthreads() between the parts replaces the",
+             "//   launch boundaries (one block: a block barrier is a grid barrier)",
+             f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {name}(' + ", ".join(
+                 f"{'' if id(b) in kwritten else 'const '}{ctype(b.dtype)}* {kname[id(b)]}"
+                 for b in kparams) + ") {",
+             "  const unsigned gc_tid = threadIdx.x;",
+             f"  for (long long gc_s = 0; gc_s < {L}LL; ++gc_s) {{",
+             f"    const long long gc_time = {f'{L - 1}LL - gc_s' if r.reverse else 'gc_s'};"]
+    # views of the loop: the pointer expression goes straight into each call (pointers
+    # held across the whole step would only add live registers)
+    names = {}
+    for b in bufs:
+        v = views.get(id(b))
+        if v is not None and v.loop is r:
+            names[id(b)] = f"{kname[id(v.parent)]} + ({v.base}LL + gc_time * {v.step}LL)"
+            lines.append(f"    // {b.name} (view) = {names[id(b)]}")
+        else:
+            names[id(b)] = kname[id(b)]
+    # (__launch_bounds__(256, 1): one block runs on the whole GPU, so ptxas need not
+    # cap registers for occupancy; without it it spilled at 32 registers)
+    _emit_steps(tl.steps, lines, names, {}, 2)
+    lines += ["  }", "}"]
+    gen.chunks.append("\n".join(lines) + "\n")
+
+    ids = {id(la) for la in parts}
+    gen.launches = [la for la in gen.launches if id(la) not in ids]
+    gen.parts += parts
+    fused = Launch(name, (1, 1, 1), (THREADS, 1, 1), [("buf", b) for b in kparams], True,
+                   parts[0].node, what)
+    fused.parts = parts
+    fused.smem = sum(la.smem for la in parts)
+    fused.time_loop = r
     gen.launches.append(fused)
     return fused
 
