@@ -220,3 +220,28 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
     import gc as pygc
     pygc.collect()
     assert "cuMemFree" in fake.calls                 # a dropped function frees its memory
+
+
+def test_driver_path_runs_a_recurrence_in_one_launch_per_loop(fake):
+    from graphc import nn
+    layer = nn.GRU(3, 5, rng=np.random.default_rng(2))
+    x = gc.input("x", (7, 2, 3))
+    y = layer(x)[0]
+    loss = gc.sum(y * y)
+    outs = [y] + gc.grad(loss, [x] + list(layer.parameters()))
+    v = np.random.default_rng(3).standard_normal((7, 2, 3)).astype(np.float32)
+    f = gc.compile([x], outs, backend="cuda")
+    got = f(v)
+    want = gc.compile([x], outs, backend="numpy")(v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    runner = next(iter(f._cache.values()))
+    seqs = [la for la in runner.cprog.steps if getattr(la, "time_loop", None) is not None]
+    assert len(seqs) == 2                             # the forward and the reversed loop
+    fake.calls.clear()
+    f(v)
+    # 7 steps each way, yet no time loop is left on the host: no per-step launches
+    from graphc.backends.cuda.codegen import TimeLoop
+    assert not [s for s in runner.cprog.steps if isinstance(s, TimeLoop)]
+    assert fake.calls.count("cuLaunchKernel") == runner.cprog.launch_count() == len(
+        runner.cprog.steps)
