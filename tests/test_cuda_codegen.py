@@ -365,3 +365,21 @@ def test_per_step_fused_kernels_fit_resources(monkeypatch):
         r = report[la.name]
         assert la.parts and r.spill_stores == r.spill_loads == r.stack_bytes == 0, r.lines
         assert 0 < r.registers <= MAX_REGS and r.shared_bytes <= MAX_SMEM_PER_BLOCK
+
+
+def test_ptxas_parser_ignores_device_functions():
+    # libdevice helpers that Adam's pow pulls in are reported by ptxas too; their
+    # figures belong to no kernel and must not show up as a 0-register "kernel".
+    from graphc.backends.cuda.compiler import parse_ptxas
+    text = """ptxas info    : Function properties for __internal_accurate_pow
+    24 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function 'k0' for 'sm_90'
+ptxas info    : Function properties for k0
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 30 registers, used 1 barriers, 1024 bytes smem, 360 bytes cmem[0]
+"""
+    r = parse_ptxas(text)
+    assert list(r) == ["k0"]
+    k = r["k0"]
+    assert (k.registers, k.barriers, k.shared_bytes) == (30, 1, 1024)
+    assert (k.stack_bytes, k.spill_stores, k.spill_loads) == (8, 4, 4)

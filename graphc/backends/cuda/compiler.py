@@ -216,12 +216,21 @@ def ptxas_report(ptx: bytes, arch: str = DEFAULT_ARCH) -> dict:
 
 
 def parse_ptxas(text: str) -> dict:
+    """Resources per kernel (entry function).  Non-inlined device functions that
+    ptxas also reports (e.g. libdevice's __internal_accurate_pow) are skipped:
+    their figures belong to no launch."""
     out, cur = {}, None
     for line in text.splitlines():
-        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line)
+        m = re.search(r"Compiling entry function '?([\w$]+)'?", line)
         if m:
             cur = out.setdefault(m.group(1), KernelResources(m.group(1)))
             cur.lines.append(line.strip())
+            continue
+        m = re.search(r"Function properties for '?([\w$]+)'?", line)
+        if m:
+            cur = out.get(m.group(1))
+            if cur is not None:
+                cur.lines.append(line.strip())
             continue
         if cur is None:
             continue
