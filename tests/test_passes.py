@@ -113,6 +113,40 @@ def test_sum_of_broadcast_becomes_a_multiply():
     np.testing.assert_array_equal(evaluate(g, {"v": vv})[0], expect)
 
 
+def test_sum_of_pads_tiling_an_axis_becomes_a_concat():
+    """The gradient of slicing a tensor into gate blocks: zero pads of disjoint,
+    adjacent slices summed (in any order) are one concat; pads that leave a gap,
+    overlap, pad another axis or pad with a non-zero value stay a sum."""
+    x = gc.input("x", (3, 8), dtype="float64")
+    parts = [x[:, 2 * k:2 * k + 2] * float(k + 1) for k in range(4)]
+    pads = [gc.pad(p, ((0, 0), (2 * k, 6 - 2 * k))) for k, p in enumerate(parts)]
+    y = ((pads[2] + pads[0]) + pads[3]) + pads[1]
+    gap = pads[0] + pads[1] + pads[3]                       # columns 4..5 stay zero
+    overlap = pads[0] + gc.pad(parts[1], ((0, 0), (1, 5))) + pads[2] + pads[3]
+    ones = gc.pad(parts[0], ((0, 0), (0, 6)), value=1.0) + pads[1] + pads[2] + pads[3]
+    g, rep = level([y, gap, overlap, ones], [x])
+    cat = g.outputs[0]
+    assert cat.op.name == "concat" and cat.attrs["axis"] == 1 and len(cat.inputs) == 4
+    assert sum(c.startswith("sum of tiling pads") for c in rep.changed("simplify")) == 1
+    for o in g.outputs[1:]:
+        assert o.op.name == "add"
+    xv = np.arange(24, dtype=np.float64).reshape(3, 8) - 7.5
+    scale = np.repeat([1.0, 2.0, 3.0, 4.0], 2)
+    want = xv * scale
+    got = evaluate(g, {"x": xv})
+    np.testing.assert_array_equal(got[0], want)
+    w_gap = want.copy()
+    w_gap[:, 4:6] = 0
+    np.testing.assert_array_equal(got[1], w_gap)
+    w_over = want.copy()
+    w_over[:, 2:4] = 0
+    w_over[:, 1:3] += xv[:, 2:4] * 2.0
+    np.testing.assert_array_equal(got[2], w_over)
+    w_ones = want.copy()
+    w_ones[:, 2:] += 1.0
+    np.testing.assert_array_equal(got[3], w_ones)
+
+
 def test_double_negation_in_subtraction():
     x = gc.input("x", (3,), dtype="float64")
     y = gc.input("y", (3,), dtype="float64")

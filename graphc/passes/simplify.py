@@ -230,6 +230,49 @@ def _is_elementwise(n):
     return n.op.elementwise and n.inputs and any(i.op.name == "broadcast_to" for i in n.inputs)
 
 
+def _add_leaves(n, out, depth=0):
+    """The terms of a tree of same-shaped adds rooted at n (at most 64 terms)."""
+    if (n.op.name == "add" and depth < 8 and len(out) < 64
+            and all(tuple(i.shape) == tuple(n.shape) for i in n.inputs)):
+        for i in n.inputs:
+            _add_leaves(i, out, depth + 1)
+    else:
+        out.append(n)
+    return out
+
+
+def _sum_of_pads(n, b):
+    """pad(a) + pad(b) + ... where the zero pads place their inputs side by side along
+    one axis and tile it exactly (the gradient of an LSTM's gate split): concat."""
+    if n.op.name != "add" or any(tuple(i.shape) != tuple(n.shape) for i in n.inputs):
+        return None
+    leaves = _add_leaves(n, [])
+    if len(leaves) < 2 or any(x.op.name != "pad" or x.attrs["value"] != 0 or x.dtype != n.dtype
+                              for x in leaves):
+        return None
+    axis, parts = None, []
+    for x in leaves:
+        spec = x.attrs["spec"]
+        placed = [k for k, sp in enumerate(spec) if sp is not None]
+        if len(placed) != 1 or tuple(x.shape) != tuple(n.shape):
+            return None
+        k = placed[0]
+        start, step, count = spec[k]
+        if (axis is not None and k != axis) or step != 1 or count <= 0:
+            return None
+        axis = k
+        parts.append((start, count, x.inputs[0]))
+    parts.sort(key=lambda p: p[0])
+    pos = 0
+    for start, count, _ in parts:
+        if start != pos:
+            return None     # a gap or an overlap
+        pos += count
+    if pos != n.shape[axis]:
+        return None
+    return apply("concat", [x for _, _, x in parts], axis=axis)
+
+
 _LOG_SOFTMAX_OF = P("div", P("exp", X("z"), name="e"), P("sum", X("e"), name="s"))
 _ONEHOT = P("cast", P("equal", P("reshape", X("y"), name="rs"), X("ids", where=_is_class_ids)))
 
@@ -259,6 +302,7 @@ RULES = [
     Rule("relu mask", P("greater", X("x"), Const(0)), _relu_mask),
     Rule("elementwise(broadcast)", P(None, where=_is_elementwise), _strip_broadcast_inputs),
     Rule("sum(broadcast)", P("sum", P("broadcast_to", X("x"), name="bc")), _sum_of_broadcast),
+    Rule("sum of tiling pads->concat", P("add"), _sum_of_pads),
     Rule("log(softmax)->log_softmax", P("log", P("softmax", X("x"), name="sm")), _log_softmax),
     Rule("log(exp/sum exp)->log_softmax", P("log", _LOG_SOFTMAX_OF), _raw_log_softmax),
     Rule("log(sigmoid)->log_sigmoid", P("log", P("sigmoid", X("x"))), _log_sigmoid),
