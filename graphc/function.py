@@ -184,6 +184,17 @@ class Function:
         return args, sig[1]
 
     def __call__(self, *args, **kwargs):
+        sig = self._last_sig
+        if sig is not None and sig[2] and not kwargs and len(args) == len(sig[0]):
+            # The streaming fast path: the previous call's dtypes and shapes, a backend
+            # returning fresh outputs, no updates (see _fast_bind).
+            for a, (dtype, shape) in zip(args, sig[0]):
+                if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape \
+                        or not a.flags.c_contiguous:
+                    break
+            else:
+                outs = sig[1](args)
+                return outs[0] if self.single else outs
         fast = None if kwargs else self._fast_bind(args)
         if fast is not None:
             arrays, ex = fast
@@ -191,7 +202,8 @@ class Function:
             arrays, bindings = self._bind(args, kwargs)
             ex = self._executable(bindings)
             if not kwargs and all(type(a) is np.ndarray for a in args):
-                self._last_sig = (tuple((a.dtype, a.shape) for a in arrays), ex)
+                plain = not self.updates and getattr(ex, "FRESH_OUTPUTS", False)
+                self._last_sig = (tuple((a.dtype, a.shape) for a in arrays), ex, plain)
         if self.updates and getattr(ex, "WRITES_UPDATES", False):
             # The backend copies the new values straight into the parameters, after the
             # whole graph has run (every reader saw the old values).
