@@ -173,3 +173,42 @@ def test_bias_relu_and_channel_sum_with_collapsed_loops(shape):
     n = shape[0] * shape[2] * shape[3]
     ref_s = ref.astype(np.float64).sum(axis=(0, 2, 3))
     np.testing.assert_allclose(sv, ref_s, rtol=n * np.finfo(np.float32).eps, atol=1e-6)
+
+
+# ------------------------------------------------------------------ barriers only where needed
+def _entry_barriers(dump_dir):
+    text = open(dump_dir / "graphc.ll").read()
+    entry = text[text.index('@"entry"'):]
+    entry = entry[:entry.index("\n}")]
+    return entry.count("@graphc_barrier")
+
+
+def test_independent_kernels_share_a_barrier_interval(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_CACHE", "0")
+    n = 1 << 19                         # large enough to be shared between threads
+    rng = np.random.default_rng(6)
+    xv, yv = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    x, y = gc.input("x", (n,)), gc.input("y", (n,))
+    # two independent kernels, then one reading both
+    a, b = gc.relu(x) * 3.0, gc.exp(y * 0.5)
+    c = gc.sum(a * b)
+    results = {}
+    for nt in ("1", "2"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", nt)
+        d = tmp_path / nt
+        monkeypatch.setenv("GRAPHC_DUMP_LLVM", str(d))
+        f = gc.compile([x, y], [a, b, c], backend="llvm")
+        results[nt] = f(xv, yv)
+        if nt == "2":
+            (r,) = __import__("graphc.backends.llvm", fromlist=["runners"]).runners(f)
+            kernels = r.kernels()
+            barriers = _entry_barriers(d)
+    ra, rb = np.maximum(xv, 0) * 3.0, np.exp(yv * 0.5)
+    np.testing.assert_array_equal(results["2"][0], ra.astype(np.float32))
+    np.testing.assert_allclose(results["2"][1], rb, rtol=4 * np.finfo(np.float32).eps)
+    for u, v in zip(results["1"], results["2"]):
+        np.testing.assert_array_equal(u, v)
+    # a barrier before the kernel that reads what the two wrote, none between them
+    assert len(kernels) >= 3
+    assert barriers < len(kernels) - 1, (barriers, kernels)

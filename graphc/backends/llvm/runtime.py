@@ -486,7 +486,8 @@ def compile_program(prog, graph):
         from .loops import loop_entry
         loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog)
     else:
-        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile)
+        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile,
+               _access_ranges(prog, calls, n_ext, nthreads))
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -560,7 +561,74 @@ def _barrier_fn(mb):
     return fn
 
 
-def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile):
+def _access_ranges(prog, calls, n_ext, nthreads):
+    """Per kernel, (reads, writes): lists of (slot, lo, hi) byte ranges it may touch.
+    Arena buffers are their planned ranges (every thread's copy of a thread-scoped
+    one); external buffers all count as one range."""
+    from ...kernel import ir as K
+    from ...kernel.ir import Gemm, Load, Store
+    out = []
+    for kern, args in zip(prog.kernels, calls):
+        where = {}
+        for buf, (slot, off) in zip(kern.buffers, args):
+            n = buf.size * buf.dtype.itemsize * (nthreads if buf.scope == "thread" else 1)
+            # (external arrays may alias one another: one range for all of them)
+            where[id(buf)] = (slot, off, off + n) if slot == n_ext else (-1, 0, 1 << 62)
+        reads, writes = set(), set()
+
+        def walk(node):
+            if isinstance(node, list):
+                for x in node:
+                    walk(x)
+            elif isinstance(node, Gemm):
+                reads.update((id(node.a[0]), id(node.b[0])))
+                writes.add(id(node.c[0]))
+                if node.accumulate:
+                    reads.add(id(node.c[0]))
+                for op in (node.a, node.b, node.c):
+                    walk(op[1])
+            elif isinstance(node, Load):
+                reads.add(id(node.buf))
+                walk(node.index)
+            elif isinstance(node, Store):
+                writes.add(id(node.buf))
+                walk(node.index)
+                walk(node.value)
+            elif isinstance(node, K.Loop):
+                walk(node.body)
+            elif isinstance(node, K.If):
+                walk(node.cond)
+                walk(node.body)
+            elif isinstance(node, K.Assign):
+                walk(node.value)
+            elif isinstance(node, (K.BinOp, K.Select, K.UnOp, K.Cast)):
+                for name in ("a", "b", "cond"):
+                    if hasattr(node, name):
+                        walk(getattr(node, name))
+            elif not isinstance(node, (K.Const, K.Var, K.Local)):
+                raise _Unknown
+        try:
+            walk(kern.body)
+        except _Unknown:              # a statement this does not know: touches everything
+            reads, writes = set(), {id(b) for b in kern.buffers}
+        writes.update(id(b) for b in kern.buffers if id(b) not in reads | writes)
+        out.append(([where[i] for i in reads if i in where],
+                    [where[i] for i in writes if i in where]))
+    return out
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _overlap(xs, ys) -> bool:
+    return any(sa == sb and la < hb and lb < ha for sa, la, ha in xs for sb, lb, hb in ys)
+
+
+def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
+    """The entry: every kernel in order.  With several threads, a barrier goes only
+    before a kernel that touches what a kernel since the last barrier wrote, or writes
+    what one read (ranges: _access_ranges); independent kernels share an interval."""
     fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
     fn = ir.Function(mb.module, fnty, name="entry")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -576,17 +644,32 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile):
     nt = ir.Constant(I64, nthreads)
     is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
     dirty = False     # thread 0 ran single-threaded kernels since the last barrier
+    # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
+    shared_r, shared_w, main_r, main_w = [], [], [], []
     for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
-        if par and dirty:
+        if ranges is not None and nthreads > 1:
+            r, w = ranges[k]
+            need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
+                    or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
+            if need:
+                b.call(barrier, [bar, nt])
+                shared_r, shared_w, main_r, main_w = [], [], [], []
+            if par:
+                shared_r, shared_w = shared_r + r, shared_w + w
+            else:
+                main_r, main_w = main_r + r, main_w + w
+            dirty = False
+        elif par and dirty:
             b.call(barrier, [bar, nt])
             dirty = False
         t0 = b.call(rc, []) if profile else None
         if par:
             b.call(kfn, ptrs + [tid, nt])
-            b.call(barrier, [bar, nt])
+            if ranges is None:
+                b.call(barrier, [bar, nt])
         else:
             with b.if_then(is_main):
                 b.call(kfn, ptrs + [ir.Constant(I64, 0), ir.Constant(I64, 1)])
