@@ -113,13 +113,14 @@ def emit_gemm(em, g):
     args.append(wsp)
     i1 = ir.IntType(1)
     mark = _PREPACK.get(id(g))
-    if mark is not None and mark[0] is g and em.depth == 0:
+    nr_cols = -(-g.N // nr) * nr
+    per = nr_cols * g.K
+    nth = em.mb.nthreads
+    if mark is not None and mark[0] is g and em.depth == 0 \
+            and per * nth * dtype.itemsize <= PREPACK_MAX_BYTES:
         # B is loop-invariant (see mark_prepacked): pack it once per loop run into this
         # site's persistent panels; the tag (B's address and band width per thread) says
         # whether the panels hold it.  Loop starts clear the tags (loops.py).
-        nr_cols = -(-g.N // nr) * nr
-        per = nr_cols * g.K
-        nth = em.mb.nthreads
         k = len(getattr(em.mb, "prepack_tags", ()))
         if not hasattr(em.mb, "prepack_tags"):
             em.mb.prepack_tags = []
@@ -152,6 +153,7 @@ def emit_gemm(em, g):
 # Filled by loops.mark_prepacked just before the kernels are emitted (the Gemm object
 # is held so its id cannot be reused by another while the entry exists).
 _PREPACK = {}
+PREPACK_MAX_BYTES = 32 << 20    # panels of one site, all threads (a static buffer)
 
 
 def gemm_function(mb, dtype):
