@@ -312,8 +312,8 @@ def bench_memory(batch, threads, steps, torch,
 
 def format_memory(rows) -> str:
     mib = 1 / 2 ** 20
-    lines = [f"| framework | batch | steps | loop peak RSS growth MiB | loop peak heap (anon) "
-             f"MiB | setup peak MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| framework | batch | steps | loop peak RSS growth MiB | loop peak heap (anon) "
+             "MiB | setup peak MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
         name = r["framework"]
         name = "graphc-" + name if name != "torch" else name

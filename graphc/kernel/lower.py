@@ -387,7 +387,6 @@ def _expand_inner(lw, n):
             continue
         lw.bufs[i_in.id] = lw.buf(o_in)
     out_id = inner.outputs[0].id
-    kernels_before = len(lw.prog.kernels)
     for m in inner.nodes:
         if m.id in lw.bufs or m.id in folded:
             continue

@@ -283,7 +283,7 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=N
                 Assign(found, BinOp("or", found, inb))]
 
     H, W = x_shape[2:]
-    (sh, sw), (ph, pw) = attrs["stride"], attrs["padding"]
+    sh, sw = attrs["stride"]
 
     def pre(out_pos, wv):
         if inside:

@@ -285,7 +285,7 @@ def merge_row_groups(graph: Graph, groups: list, max_size: int) -> list:
             continue
         domain = tuple(root.shape)
         members = {n.id: n for n in g}
-        parts, axes, row_shape = [k], None, None
+        parts, axes = [k], None
         changed = True
         while changed:
             changed = False
@@ -309,7 +309,7 @@ def merge_row_groups(graph: Graph, groups: list, max_size: int) -> list:
                         continue
                     if len(members) + len(block) > max_size:
                         continue
-                    axes, row_shape = ax, rs
+                    axes = ax
                     for m in block:
                         members[m.id] = m
                     if src is not None:

@@ -23,7 +23,7 @@ def small_tile_lines(g, atomic=False):
             f"  const long long col = (long long)blockIdx.x * {T} + tx;",
             f"  {dt} acc = {zero};",
             f"  for (long long k0 = 0; k0 < {g.K}LL; k0 += {T}) {{",
-            f"    const long long ka = k0 + tx, kb = k0 + ty;",
+            "    const long long ka = k0 + tx, kb = k0 + ty;",
             f"    As[ty][tx] = (row < {g.M}LL && ka < {g.K}LL) ? "
             f"{Ab.name}[a0 + row * {ars}LL + ka * {acs}LL] : {zero};",
             f"    Bs[ty][tx] = (kb < {g.K}LL && col < {g.N}LL) ? "
