@@ -17,7 +17,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ...kernel import ir as K
-from .codegen import I64, PTR
+from .codegen import I64
 
 
 def loop_calls(prog, slot_of, offsets, n_ext) -> list:
@@ -105,21 +105,10 @@ def mark_prepacked(prog):
 
 
 def loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog):
-    from .runtime import N_EXTRA, _barrier_fn
-    fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
-    fn = ir.Function(mb.module, fnty, name="entry")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    table, tid = fn.args
-    slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
-             for s in range(n_ext + N_EXTRA)]
-    err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
-    barrier = _barrier_fn(mb) if nthreads > 1 else None
-    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
-        if profile else None
-    if mb.error_fn is not None:
-        b.store(err, mb.err_global)
-    nt = ir.Constant(I64, nthreads)
-    is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
+    from .runtime import entry_prologue
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile)
+    fn = b.function
     c = lambda v: ir.Constant(I64, v)
     starts = {}
     for r in prog.loops:

@@ -625,10 +625,10 @@ def _overlap(xs, ys) -> bool:
     return any(sa == sb and la < hb and lb < ha for sa, la, ha in xs for sb, lb, hb in ys)
 
 
-def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
-    """The entry: every kernel in order.  With several threads, a barrier goes only
-    before a kernel that touches what a kernel since the last barrier wrote, or writes
-    what one read (ranges: _access_ranges); independent kernels share an interval."""
+def entry_prologue(mb, n_ext, nthreads, profile):
+    """Start `void entry(i8** table, i64 tid)`: load the table's slots, set up the
+    barrier, the cycle counter (profiling) and the error flag.  Shared by the
+    straight-line entry (_entry) and the one with native loops (loops.py)."""
     fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
     fn = ir.Function(mb.module, fnty, name="entry")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -643,6 +643,15 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
         b.store(err, mb.err_global)
     nt = ir.Constant(I64, nthreads)
     is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
+    return b, tid, slots, err, bar, prof, barrier, rc, nt, is_main
+
+
+def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
+    """The entry: every kernel in order.  With several threads, a barrier goes only
+    before a kernel that touches what a kernel since the last barrier wrote, or writes
+    what one read (ranges: _access_ranges); independent kernels share an interval."""
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile)
     dirty = False     # thread 0 ran single-threaded kernels since the last barrier
     # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
     shared_r, shared_w, main_r, main_w = [], [], [], []
