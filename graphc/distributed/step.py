@@ -138,17 +138,9 @@ class DistributedStep:
     def __init__(self, optimizer, loss_fn, *inputs, comm=None, backend="numpy", optimize=2,
                  outputs=(), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  broadcast_buffers: bool = True, abort_on_error: bool = True, name=None):
-        from ..nn.module import collect_state_updates
+        from ..optim.optimizer import trace_loss
         loc = user_location()
-        if not inputs:
-            raise TypeError(f"DistributedStep: pass the graph inputs after loss_fn (at {loc})")
-        with collect_state_updates() as state_updates:
-            res = loss_fn(*inputs)
-        if isinstance(res, (tuple, list)):
-            loss, extras = res[0], list(res[1:])
-        else:
-            loss, extras = res, []
-        extras += list(outputs)
+        loss, extras, state_updates = trace_loss(loss_fn, inputs, outputs, "DistributedStep", loc)
         self._build(optimizer, loss, extras, list(inputs), list(state_updates.items()), comm,
                     backend, optimize, bucket_bytes, broadcast_buffers, abort_on_error, name,
                     loc)

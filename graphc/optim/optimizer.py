@@ -34,6 +34,24 @@ from ..nn.module import make_parameter
 __all__ = ["Optimizer", "TrainStep"]
 
 
+def trace_loss(loss_fn, inputs, outputs, who: str, loc: str):
+    """Build the loss graph: (loss, extra output nodes, {buffer: new value}).
+
+    loss_fn(*inputs) returns the loss or (loss, extra, ...); `outputs` adds
+    extras; model state updates (batch-norm statistics, dropout keys) that the
+    modules register while building are collected."""
+    from ..nn.module import collect_state_updates
+    if not inputs:
+        raise TypeError(f"{who}: pass the graph inputs after loss_fn (at {loc})")
+    with collect_state_updates() as state_updates:
+        res = loss_fn(*inputs)
+    if isinstance(res, (tuple, list)):
+        loss, extras = res[0], list(res[1:])
+    else:
+        loss, extras = res, []
+    return loss, extras + list(outputs), state_updates
+
+
 class Optimizer:
     """Base class.  Subclasses implement `_rule(i, p, g, lr, t)` → new value of p."""
 
@@ -211,17 +229,8 @@ class Optimizer:
         extras.
         """
         from ..function import compile as gc_compile
-        from ..nn.module import collect_state_updates
         loc = user_location()
-        if not inputs:
-            raise TypeError(f"compile_step: pass the graph inputs after loss_fn (at {loc})")
-        with collect_state_updates() as state_updates:
-            res = loss_fn(*inputs)
-        if isinstance(res, (tuple, list)):
-            loss, extras = res[0], list(res[1:])
-        else:
-            loss, extras = res, []
-        extras += list(outputs)
+        loss, extras, state_updates = trace_loss(loss_fn, inputs, outputs, "compile_step", loc)
         ups = self.updates(loss)
         for p, v in state_updates.items():
             if p in ups:
