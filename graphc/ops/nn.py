@@ -224,6 +224,31 @@ class _LabelLossOp(Op):
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         return {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
 
+    @staticmethod
+    def _picked_loss(logp, labels, ignore_index, label_smoothing, dtype):
+        """-logp[label] (classes on the last axis of logp), smoothed, 0 where ignored."""
+        valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+        safe = np.where(valid, labels, 0).astype(np.int64)
+        loss = -np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * np.mean(logp, axis=-1)
+        return np.where(valid, loss, 0).astype(dtype)
+
+    @staticmethod
+    def _target_and_cotangent(node, g):
+        """The smoothed one-hot target and g (masked for ignored labels) shaped to
+        broadcast over the class axis: both gradient rules are built from them."""
+        scores, labels = node.inputs
+        eps, ii = node.attrs["label_smoothing"], node.attrs["ignore_index"]
+        cax = _class_axis(scores.ndim)
+        n_classes = scores.shape[cax]
+        target = _onehot(labels, n_classes, cax, scores.dtype)
+        if eps:
+            target = target * (1.0 - eps) + eps / n_classes
+        if ii is not None:
+            g = g * _valid_mask(labels, ii, g.dtype)
+        return target, S.reshape(g, _keepdims_shape(scores.shape, (cax,))), cax
+
     def infer(self, types, ignore_index, label_smoothing):
         x, y = types
         _require_float(x, "scores (first input)")
@@ -261,27 +286,11 @@ class SoftmaxCrossEntropyOp(_LabelLossOp):
         m = np.max(z, axis=-1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0).astype(z.dtype)
         logp = (z - m) - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-        valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-        safe = np.where(valid, labels, 0).astype(np.int64)
-        picked = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-        loss = -picked
-        if label_smoothing:
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * np.mean(logp, axis=-1)
-        return np.where(valid, loss, 0).astype(logits.dtype)
+        return self._picked_loss(logp, labels, ignore_index, label_smoothing, logits.dtype)
 
     def vjp(self, node, g):
-        logits, labels = node.inputs
-        eps = node.attrs["label_smoothing"]
-        ii = node.attrs["ignore_index"]
-        cax = _class_axis(logits.ndim)
-        n_classes = logits.shape[cax]
-        target = _onehot(labels, n_classes, cax, logits.dtype)
-        if eps:
-            target = target * (1.0 - eps) + eps / n_classes
-        if ii is not None:
-            g = g * _valid_mask(labels, ii, g.dtype)
-        gx = S.reshape(g, _keepdims_shape(logits.shape, (cax,)))
-        return [(softmax(logits, axis=cax) - target) * gx, None]
+        target, gx, cax = self._target_and_cotangent(node, g)
+        return [(softmax(node.inputs[0], axis=cax) - target) * gx, None]
 
 
 @register
@@ -293,25 +302,10 @@ class NllOp(_LabelLossOp):
         cax = _class_axis(logp.ndim)
         _check_labels(self.name, logp, labels, ignore_index, cax)
         z = np.moveaxis(logp, cax, -1)
-        valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-        safe = np.where(valid, labels, 0).astype(np.int64)
-        loss = -np.take_along_axis(z, safe[..., None], axis=-1)[..., 0]
-        if label_smoothing:
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * np.mean(z, axis=-1)
-        return np.where(valid, loss, 0).astype(logp.dtype)
+        return self._picked_loss(z, labels, ignore_index, label_smoothing, logp.dtype)
 
     def vjp(self, node, g):
-        logp, labels = node.inputs
-        eps = node.attrs["label_smoothing"]
-        ii = node.attrs["ignore_index"]
-        cax = _class_axis(logp.ndim)
-        n_classes = logp.shape[cax]
-        target = _onehot(labels, n_classes, cax, logp.dtype)
-        if eps:
-            target = target * (1.0 - eps) + eps / n_classes
-        if ii is not None:
-            g = g * _valid_mask(labels, ii, g.dtype)
-        gx = S.reshape(g, _keepdims_shape(logp.shape, (cax,)))
+        target, gx, _ = self._target_and_cotangent(node, g)
         return [E.neg(target) * gx, None]
 
 
