@@ -21,6 +21,7 @@ from llvmlite import ir
 from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
 from .layout import plan_arena
+from . import pool
 
 _init_lock = threading.Lock()
 _state = {}
@@ -189,9 +190,10 @@ N_EXTRA = 4
 class Runner:
     """Calls the native entry; one instance per compiled (shape-specialized) graph.
 
-    With nthreads > 1, nthreads - 1 worker threads wait on events; a call wakes
-    them and every thread runs `entry(table, tid)` (ctypes drops the GIL), meeting
-    at native barriers between kernels, so no thread needs the GIL per kernel.
+    With nthreads > 1, the process's native worker pool (pool.py) runs
+    `entry(table, tid)` on threads 1..nthreads-1 while the caller runs tid 0
+    (ctypes drops the GIL); they meet at native barriers between kernels, so no
+    thread needs the GIL per kernel or per call.
     """
 
     FRESH_OUTPUTS = True  # __call__ returns copies: outputs never alias parameters
@@ -202,6 +204,7 @@ class Runner:
         self.prog = prog
         self.engine = engine   # keeps the code alive
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr)
+        self._addr = addr
         self.n_inputs = n_inputs
         self.nthreads = nthreads
         self.arena = np.empty(max(arena_bytes, 64) + 64, dtype=np.uint8)
@@ -225,24 +228,15 @@ class Runner:
         self._lock = threading.Lock()   # the arena is shared state: one call at a time
         self.kernel_names = [f"k{i}_{k.name}" for i, k in enumerate(prog.kernels)]
         self._prepare()
-        self._workers = []
         if nthreads > 1:
-            self._done = threading.Semaphore(0)
-            for tid in range(1, nthreads):
-                ev = threading.Event()
-                t = threading.Thread(target=self._worker, args=(tid, ev), daemon=True,
-                                     name=f"graphc-worker-{tid}")
-                t.start()
-                self._workers.append(ev)
+            pool.get(nthreads)      # start the workers now, not in the first call
 
-    def _worker(self, tid, ev):
-        while True:
-            ev.wait()
-            ev.clear()
-            try:
-                self._fn(self.table.ctypes.data, tid)
-            finally:
-                self._done.release()
+    def _call(self):
+        """One run of the entry on every thread."""
+        if self.nthreads > 1:
+            pool.get(self.nthreads).run(self._addr, self._table_addr, self.nthreads)
+        else:
+            self._fn(self._table_addr, 0)
 
     def _view(self, buf):
         off = self.offsets[id(buf)] + self._shift
@@ -325,13 +319,7 @@ class Runner:
     def _run(self):
         if self.debug_bounds:
             self.err[:] = 0
-        for ev in self._workers:
-            ev.set()
-        try:
-            self._fn(self._table_addr, 0)
-        finally:
-            for _ in self._workers:
-                self._done.acquire()
+        self._call()
         self.calls += 1
         if self.debug_bounds and self.err[0]:
             k, i, n = (int(v) for v in self.err[1:])
@@ -351,11 +339,11 @@ class Runner:
             # Fast path (streaming steps: many calls on small arrays): inputs of at most
             # 4096 elements are copied into staging arrays the table points to for
             # good (a copy is cheaper than reading a fresh array's address), parameters
-            # whose array object is unchanged are not re-checked, no worker threads.
+            # whose array object is unchanged are not re-checked.
             fast = self.__dict__.get("_fast")
             if fast is None:
                 fast = self._fast = []
-                ok = (not self._checks and not self._workers and not self.debug_bounds
+                ok = (not self._checks and not self.debug_bounds
                       and len(self._in_slots) == self.n_inputs)
                 for slot, buf, pos in self._in_slots if ok else ():
                     if buf.size == 0 or buf.size > 4096:
@@ -393,7 +381,7 @@ class Runner:
                             a = self._bind_external(slot, buf, kind, a)
                             bound[slot] = a if a is orig else None
                         cur[slot] = a
-                    self._fn(self._table_addr, 0)
+                    self._call()
                     self.calls += 1
             if cur is None:
                 self._fast_live = False     # _bind_all points the input slots elsewhere

@@ -1,0 +1,141 @@
+"""The native worker pool (graphc/backends/llvm/pool.py): every thread runs each
+call, calls from several Python threads take turns, a forked child gets its own
+pool, the workers are bound to CPUs unless told not to, and a process using the
+pool exits cleanly."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.backends import llvm as gllvm
+from graphc.backends.llvm import pool
+
+RNG = np.random.default_rng(11)
+
+
+def _fn(monkeypatch, tmp_path, n=300, threads="2"):
+    """A 2-thread function whose kernels are big enough to be shared (SPMD)."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    a, b = gc.input("a", (n, n)), gc.input("b", (n, n))
+    f = gc.compile([a, b], [gc.tanh(a @ b), gc.sum(a * b, axis=1)], backend="llvm")
+    return f
+
+
+def _ref(a, b):
+    return [np.tanh(a.astype(np.float64) @ b), (a.astype(np.float64) * b).sum(axis=1)]
+
+
+def _check(got, a, b):
+    for g, w in zip(got, _ref(a, b)):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+def _feeds(n=300):
+    return [RNG.standard_normal((n, n)).astype(np.float32) / 8 for _ in range(2)]
+
+
+def test_native_pool_runs_every_thread(monkeypatch, tmp_path):
+    f = _fn(monkeypatch, tmp_path)
+    a, b = _feeds()
+    for _ in range(3):              # the first call specializes and compiles
+        _check(f(a, b), a, b)
+    r = gllvm.runners(f)[0]
+    assert r.nthreads == 2 and pool.get(2).size >= 2
+    # every worker thread is alive and parked in native code
+    assert all(t.is_alive() for t in pool.get(2).threads)
+    # back-to-back calls (workers still spinning) and calls after the workers slept
+    import time
+    for k in range(20):
+        if k % 5 == 0:
+            time.sleep(0.02)
+        a, b = _feeds()
+        _check(f(a, b), a, b)
+
+
+def test_concurrent_calls_from_python_threads(monkeypatch, tmp_path):
+    f1 = _fn(monkeypatch, tmp_path)
+    f2 = _fn(monkeypatch, tmp_path, n=260)
+    feeds1 = [_feeds() for _ in range(4)]
+    feeds2 = [_feeds(260) for _ in range(4)]
+    errors = []
+
+    def work(f, feeds):
+        try:
+            for _ in range(5):
+                for a, b in feeds:
+                    _check(f(a, b), a, b)
+        except Exception as e:        # reported by the main thread
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(f1, feeds1)),
+          threading.Thread(target=work, args=(f2, feeds2)),
+          threading.Thread(target=work, args=(f1, feeds1[::-1]))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a call hung"
+    assert not errors, errors[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_its_own_pool(monkeypatch, tmp_path):
+    f = _fn(monkeypatch, tmp_path)
+    a, b = _feeds()
+    _check(f(a, b), a, b)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:         # child: the parent's workers do not exist here
+        ok = b"0"
+        try:
+            _check(f(a, b), a, b)
+            ok = b"1"
+        finally:
+            os.write(wfd, ok)
+            os._exit(0)
+    os.close(wfd)
+    got = os.read(rfd, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    _check(f(a, b), a, b)      # the parent's pool still works
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 CPUs and the affinity API")
+@pytest.mark.parametrize("pin", ["1", "0"])
+def test_workers_bound_to_cpus_unless_disabled(tmp_path, pin):
+    code = (
+        "import os, numpy as np, graphc as gc\n"
+        "from graphc.backends.llvm import pool\n"
+        "a = gc.input('a', (300, 300))\n"
+        "f = gc.compile([a], gc.tanh(a @ a), backend='llvm')\n"
+        "f(np.ones((300, 300), np.float32))\n"
+        "cpus = sorted(os.sched_getaffinity(0))\n"
+        "w = pool.get(2).threads[0]\n"
+        "print(len(os.sched_getaffinity(w.native_id)) == 1)\n")
+    env = dict(os.environ, GRAPHC_NUM_THREADS="2", GRAPHC_PIN_THREADS=pin,
+               GRAPHC_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("True" if pin == "1" else "False")
+
+
+def test_process_with_pool_exits_cleanly(tmp_path):
+    code = (
+        "import numpy as np, graphc as gc\n"
+        "a = gc.input('a', (300, 300))\n"
+        "f = gc.compile([a], gc.sum(gc.tanh(a @ a)), backend='llvm')\n"
+        "v = np.full((300, 300), 0.01, np.float32)\n"
+        "print(float(f(v)))\n")
+    env = dict(os.environ, GRAPHC_NUM_THREADS="2", GRAPHC_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    want = 300 * 300 * np.tanh(300 * 0.01 * 0.01)
+    assert abs(float(out.stdout) - want) < 1e-3 * want
