@@ -139,3 +139,30 @@ def test_process_with_pool_exits_cleanly(tmp_path):
     assert out.returncode == 0, out.stderr
     want = 300 * 300 * np.tanh(300 * 0.01 * 0.01)
     assert abs(float(out.stdout) - want) < 1e-3 * want
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 256), (3, 1023, 64), (2, 257, 300), (1, 5, 16),
+                                   (1, 66, 1000)])
+def test_matrix_vector_rows_shared_between_threads(monkeypatch, tmp_path, m, n, k):
+    """x @ W.T with few rows runs as dot products along W's rows, four rows at a time,
+    the rows shared out among threads: same bits for 1 and 2 threads, and equal to
+    float64 NumPy within the float32 bound for a length-k sum."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    x, w, c = gc.input("x", (m, k)), gc.input("w", (n, k)), gc.input("c", (m, n))
+    xv = RNG.standard_normal((m, k)).astype(np.float32)
+    wv = RNG.standard_normal((n, k)).astype(np.float32)
+    cv = RNG.standard_normal((m, n)).astype(np.float32)
+    outs = [x @ gc.transpose(w), c + x @ gc.transpose(w)]
+    got = []
+    for nt in ("1", "2"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", nt)
+        f = gc.compile([x, w, c], outs, backend="llvm")
+        got.append(f(xv, wv, cv))
+        if n * k >= 1 << 16:     # big enough to be shared
+            assert gllvm.runners(f)[0].nthreads == int(nt)
+    ref = xv.astype(np.float64) @ wv.T.astype(np.float64)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(xv) @ np.abs(wv.T) + np.abs(cv))
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(np.abs(got[0][0] - ref) <= bound)
+    assert np.all(np.abs(got[0][1] - (cv + ref)) <= bound)

@@ -79,8 +79,9 @@ def emit_gemm(em, g):
     small = (g.M * g.N * g.K < 32 * 32 * 32 or g.N < 8 or g.M < 4 or g.K < 16
              or dtype.kind != "f")
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
-        if em.depth == 0 and em.mb.nthreads > 1:
-            # A top-level GEMM is shared out among threads; this small one runs on one.
+        if em.depth == 0 and em.mb.nthreads > 1 and not g.dot_rows():
+            # A top-level GEMM is shared out among threads; this small one runs on one
+            # (dot products: their parallel j loop is shared out).
             with em.b.if_then(em.b.icmp_signed("==", em.tid, ir.Constant(I64, 0))):
                 em.stmts(g.as_loops())
         else:
