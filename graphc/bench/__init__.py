@@ -21,8 +21,12 @@ import numpy as np
 
 
 # ------------------------------------------------------------------ timing
-def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None) -> dict:
-    """{name: fn} -> {name: median seconds}; each round runs every fn once.
+def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None, block: int = 1) -> dict:
+    """{name: fn} -> {name: median seconds}; each round runs every fn `block` times
+    in a row and records the mean of that block (block > 1 for microsecond-scale
+    calls such as a streaming step: each framework is timed in its steady state,
+    its worker threads awake, as in an application that calls only it, while the
+    rounds still interleave the frameworks so machine noise hits all alike).
 
     solo: names timed in rounds of their own after the interleaved ones (default:
     the NumPy-based ones).  NumPy's OpenBLAS threads busy-wait for a while after
@@ -42,8 +46,9 @@ def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None) -> dict:
         for _ in range(repeat):
             for k, fn in group.items():
                 t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+                for _ in range(block):
+                    fn()
+                times[k].append((time.perf_counter() - t) / block)
     return {k: statistics.median(times[k]) for k in impls}
 
 
@@ -357,7 +362,8 @@ def format_rows(results) -> str:
         g = times["graphc-llvm"]
         for impl, t in times.items():
             ratio = "—" if impl == "graphc-llvm" else f"{t / g:.2f}"
-            lines.append(f"| {name} | {impl} | {t * 1e3:.2f} | {flops / t / 1e9:.1f} | {ratio} |")
+            ms = f"{t * 1e3:.2f}" if t >= 1e-3 else f"{t * 1e3:.4f}"
+            lines.append(f"| {name} | {impl} | {ms} | {flops / t / 1e9:.1f} | {ratio} |")
         lines.append(f"| {name} | (graphc cold compile) | {compile_s * 1e3:.0f} | | |")
     return "\n".join(lines)
 
@@ -383,7 +389,7 @@ def main(argv=None) -> int:
     def run(res):
         results.append(res)
         name, flops, times, cs = res
-        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.4g} ms" for k, v in times.items())
               + f"; compile {cs:.2f} s", flush=True)
     if "matmul" in only:
         for n in (int(s) for s in args.sizes.split(",")):
