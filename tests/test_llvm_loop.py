@@ -252,6 +252,33 @@ def test_threads_share_the_gemms_inside_the_loop(monkeypatch):
     assert shared_in_loops
 
 
+def test_loop_results_bitwise_equal_for_1_and_2_threads(monkeypatch, tmp_path):
+    """Inside native loops the elementwise kernels are shared among threads from far
+    less work than at the top level (runtime.LOOP_MIN_WORK): an LSTM's forward and
+    BPTT results do not depend on the thread count, and match the interpreter."""
+    from graphc.kernel.ir import is_spmd
+    from graphc.backends.llvm.runtime import LOOP_MIN_WORK
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(21)
+    m = LSTM(24, 128, rng=21)
+    x = gc.input("x", (5, 32, 24))
+    out, (hn, cn) = m(x)
+    outs = [out, cn] + list(gc.grad(gc.sum(out * out), list(m.parameters())))
+    xv = rng.standard_normal((5, 32, 24)).astype(np.float32)
+    got = []
+    for nt in ("1", "2"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", nt)
+        f = gc.compile([x], outs, backend="llvm")
+        got.append(f(xv))
+    (r,) = runners(f)
+    small_shared = [k for reg in r.prog.loops for k in r.prog.kernels[reg.start:reg.end]
+                    if not k.flops and is_spmd(k, LOOP_MIN_WORK)]
+    assert small_shared      # gate activations etc. run on both threads
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    _close(gc.compile([x], outs)(xv), got[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_loop_invariant_weight_packed_once_per_call_sees_in_place_updates(monkeypatch,
                                                                          threads):
