@@ -69,6 +69,19 @@ def key(prog, calls, nthreads, profile, target) -> str | None:
     return h.hexdigest()
 
 
+def text_key(text: str, target) -> str | None:
+    """Key for a module given as LLVM IR text (the worker pool's), same inputs otherwise."""
+    if not enabled():
+        return None
+    import llvmlite
+    h = hashlib.sha256()
+    for p in (CODEGEN_VERSION, _source_hash(), llvmlite.__version__, target["cpu"],
+              target["features"], target["triple"], text):
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _path(k):
     return os.path.join(cache_dir(), k[:2], k + ".o")
 

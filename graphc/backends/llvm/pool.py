@@ -192,9 +192,19 @@ class Pool:
     """The process's workers (tids 1..size-1) and the native functions that drive them."""
 
     def __init__(self, size: int):
-        from .runtime import _target, jit
-        triple = _target()["triple"]
-        self.engine, self._worker_addr = jit(_module(triple), entry="graphc_pool_worker")
+        from . import cache
+        from .runtime import _target, engine_from_object, jit
+        target = _target()
+        triple = target["triple"]
+        text = _module(triple)
+        # From the disk cache when possible: running LLVM's optimizer and code
+        # generator, even on this small module, makes the process touch tens of MB of
+        # libLLVM's code (resident memory a warm start otherwise never pays).
+        key = cache.text_key(text, target)
+        data = cache.read(key) if key else None
+        hit = engine_from_object(data, "graphc_pool_worker") if data else None
+        self.engine, self._worker_addr = hit or jit(text, keep_object=key,
+                                                    entry="graphc_pool_worker")
         run_addr = self.engine.get_function_address("graphc_pool_run")
         self._run = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_int64)(run_addr)

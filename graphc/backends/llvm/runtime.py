@@ -20,25 +20,14 @@ from llvmlite import ir
 
 from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
+from . import objgen, pool, server
 from .layout import plan_arena
-from . import pool
 
-_init_lock = threading.Lock()
-_state = {}
+_libc = {}
 
 
 def _target():
-    with _init_lock:
-        if not _state:
-            llvm.initialize_native_target()
-            llvm.initialize_native_asmprinter()
-            cpu = llvm.get_host_cpu_name()
-            feats = llvm.get_host_cpu_features().flatten()
-            target = llvm.Target.from_default_triple()
-            tm = target.create_target_machine(cpu=cpu, features=feats, opt=3, jit=True)
-            _state.update(layout=str(tm.target_data), target=target, cpu=cpu, features=feats, tm=tm, triple=llvm.get_process_triple(),
-                          avx512="+avx512f" in feats.split(","), engines=[])
-        return _state
+    return objgen.target()
 
 
 def host_description() -> str:
@@ -76,50 +65,33 @@ def bounds_error_fn(mb: ModuleBuilder):
 
 
 def optimize_module(mod):
-    s = _target()
-    # One pass builder per process (llvmlite's objects are not safe to re-create freely:
-    # building a second one after the first was freed crashed here).
-    with _init_lock:
-        if "pb" not in s:
-            pto = llvm.create_pipeline_tuning_options(speed_level=3)
-            pto.loop_vectorization = True
-            pto.slp_vectorization = True
-            pto.loop_unrolling = True
-            s["pto"] = pto
-            s["pb"] = llvm.create_pass_builder(s["tm"], pto)
-        pb = s["pb"]
-        pm = pb.getModulePassManager()
-        pm.run(mod, pb)
+    objgen.optimize(mod)
 
 
 def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="entry"):
-    """Parse, optimize and JIT `ir_text`; returns (engine, address of `entry`).
+    """Compile `ir_text` for the host; returns (engine, address of `entry`).
 
+    The optimization and code generation run in the compile server (server.py)
+    when one can be used, else here; dumps (dump_dir) are always made here.
     keep_object: a cache key; the object code is then stored in the disk cache."""
+    if not dump_dir:
+        data = server.compile(ir_text)
+        if data is not None:
+            if keep_object is not None:
+                from . import cache
+                cache.store(keep_object, data)
+            hit = engine_from_object(data, entry)
+            if hit is not None:
+                return hit
     s = _target()
-    # A private context: the global one would keep every type and constant of every
-    # compiled graph interned for the life of the process.
-    ctx = llvm.create_context()
-    mod = llvm.parse_assembly(ir_text, context=ctx)
-    mod.triple = s["triple"]
-    mod.data_layout = s["layout"]
-    mod.verify()
+    ctx, mod = objgen.parse(ir_text)
     optimize_module(mod)
     if dump_dir:
         with open(os.path.join(dump_dir, f"{name}.opt.ll"), "w") as f:
             f.write(str(mod))
         with open(os.path.join(dump_dir, f"{name}.s"), "w") as f:
             f.write(s["tm"].emit_assembly(mod))
-    # MCJIT takes ownership of its target machine (frees it with the engine): give each
-    # engine its own.
-    tm = s["target"].create_target_machine(cpu=s["cpu"], features=s["features"], opt=3,
-                                           jit=True)
-    engine = llvm.create_mcjit_compiler(mod, tm)
-    objects = []
-    # MCJIT hands over the object code it generates: keep it (and store it in the disk
-    # cache), no second codegen.
-    engine.set_object_cache(lambda m, data: objects.append(bytes(data)), None)
-    engine.finalize_object()
+    engine, objects = objgen.codegen(mod)
     if keep_object is not None and objects:
         from . import cache
         cache.store(keep_object, objects[0])
@@ -156,9 +128,9 @@ def engine_from_object(data: bytes, entry="entry"):
 def release_heap():
     """Return free heap pages to the OS (glibc's malloc_trim); a no-op elsewhere."""
     try:
-        libc = _state.get("libc")
+        libc = _libc.get("libc")
         if libc is None:
-            libc = _state["libc"] = ctypes.CDLL(None)
+            libc = _libc["libc"] = ctypes.CDLL(None)
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -466,6 +438,8 @@ def compile_program(prog, graph):
             engine, addr = hit
             return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
                           nthreads, list(graph.outputs), profile)
+    if not dump:
+        server.prestart()      # its start-up overlaps with building the IR below
     mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug, nthreads=nthreads)
     fns, spmd, shared = [], [], {}
     in_loop = {k for r in getattr(prog, "loops", None) or () for k in range(r.start, r.end)}
