@@ -21,12 +21,20 @@ import numpy as np
 
 
 # ------------------------------------------------------------------ timing
-def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None, block: int = 1) -> dict:
-    """{name: fn} -> {name: median seconds}; each round runs every fn `block` times
-    in a row and records the mean of that block (block > 1 for microsecond-scale
-    calls such as a streaming step: each framework is timed in its steady state,
-    its worker threads awake, as in an application that calls only it, while the
-    rounds still interleave the frameworks so machine noise hits all alike).
+_SOLO_ALL = False     # --solo: every implementation in rounds of its own
+
+
+def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None,
+                min_time: float = 2e-3) -> dict:
+    """{name: fn} -> {name: median seconds per call} over `repeat` rounds; each round
+    times every fn once, in turn (interleaved, so machine noise hits all alike).
+
+    Calls shorter than `min_time` are timed in blocks of back-to-back calls lasting
+    about min_time (block size from the warm-up, per fn; the block's mean is one
+    sample), as timeit does: a single 20-us call right after another framework's runs
+    while that framework's OpenMP threads still spin on the other CPU and its data
+    fills the caches, which measures the switch, not the step.  Each framework is
+    timed in its steady state, as in a loop that calls only it.
 
     solo: names timed in rounds of their own after the interleaved ones (default:
     the NumPy-based ones).  NumPy's OpenBLAS threads busy-wait for a while after
@@ -36,19 +44,25 @@ def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None, block: int
     Those peers are context, not targets, so they no longer share rounds with the
     frameworks being compared."""
     if solo is None:
-        solo = [k for k in impls if "numpy" in k]
+        solo = list(impls) if _SOLO_ALL else [k for k in impls if "numpy" in k]
     together = {k: fn for k, fn in impls.items() if k not in solo}
     times = {k: [] for k in impls}
     for group in [together] + [{k: impls[k]} for k in solo]:
-        for _ in range(warmup):
-            for fn in group.values():
+        block = {}
+        for k, fn in group.items():
+            for _ in range(max(warmup - 1, 0)):
                 fn()
+            t = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t
+            block[k] = max(1, min(1000, int(min_time / max(once, 1e-7))))
         for _ in range(repeat):
             for k, fn in group.items():
+                n = block[k]
                 t = time.perf_counter()
-                for _ in range(block):
+                for _ in range(n):
                     fn()
-                times[k].append((time.perf_counter() - t) / block)
+                times[k].append((time.perf_counter() - t) / n)
     return {k: statistics.median(times[k]) for k in impls}
 
 
@@ -378,7 +392,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="256,1024,2048", help="matmul sizes")
     ap.add_argument("--conv-batch", type=int, default=32)
     ap.add_argument("--onnx-size", type=int, default=224, help="ResNet-50 image size")
+    ap.add_argument("--solo", action="store_true",
+                    help="time each implementation in rounds of its own (steady state, "
+                         "nothing else between its calls) instead of interleaving them")
     args = ap.parse_args(argv)
+    global _SOLO_ALL
+    _SOLO_ALL = args.solo
     os.environ["GRAPHC_NUM_THREADS"] = str(args.threads)
     torch = _torch(args.threads)
     only = set(args.only.split(","))
