@@ -22,30 +22,37 @@ import numpy as np
 
 # ------------------------------------------------------------------ timing
 _SOLO_ALL = False     # --solo: every implementation in rounds of its own
+SETTLE = 0.015        # --settle: untimed calls before each timed one in a round (s)
 
 
 def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None,
-                min_time: float = 2e-3) -> dict:
+                min_time: float = 2e-3, settle: float = None) -> dict:
     """{name: fn} -> {name: median seconds per call} over `repeat` rounds; each round
-    times every fn once, in turn (interleaved, so machine noise hits all alike).
+    times every fn in turn (interleaved, so slow drifts of the machine hit all alike).
+
+    In a round, each fn first runs untimed for `settle` seconds (default SETTLE,
+    15 ms; at least one call), then is timed.  Thread pools keep spinning after a
+    call and take a CPU from whatever runs next: measured on the 2-CPU VM,
+    graphc's 1024^3 matmul right after PyTorch's took 19.1 ms, 13.6 ms 5 ms later
+    and 11.3 ms 10 ms later (PyTorch's own time: 11.3-12.8 ms); graphc's workers
+    spin only ~4000 `pause` rounds.  Pausing instead (sleeping between calls) is
+    no fairer: PyTorch's parked threads then wake slowly on this VM (its batch-1
+    LeNet step: 1.0 ms back to back, 2-13 ms after a 20-ms sleep).  The untimed
+    calls absorb the switch from the other framework; the timed ones see each
+    framework in its steady state, as a loop that calls only it would.
 
     Calls shorter than `min_time` are timed in blocks of back-to-back calls lasting
     about min_time (block size from the warm-up, per fn; the block's mean is one
-    sample), as timeit does: a single 20-us call right after another framework's runs
-    while that framework's OpenMP threads still spin on the other CPU and its data
-    fills the caches, which measures the switch, not the step.  Each framework is
-    timed in its steady state, as in a loop that calls only it.
+    sample), as timeit does.
 
     solo: names timed in rounds of their own after the interleaved ones (default:
-    the NumPy-based ones).  NumPy's OpenBLAS threads busy-wait for a while after
-    each call and take a CPU from whatever runs next: measured on the 2-CPU VM, a
-    PyTorch LeNet-5 step took 12 ms right after graphc's NumPy interpreter and
-    4.5 ms after graphc-llvm, and graphc-llvm's step 6 ms instead of 2.5 ms.
-    Those peers are context, not targets, so they no longer share rounds with the
-    frameworks being compared."""
+    the NumPy-based ones; all with --solo).  NumPy's OpenBLAS threads busy-wait
+    after each call too (PyTorch's LeNet step took 12 ms right after graphc's NumPy
+    interpreter instead of 4.5 ms), and those peers are context, not targets."""
     if solo is None:
         solo = list(impls) if _SOLO_ALL else [k for k in impls if "numpy" in k]
     together = {k: fn for k, fn in impls.items() if k not in solo}
+    settle = SETTLE if settle is None else settle
     times = {k: [] for k in impls}
     for group in [together] + [{k: impls[k]} for k in solo]:
         block = {}
@@ -58,6 +65,11 @@ def interleaved(impls: dict, repeat: int, warmup: int = 2, solo=None,
             block[k] = max(1, min(1000, int(min_time / max(once, 1e-7))))
         for _ in range(repeat):
             for k, fn in group.items():
+                if len(group) > 1:
+                    t0 = time.perf_counter()
+                    fn()
+                    while time.perf_counter() - t0 < settle:
+                        fn()
                 n = block[k]
                 t = time.perf_counter()
                 for _ in range(n):
@@ -395,9 +407,14 @@ def main(argv=None) -> int:
     ap.add_argument("--solo", action="store_true",
                     help="time each implementation in rounds of its own (steady state, "
                          "nothing else between its calls) instead of interleaving them")
+    ap.add_argument("--settle", type=float, default=15.0,
+                    help="ms of untimed calls before each timed one in an interleaved round, "
+                         "so the previous framework's spinning threads have parked "
+                         "(default 15)")
     args = ap.parse_args(argv)
-    global _SOLO_ALL
+    global _SOLO_ALL, SETTLE
     _SOLO_ALL = args.solo
+    SETTLE = args.settle / 1e3
     os.environ["GRAPHC_NUM_THREADS"] = str(args.threads)
     torch = _torch(args.threads)
     only = set(args.only.split(","))
