@@ -84,24 +84,12 @@ def test_concurrent_calls_from_python_threads(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_gets_its_own_pool(monkeypatch, tmp_path):
+def test_forked_child_gets_its_own_pool(monkeypatch, tmp_path, in_fork):
     f = _fn(monkeypatch, tmp_path)
     a, b = _feeds()
     _check(f(a, b), a, b)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:         # child: the parent's workers do not exist here
-        ok = b"0"
-        try:
-            _check(f(a, b), a, b)
-            ok = b"1"
-        finally:
-            os.write(wfd, ok)
-            os._exit(0)
-    os.close(wfd)
-    got = os.read(rfd, 1)
-    os.waitpid(pid, 0)
-    assert got == b"1"
+    # child: the parent's workers do not exist there
+    assert in_fork(lambda: _check(f(a, b), a, b))
     _check(f(a, b), a, b)      # the parent's pool still works
 
 
