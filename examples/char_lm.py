@@ -61,12 +61,13 @@ def main(argv=None):
                                                                 backend=args.backend)
 
     rng = np.random.default_rng(args.seed)
+    recent = []
     for i in range(args.steps):
         starts = rng.integers(0, len(data) - T - 1, size=args.batch_size)
         xb = np.stack([data[s:s + T] for s in starts], axis=1)
         yb = np.stack([data[s + 1:s + T + 1] for s in starts], axis=1)
         loss = step(xb, yb)
-        recent = (recent if i else []) + [float(loss)]
+        recent.append(float(loss))
         if i % 50 == 0 or i == args.steps - 1:
             print(f"step {i}: loss {loss:.3f} (unigram entropy of the text: {unigram:.3f} nats)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import dtypes as dt
 from .ir.errors import GraphBuildError
 from .ir.graph import Graph, toposort
 from .ir.node import Node, TensorType, user_location

@@ -3,7 +3,6 @@ loops to threads/blocks, the generated source's readability (the graph node
 in a comment), NVRTC/nvcc compilation to PTX and cubin, the disk cache, the
 compile-error report, and `ptxas -v` resource limits for every kernel of an
 MLP and a LeNet-5 training step."""
-import os
 import shutil
 
 import numpy as np

@@ -8,7 +8,6 @@ memory tiling, block reductions and atomics are exercised as written.  Many
 outputs share one compiled graph to keep the C++ compiles few.
 """
 import ctypes
-import os
 import shutil
 
 import numpy as np

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc.ir.errors import GraphcError
 
 RNG = np.random.default_rng(21)
 EPS = np.finfo(np.float32).eps

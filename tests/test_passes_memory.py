@@ -2,7 +2,6 @@
 than the sum of the buffers, and running a graph *inside* its planned arena
 (with dead buffers poisoned) gives the interpreter's results."""
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -252,7 +252,7 @@ class Gemm(Stmt):
     def dot_rows(self) -> bool:
         """Is this the few-rows-times-a-transposed-matrix case that as_loops runs as
         dot products (x @ W.T at batch 1)?"""
-        (_, _, _, acs), (B, _, brs, bcs), _ = self.a, self.b, self.c
+        (_, _, _, acs), (_, _, brs, bcs), _ = self.a, self.b, self.c
         return (brs == 1 and bcs != 1 and acs == 1 and self.M < 4 and self.K >= 16
                 and self.c[0].dtype.kind == "f")
 

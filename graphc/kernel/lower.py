@@ -15,7 +15,7 @@ import numpy as np
 
 from ..ir.errors import NotLoweredError
 from . import ir as K
-from .ir import (BOOL, INDEX, Assign, BinOp, Buffer, Cast, Const, Gemm, If, Kernel, Load, Local,
+from .ir import (BOOL, INDEX, Assign, BinOp, Buffer, Cast, Const, Gemm, Kernel, Load, Local,
                  Loop, Select, Store, UnOp, Var, affine, contiguous_strides, idx)
 from .scalar import SCALAR, nan_max, nan_min, scalar_expr
 from .schedule import collapse_loops
@@ -616,4 +616,4 @@ def lower_matmul(lw, n):
 from . import lower_nn  # noqa: E402,F401  (registers the nn rules)
 from . import lower_index  # noqa: E402,F401  (registers the indexing rules)
 from . import lower_loop  # noqa: E402,F401  (registers scan and tuple_get)
-from . import lower_fused  # noqa: E402,F401  (fused reductions with an epilogue)
+from . import lower_fused as _lower_fused_rules  # noqa: E402,F401  (fused reductions with an epilogue)

@@ -16,7 +16,6 @@ from . import ir as K
 from .ir import (INDEX, Assign, BinOp, Cast, Const, Kernel, Load, Local, Loop, Select, Store,
                  UnOp, Var, affine, contiguous_strides, idx)
 from .lower import _shape, _uniq, reduce_kernels, rule
-from .scalar import nan_max
 
 
 def _clamp(e, hi):

@@ -29,7 +29,7 @@ from ..ir.errors import NotLoweredError
 from ..ir.graph import Graph
 from . import ir as K
 from .ir import Buffer, Kernel
-from .lower import (LOWER, Lowerer, _foldable_transposes, _shape, elementwise_kernel,
+from .lower import (LOWER, _foldable_transposes, _shape, elementwise_kernel,
                     lower_fused, rule)
 
 

@@ -12,7 +12,6 @@ from math import prod
 
 import numpy as np
 
-from ..ir import dtypes as dt
 from . import ir as K
 from .ir import (BOOL, INDEX, Assign, BinOp, Cast, Const, Gemm, Kernel, Load, Local, Loop, Select,
                  Store, UnOp, Var, affine, idx)

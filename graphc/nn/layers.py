@@ -18,7 +18,6 @@ import numpy as np
 
 from ..ops import activations as A
 from ..ops import conv as C
-from ..ops import elementwise as E
 from ..ops import indexing as I
 from ..ops import linalg as L
 from ..ops import nn as F

@@ -41,7 +41,6 @@ from ..ops import linalg as L
 from ..ops import shape as S
 from ..ops.loop import scan
 from ..ops.reduce import numel
-from ..tensor import Parameter
 from . import init as _init
 from .module import Module
 

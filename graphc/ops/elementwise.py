@@ -11,7 +11,7 @@ import numpy as np
 from ..ir import dtypes as dt
 from ..ir.node import Node, TensorType
 from ..ir.shapes import broadcast_shapes
-from .base import Op, apply, register, REGISTRY
+from .base import Op, apply, register
 
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "abs", "exp", "log", "sqrt", "sign",
            "square", "reciprocal", "maximum", "minimum", "less", "less_equal", "greater",

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..ir import dtypes as dt
 from ..ir.errors import GraphBuildError
-from ..ir.node import Node, TensorType, user_location
+from ..ir.node import TensorType, user_location
 from ..ir.shapes import broadcast_shapes, shape_str
 from .base import Op, apply, register
 

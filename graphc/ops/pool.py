@@ -34,8 +34,7 @@ from ..ir import dtypes as dt
 from ..ir.node import TensorType
 from ..ir.shapes import shape_str
 from .base import Op, apply, register
-from .conv import concrete_dims, crop, out_size, pad_nchw, pair, same_batch, scatter_windows, \
-    windows
+from .conv import concrete_dims, crop, out_size, pad_nchw, pair, same_batch, scatter_windows
 
 __all__ = ["max_pool2d", "avg_pool2d", "global_avg_pool2d", "max_pool2d_grad",
            "max_pool2d_gather", "avg_pool2d_grad"]
