@@ -50,13 +50,14 @@ def main(argv=None):
     unigram = float(-(freq * np.log(freq)).sum())   # the loss of the best context-free guess
 
     model = CharLM(V, seed=args.seed)
-    B = args.batch_size
-    x = gc.input("x", (T, B), dtype="int64")
-    y = gc.input("y", (T, B), dtype="int64")
+    # Time and batch are both left symbolic: the reshape merges them into one
+    # dimension "N*T", and the compiled step specializes on the sizes it is given.
+    x = gc.input("x", ("T", None), dtype="int64")
+    y = gc.input("y", ("T", None), dtype="int64")
 
     def loss_fn(xb, yb):
         logits = model(xb)
-        return gc.cross_entropy(gc.reshape(logits, (T * B, V)), gc.reshape(yb, (T * B,)))
+        return gc.cross_entropy(gc.reshape(logits, (-1, V)), gc.reshape(yb, (-1,)))
     step = optim.Adam(model.parameters(), lr=5e-3).compile_step(loss_fn, x, y,
                                                                 backend=args.backend)
 

@@ -179,6 +179,46 @@ def test_reshape_symbolic_batch():
         np.testing.assert_array_equal(o, a.reshape(5, 6))
 
 
+def test_reshape_merges_symbolic_dims_into_products():
+    """(T, N, V) -> (-1, V) gives ("N*T", V); back to (T, N, V) and (N, T*V)-style
+    targets resolve through the products; gradients flow through; every backend
+    specializes the product from the bound symbols."""
+    from graphc.ir.shapes import dim_factors, make_dim, substitute
+    assert dim_factors("3*N*T") == (3, ["N", "T"]) and make_dim(1, ["T", "N"]) == "N*T"
+    assert substitute(("N*T", "2*N", 4), {"N": 3, "T": 5}) == (15, 6, 4)
+    assert substitute(("N*T",), {"N": 3}) == ("3*T",)
+    x = gc.input("x", ("T", None, 4), "float64")
+    flat = gc.reshape(x, (-1, 4))
+    assert flat.shape == ("N*T", 4)
+    assert gc.reshape(x, (-1,)).shape == ("4*N*T",)
+    assert gc.reshape(x, ("T", -1)).shape == ("T", "4*N")
+    back = gc.reshape(flat, ("T", "N", 4))
+    assert back.shape == ("T", "N", 4)
+    w = gc.input("w", (4, 3), "float64")
+    loss = gc.sum(gc.tanh(flat @ w))
+    gx, gw = gc.grad(loss, [x, w])
+    assert gx.shape == x.shape
+    rng = np.random.default_rng(3)
+    for backend in ("numpy", "llvm"):
+        f = gc.compile([x, w], [flat, back, loss, gx, gw], backend=backend)
+        for t, n in ((2, 3), (5, 1)):
+            xv, wv = rng.standard_normal((t, n, 4)), rng.standard_normal((4, 3))
+            fl, bk, lv, gxv, gwv = f(xv, wv)
+            np.testing.assert_array_equal(fl, xv.reshape(t * n, 4))
+            np.testing.assert_array_equal(bk, xv)
+            th = np.tanh(xv.reshape(-1, 4) @ wv)
+            np.testing.assert_allclose(lv, th.sum(), rtol=1e-12)
+            np.testing.assert_allclose(gwv, xv.reshape(-1, 4).T @ (1 - th ** 2), rtol=1e-12)
+            np.testing.assert_allclose(gxv, ((1 - th ** 2) @ wv.T).reshape(t, n, 4),
+                                       rtol=1e-12)
+    with pytest.raises(gc.GraphBuildError, match="symbol 'S' is not a dimension"):
+        gc.reshape(x, ("S", -1))
+    with pytest.raises(gc.GraphBuildError, match="sizes differ"):
+        gc.reshape(flat, ("T", 4, 4))
+    with pytest.raises(gc.GraphBuildError, match="cannot reshape"):
+        gc.reshape(x, (3, -1))        # 4*N*T is not known to be a multiple of 3
+
+
 def test_broadcast_to_forward_grad_and_errors():
     a = np.array([[1.0], [2.0]])
     out = run(lambda x: gc.broadcast_to(x, (3, 2, 4)), a)

@@ -30,7 +30,7 @@ def normalize_shape(shape, what="shape") -> Shape:
         if d is None:
             out.append(BATCH)
         elif isinstance(d, str):
-            if not d.isidentifier():
+            if not d.isidentifier() and not _is_product(d):
                 raise ValueError(f"symbolic dimension {d!r} in {what} must be an identifier")
             out.append(d)
         elif isinstance(d, (int,)) or (hasattr(d, "__index__") and not isinstance(d, bool)):
@@ -41,6 +41,38 @@ def normalize_shape(shape, what="shape") -> Shape:
         else:
             raise TypeError(f"{what} {shape!r}: dimension {d!r} must be an int, a name, or None")
     return tuple(out)
+
+
+def _is_product(d: str) -> bool:
+    parts = d.split("*")
+    return len(parts) > 1 and all(p.isidentifier() or (p.isdigit() and int(p) > 0)
+                                  for p in parts)
+
+
+def dim_factors(d) -> tuple:
+    """(integer coefficient, sorted symbol names) of a dimension: 6 -> (6, []),
+    "N" -> (1, ["N"]), "3*N*T" -> (3, ["N", "T"]).
+
+    A product of symbols appears when a reshape merges dimensions, e.g. (T, N, V)
+    -> (-1, V) gives ("N*T", V); it is written in this canonical form (the
+    coefficient first, then the names sorted) so equal products compare equal."""
+    if isinstance(d, str):
+        coef, names = 1, []
+        for p in d.split("*"):
+            if p.isdigit():
+                coef *= int(p)
+            else:
+                names.append(p)
+        return coef, sorted(names)
+    return int(d), []
+
+
+def make_dim(coef: int, names) -> Dim:
+    """The dimension coef * prod(names), canonical (see dim_factors)."""
+    names = sorted(names)
+    if not names or coef == 0:
+        return int(coef)
+    return "*".join(([str(coef)] if coef != 1 else []) + names)
 
 
 def is_symbolic(shape: Iterable) -> bool:
@@ -92,8 +124,23 @@ def broadcast_shapes(*shapes) -> Shape:
 
 
 def substitute(shape, bindings: dict) -> Shape:
-    """Replace bound symbols by their sizes."""
-    return tuple(bindings.get(d, d) if isinstance(d, str) else d for d in shape)
+    """Replace bound symbols by their sizes (in products of symbols too)."""
+    def one(d):
+        if not isinstance(d, str):
+            return d
+        if d in bindings:
+            return bindings[d]
+        if "*" not in d:
+            return d
+        coef, names = dim_factors(d)
+        left = []
+        for n in names:
+            if n in bindings:
+                coef *= int(bindings[n])
+            else:
+                left.append(n)
+        return make_dim(coef, left)
+    return tuple(one(d) for d in shape)
 
 
 def normalize_axis(axis: int, ndim: int, op: str = "") -> int:

@@ -17,37 +17,43 @@ __all__ = ["reshape", "broadcast_to", "transpose", "permute", "flatten"]
 
 
 def _resolve_reshape(src, target):
-    """Resolve -1 in `target` against `src`; both may hold symbolic dims."""
+    """Resolve -1 in `target` against `src`; both may hold symbolic dims.
+
+    Sizes are compared as products: an integer coefficient times a multiset of
+    symbols, so (T, N, V) -> (-1, V) gives ("N*T", V) and ("N*T", V) -> (T, N, V)
+    is accepted; a -1 takes whatever coefficient and symbols are left over."""
+    from collections import Counter
+
+    from ..ir.shapes import dim_factors, make_dim
     target = tuple(target)
     if sum(1 for d in target if d == -1) > 1:
         raise ValueError(f"reshape target {target} has more than one -1")
-    src_known = prod(d for d in src if isinstance(d, int))
-    src_syms = sorted(d for d in src if isinstance(d, str))
-    tgt_known = prod(d for d in target if isinstance(d, int) and d != -1)
-    tgt_syms = sorted(d for d in target if isinstance(d, str))
     for d in target:
         if isinstance(d, int) and d < -1:
             raise ValueError(f"reshape target {target} has a negative dimension {d}")
+
+    def expand(dims):
+        coef, names = 1, Counter()
+        for d in dims:
+            c, ns = dim_factors(d)
+            coef *= c
+            names.update(ns)
+        return coef, names
+    src_coef, src_syms = expand(src)
+    tgt_coef, tgt_syms = expand(d for d in target if d != -1)
     if -1 in target:
-        # Symbols the target names explicitly cancel against the source's.
-        rest = list(src_syms)
-        for s in tgt_syms:
-            if s not in rest:
-                raise ValueError(f"cannot reshape {shape_str(src)} to {target}: "
-                                 f"symbol {s!r} is not a dimension of the input")
-            rest.remove(s)
-        if len(rest) > 1 or (rest and src_known != tgt_known):
-            raise ValueError(f"cannot reshape {shape_str(src)} to {target}: the size of -1 "
-                             "would mix symbolic dimensions; give the batch dimension explicitly")
-        if rest:
-            fill = rest[0]
-        else:
-            if tgt_known == 0 or src_known % tgt_known:
-                raise ValueError(f"cannot reshape {shape_str(src)} ({src_known} elements) "
-                                 f"to {target}")
-            fill = src_known // tgt_known
+        missing = tgt_syms - src_syms
+        if missing:
+            s = sorted(missing)[0]
+            raise ValueError(f"cannot reshape {shape_str(src)} to {target}: "
+                             f"symbol {s!r} is not a dimension of the input")
+        if tgt_coef == 0 or src_coef % tgt_coef:
+            raise ValueError(f"cannot reshape {shape_str(src)} ({src_coef} elements"
+                             f"{' times ' + '*'.join(sorted(src_syms.elements())) if src_syms else ''}) "
+                             f"to {target}")
+        fill = make_dim(src_coef // tgt_coef, (src_syms - tgt_syms).elements())
         return tuple(fill if d == -1 else d for d in target)
-    if sorted(src_syms) != sorted(tgt_syms) or src_known != tgt_known:
+    if src_syms != tgt_syms or src_coef != tgt_coef:
         raise ValueError(f"cannot reshape {shape_str(src)} to {shape_str(target)}: "
                          "sizes differ")
     return target
@@ -55,7 +61,9 @@ def _resolve_reshape(src, target):
 
 @register
 class ReshapeOp(Op):
-    """Same elements, new shape (one dimension may be -1)."""
+    """Same elements, new shape (one dimension may be -1).  Symbolic dimensions
+    merge into products: (T, N, V) -> (-1, V) gives (N*T, V), which every backend
+    specializes from the bound sizes of N and T."""
     name = "reshape"
     arity = 1
     shape_attrs = ("shape",)
