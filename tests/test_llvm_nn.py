@@ -34,6 +34,9 @@ CONV_CASES = [
     ((3, 5, 6, 5), (7, 5, 1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),   # 1x1: direct GEMM
     ((1, 1, 5, 13), (1, 1, 5, 5), (1, 3), ((2, 2), (0, 1)), (1, 1), 1),
     ((2, 8, 12, 11), (16, 8, 3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # packed GEMM path
+    # pixel-major columns for grad-weight (CKK >= 64, few output channels per group),
+    # with stride, asymmetric padding, dilation and groups
+    ((2, 16, 9, 10), (8, 8, 3, 3), (2, 1), ((1, 0), (2, 1)), (1, 2), 2),
 ]
 
 
