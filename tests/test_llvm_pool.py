@@ -130,9 +130,9 @@ def test_process_with_pool_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1024, 256), (3, 1023, 64), (2, 257, 300), (1, 5, 16),
-                                   (1, 66, 1000)])
+                                   (1, 66, 1000), (6, 25, 784), (8, 63, 100), (5, 700, 96)])
 def test_matrix_vector_rows_shared_between_threads(monkeypatch, tmp_path, m, n, k):
-    """x @ W.T with few rows runs as dot products along W's rows, four rows at a time,
+    """x @ W.T with few rows (up to 8) runs as dot products along W's rows, four rows at a time,
     the rows shared out among threads: same bits for 1 and 2 threads, and equal to
     float64 NumPy within the float32 bound for a length-k sum."""
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))

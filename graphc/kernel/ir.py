@@ -253,12 +253,17 @@ class Gemm(Stmt):
         """Is this the few-rows-times-a-transposed-matrix case that as_loops runs as
         dot products (x @ W.T at batch 1)?"""
         (_, _, _, acs), (_, _, brs, bcs), _ = self.a, self.b, self.c
-        return (brs == 1 and bcs != 1 and acs == 1 and self.M < 4 and self.K >= 16
-                and self.c[0].dtype.kind == "f")
+        return (brs == 1 and bcs != 1 and acs == 1 and self.M <= DOT_ROWS_MAX_M
+                and self.K >= 16 and self.c[0].dtype.kind == "f")
 
     @property
     def flops(self):
         return 2 * self.M * self.N * self.K
+
+
+# Gemm.dot_rows: the most rows of A run as dot products (each B row, read once per
+# row of A, stays in L1 between them).
+DOT_ROWS_MAX_M = 8
 
 
 class Kernel:

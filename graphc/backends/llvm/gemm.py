@@ -77,7 +77,10 @@ def emit_gemm(em, g):
     # Tiny products, and short reductions (K < 16: packing would cost more than the
     # FMAs), use the plain loop nest, whose inner loop LLVM vectorizes over C's row.
     small = (g.M * g.N * g.K < 32 * 32 * 32 or g.N < 8 or g.M < 4 or g.K < 16
-             or dtype.kind != "f")
+             or dtype.kind != "f"
+             # few rows times a transposed matrix with few columns (a conv's
+             # grad-weight for few channels): dot products beat packing B, a gather
+             or (g.dot_rows() and g.N < 64))
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
         if em.depth == 0 and em.mb.nthreads > 1 and not g.dot_rows():
             # A top-level GEMM is shared out among threads; this small one runs on one
