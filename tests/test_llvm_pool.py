@@ -154,3 +154,26 @@ def test_matrix_vector_rows_shared_between_threads(monkeypatch, tmp_path, m, n, 
         np.testing.assert_array_equal(a, b)
     assert np.all(np.abs(got[0][0] - ref) <= bound)
     assert np.all(np.abs(got[0][1] - (cv + ref)) <= bound)
+
+
+@pytest.mark.parametrize("m,n,k", [(200, 40, 300), (512, 49, 96), (130, 7, 64)])
+def test_narrow_gemm_rows_shared_between_threads(monkeypatch, tmp_path, m, n, k):
+    """A product with few columns and many rows (a late ResNet conv at batch 1) is
+    split among threads by bands of rows: same bits for 1, 2 and 3 threads, and
+    equal to float64 NumPy within the float32 bound for a length-k sum."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    a, b = gc.input("a", (m, k)), gc.input("b", (k, n))
+    av = RNG.standard_normal((m, k)).astype(np.float32)
+    bv = RNG.standard_normal((k, n)).astype(np.float32)
+    got = []
+    for nt in ("1", "2", "3"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", nt)
+        f = gc.compile([a, b], a @ b, backend="llvm")
+        got.append(f(av, bv))
+        if m * n * k >= 1 << 18:
+            assert gllvm.runners(f)[0].nthreads == int(nt)
+    for other in got[1:]:
+        np.testing.assert_array_equal(got[0], other)
+    ref = av.astype(np.float64) @ bv.astype(np.float64)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(av) @ np.abs(bv))
+    assert np.all(np.abs(got[0] - ref) <= bound)

@@ -367,7 +367,7 @@ def is_spmd(kernel, min_work=1 << 18) -> bool:
     waking threads and a barrier (otherwise one thread runs it)."""
     if not kernel.body or not all(
             (isinstance(s, Loop) and s.kind == "parallel" and s.extent > 1)
-            or (isinstance(s, Gemm) and s.N >= 64 and s.K >= 16 and s.M >= 4
+            or (isinstance(s, Gemm) and (s.N >= 64 or s.M >= 64) and s.K >= 16 and s.M >= 4
                 and s.M * s.N * s.K >= 1 << 15)   # (smaller: the loop nest, on one thread)
             or (isinstance(s, Gemm) and s.dot_rows() and s.N >= 64)  # rows of B shared
             for s in kernel.body):

@@ -26,9 +26,12 @@ from .codegen import I64, PTR, reg_type
 KC, MC, NC = 256, 144, 2048
 
 
+MR = 6     # rows of the micro-kernel (params)
+
+
 def params(dtype, avx512):
     vw = (16 if dtype.itemsize == 4 else 8) if avx512 else (8 if dtype.itemsize == 4 else 4)
-    return dict(VW=vw, MR=6, NV=2)      # 6 x 2 vectors: 12 accumulators + 2 B + 1 A
+    return dict(VW=vw, MR=MR, NV=2)     # 6 x 2 vectors: 12 accumulators + 2 B + 1 A
 
 
 @contextmanager
@@ -101,18 +104,31 @@ def emit_gemm(em, g):
     c = lambda v: ir.Constant(I64, v)
     offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
     n_cols = c(g.N)
+    m_rows = c(g.M)
     if em.depth == 0 and em.mb.nthreads > 1:
-        # A top-level GEMM: each thread computes a band of C's columns (NR-aligned, so
-        # every element is summed in the same order whatever the thread count).
-        lo, hi = em.chunk(g.N, align=nr)
-        n_cols = b.sub(hi, lo)
-        offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
-        offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))
+        nth = em.mb.nthreads
+        if -(-g.N // nr) < 2 * nth and g.M >= 4 * MR * nth:
+            # Few columns, many rows (a late ResNet conv at batch 1: N = 49 pixels,
+            # M = 512..2048 channels): each thread computes a band of C's rows
+            # (MR-aligned); column bands would leave threads without a whole one.
+            # Every element is still summed in the same order whatever the thread
+            # count.
+            lo, hi = em.chunk(g.M, align=MR)
+            m_rows = b.sub(hi, lo)
+            offs[0] = b.add(offs[0], b.mul(lo, c(g.a[2])))
+            offs[2] = b.add(offs[2], b.mul(lo, c(g.c[2])))
+        else:
+            # A top-level GEMM: each thread computes a band of C's columns (NR-aligned,
+            # so every element is summed in the same order whatever the thread count).
+            lo, hi = em.chunk(g.N, align=nr)
+            n_cols = b.sub(hi, lo)
+            offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
+            offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))
     wsp = b.gep(ws, [c(0), b.mul(em.tid, c(ws_elems))], inbounds=True)
     args = []
     for (buf, _, rs, cs), off in zip((g.a, g.b, g.c), offs):
         args += [em.ptr[id(buf)], off, c(rs), c(cs)]
-    args += [c(g.M), n_cols, c(g.K)]
+    args += [m_rows, n_cols, c(g.K)]
     args.append(ir.Constant(ir.IntType(1), int(g.accumulate)))
     args.append(wsp)
     i1 = ir.IntType(1)
