@@ -90,3 +90,24 @@ def test_forked_child_compiles_with_its_own_server(monkeypatch, in_fork):
     assert in_fork(child)
     assert server._server["proc"] is parent_server and parent_server.poll() is None
     np.testing.assert_array_equal(gc.compile(inputs, y, backend="llvm")(*feeds), want)
+
+
+def test_server_that_cannot_start_falls_back_to_compiling_here(monkeypatch):
+    """sys.executable that is not a working Python (an embedding program, say): the
+    server never says it is ready, graphc compiles in process from then on."""
+    monkeypatch.setenv("GRAPHC_CACHE", "0")
+    saved = dict(server._server)
+    old = server._server["proc"]
+    if old is not None:
+        server._stop(old)
+    monkeypatch.setattr(server.sys, "executable", "/bin/true")
+    try:
+        inputs, y, feeds = _model()
+        got = gc.compile(inputs, y, backend="llvm")(*feeds)
+        assert server._server["failed"] and server._server["proc"] is None
+        x, w = (v.astype(np.float64) for v in feeds)
+        np.testing.assert_allclose(got, (np.tanh(x @ w) / (1 + np.exp(-(x @ w)))).sum(1),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        server._server.clear()
+        server._server.update(saved, proc=None, failed=False, ready=False)

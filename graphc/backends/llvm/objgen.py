@@ -12,8 +12,9 @@ user's program.  The server starts at the first compile and ends with the
 process (its stdin closes).
 
 Protocol (binary, both ways): an 8-byte little-endian length, then that many
-bytes.  Request: the IR text (UTF-8).  Reply: one status byte (b"o": the
-object file follows; b"e": an error message follows), then the payload.
+bytes.  The server first sends READY once its LLVM target is set up.  Request:
+the IR text (UTF-8).  Reply: one status byte (b"o": the object file follows;
+b"e": an error message follows), then the payload.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from llvmlite import binding as llvm
 
 _lock = threading.Lock()
 _state = {}
+READY = b"graphc-objgen 1 ready"
 
 
 def target() -> dict:
@@ -128,6 +130,7 @@ def serve(inp=None, out=None):
     inp = inp or sys.stdin.buffer
     out = out or sys.stdout.buffer
     target()
+    write_message(out, READY)
     while True:
         req = read_message(inp)
         if req is None:

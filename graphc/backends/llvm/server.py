@@ -9,7 +9,9 @@ The child inherits the environment, reads requests on its stdin and exits when
 that closes (when this process ends, or at exit here).  After `fork` the child
 process drops its copy of the connection and starts its own server if it
 compiles.  If the server dies in the middle of a compile (LLVM crashed), the
-compile raises GraphcError and the next compile starts a new server.
+compile raises GraphcError and the next compile starts a new server.  A
+server that never says it is ready (it could not start) is given up for the
+life of the process, and compiles happen in process.
 """
 from __future__ import annotations
 
@@ -58,6 +60,19 @@ def compile(ir_text: str):
         proc = _start()
         if proc is None:
             return None
+        if not _server.get("ready"):
+            # The first use of a new server: it must say it is ready.  A server that
+            # cannot start (no llvmlite for sys.executable, an embedding program as
+            # sys.executable) is not used again: compiles happen in this process.
+            try:
+                hello = objgen.read_message(proc.stdout)
+            except OSError:
+                hello = None
+            if hello != objgen.READY:
+                _stop(proc)
+                _server["failed"] = True
+                return None
+            _server["ready"] = True
         try:
             objgen.write_message(proc.stdin, ir_text.encode())
             reply = objgen.read_message(proc.stdout)
@@ -78,6 +93,7 @@ def compile(ir_text: str):
 
 def _stop(proc):
     _server["proc"] = None
+    _server["ready"] = False
     try:
         proc.stdin.close()
         proc.stdout.close()
@@ -97,6 +113,7 @@ def _after_fork_in_child():
     _lock = threading.Lock()
     proc = _server["proc"]
     _server["proc"] = None
+    _server["ready"] = False
     if proc is not None:       # the parent's server: close our copies, never wait on it
         for f in (proc.stdin, proc.stdout):
             try:
