@@ -130,16 +130,19 @@ def serve(inp=None, out=None):
     inp = inp or sys.stdin.buffer
     out = out or sys.stdout.buffer
     target()
-    write_message(out, READY)
-    while True:
-        req = read_message(inp)
-        if req is None:
-            return          # the client went away
-        try:
-            reply = b"o" + object_code(req.decode())
-        except Exception as e:   # reported to the client, which raises it there
-            reply = b"e" + f"{type(e).__name__}: {e}".encode()
-        write_message(out, reply)
+    try:
+        write_message(out, READY)
+        while True:
+            req = read_message(inp)
+            if req is None:
+                return          # the client went away
+            try:
+                reply = b"o" + object_code(req.decode())
+            except Exception as e:   # reported to the client, which raises it there
+                reply = b"e" + f"{type(e).__name__}: {e}".encode()
+            write_message(out, reply)
+    except (BrokenPipeError, ConnectionError):
+        return                  # the client went away while we wrote
 
 
 if __name__ == "__main__":
