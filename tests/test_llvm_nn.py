@@ -37,6 +37,9 @@ CONV_CASES = [
     # pixel-major columns for grad-weight (CKK >= 64, few output channels per group),
     # with stride, asymmetric padding, dilation and groups
     ((2, 16, 9, 10), (8, 8, 3, 3), (2, 1), ((1, 0), (2, 1)), (1, 2), 2),
+    # grad-weight as dW^T = cols . dY^T (32 or more output channels per group)
+    ((2, 6, 10, 9), (40, 6, 3, 3), (1, 2), ((1, 1), (0, 1)), (1, 1), 1),
+    ((1, 8, 7, 8), (64, 4, 3, 2), (1, 1), ((1, 0), (1, 1)), (2, 1), 2),
 ]
 
 
