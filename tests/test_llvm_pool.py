@@ -177,3 +177,22 @@ def test_narrow_gemm_rows_shared_between_threads(monkeypatch, tmp_path, m, n, k)
     ref = av.astype(np.float64) @ bv.astype(np.float64)
     bound = 4 * k * np.finfo(np.float32).eps * (np.abs(av) @ np.abs(bv))
     assert np.all(np.abs(got[0] - ref) <= bound)
+
+
+def test_default_thread_count_shares_cpus_among_local_mpi_ranks(monkeypatch):
+    from graphc.backends.llvm.runtime import num_threads
+    for var in ("GRAPHC_NUM_THREADS", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert num_threads() == cpus
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")            # mpiexec -n 2 (MPICH/Hydra)
+    assert num_threads() == max(1, cpus // 2)
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(4 * cpus))   # oversubscribed
+    assert num_threads() == 1
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "3")           # explicit wins
+    assert num_threads() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="GRAPHC_NUM_THREADS"):
+            num_threads()

@@ -140,18 +140,37 @@ def _debug_bounds() -> bool:
     return os.environ.get("GRAPHC_DEBUG_BOUNDS", "") not in ("", "0")
 
 
+# Environment variables in which MPI launchers give the number of ranks on this node
+# (MPICH/Hydra, Open MPI).
+_LOCAL_RANKS_ENV = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
 def num_threads() -> int:
-    """GRAPHC_NUM_THREADS, else the number of CPUs this process may use."""
+    """GRAPHC_NUM_THREADS, else the CPUs this process may use, shared out among the MPI
+    ranks on this node when a launcher says how many there are (`mpiexec -n 2` on 2
+    CPUs: one thread per rank, not two ranks of two threads spinning at barriers on
+    the same CPUs)."""
     v = os.environ.get("GRAPHC_NUM_THREADS")
     if v:
-        n = int(v)
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
         if n < 1:
-            raise ValueError(f"GRAPHC_NUM_THREADS must be >= 1, got {v!r}")
+            raise ValueError(f"GRAPHC_NUM_THREADS must be an integer >= 1, got {v!r}")
         return n
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    for var in _LOCAL_RANKS_ENV:
+        try:
+            ranks = int(os.environ.get(var, ""))
+        except ValueError:
+            continue
+        if ranks > 1:
+            return max(1, cpus // ranks)
+    return cpus
 
 
 # Table layout after the external buffers: arena base, error record, barrier state,
