@@ -50,36 +50,35 @@ def _source_hash() -> str:
     return _SRC_HASH[0]
 
 
-def key(prog, calls, nthreads, profile, target) -> str | None:
-    if not enabled():
-        return None
-    import llvmlite
-
-    import graphc
+def _digest(parts) -> str:
     h = hashlib.sha256()
-    parts = [CODEGEN_VERSION, _source_hash(), graphc.__version__, llvmlite.__version__, target["cpu"],
-             target["features"], target["triple"], str(nthreads), str(bool(profile)),
-             repr(calls), repr([(b.dtype.str, b.size, b.scope) for b, _ in prog.externals])]
     for p in parts:
         h.update(p.encode())
         h.update(b"\0")
-    for k in prog.kernels:
-        h.update(k.format().encode())
-        h.update(b"\0")
     return h.hexdigest()
+
+
+def _target_parts(target) -> list:
+    import llvmlite
+    return [CODEGEN_VERSION, _source_hash(), llvmlite.__version__, target["cpu"],
+            target["features"], target["triple"]]
+
+
+def key(prog, calls, nthreads, profile, target) -> str | None:
+    if not enabled():
+        return None
+    import graphc
+    return _digest(_target_parts(target) + [
+        graphc.__version__, str(nthreads), str(bool(profile)), repr(calls),
+        repr([(b.dtype.str, b.size, b.scope) for b, _ in prog.externals])]
+        + [k.format() for k in prog.kernels])
 
 
 def text_key(text: str, target) -> str | None:
     """Key for a module given as LLVM IR text (the worker pool's), same inputs otherwise."""
     if not enabled():
         return None
-    import llvmlite
-    h = hashlib.sha256()
-    for p in (CODEGEN_VERSION, _source_hash(), llvmlite.__version__, target["cpu"],
-              target["features"], target["triple"], text):
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()
+    return _digest(_target_parts(target) + [text])
 
 
 def _path(k):
@@ -115,26 +114,12 @@ def read(k) -> bytes | None:
     return data
 
 
-def load(k, target):
+def load(k):
     """(engine, entry address) from the cache, or None."""
     if k is None:
         return None
     data = read(k)
     if data is None:
         return None
-    from llvmlite import binding as llvm
-    try:
-        tm = target["target"].create_target_machine(cpu=target["cpu"],
-                                                    features=target["features"], opt=3,
-                                                    jit=True)
-        mod = llvm.parse_assembly("")
-        mod.triple = target["triple"]
-        engine = llvm.create_mcjit_compiler(mod, tm)
-        engine.add_object_file(llvm.ObjectFileRef.from_data(data))
-        engine.finalize_object()
-        addr = engine.get_function_address("entry")
-    except Exception:
-        return None
-    if not addr:
-        return None
-    return engine, addr
+    from .objgen import load_object
+    return load_object(data, "entry")

@@ -93,6 +93,22 @@ def codegen(mod):
     return engine, objects
 
 
+def load_object(data: bytes, entry="entry"):
+    """(engine, address of `entry`) for object code (a compile's or a disk-cache
+    entry's), or None if LLVM refuses it."""
+    s = target()
+    try:
+        mod = llvm.parse_assembly("")
+        mod.triple = s["triple"]
+        engine = llvm.create_mcjit_compiler(mod, new_target_machine())
+        engine.add_object_file(llvm.ObjectFileRef.from_data(data))
+        engine.finalize_object()
+        addr = engine.get_function_address(entry)
+    except Exception:
+        return None
+    return (engine, addr) if addr else None
+
+
 def object_code(ir_text: str) -> bytes:
     ctx, mod = parse(ir_text)
     optimize(mod)

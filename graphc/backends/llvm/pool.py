@@ -192,8 +192,8 @@ class Pool:
     """The process's workers (tids 1..size-1) and the native functions that drive them."""
 
     def __init__(self, size: int):
-        from . import cache
-        from .runtime import _target, engine_from_object, jit
+        from . import cache, objgen
+        from .runtime import _target, jit
         target = _target()
         triple = target["triple"]
         text = _module(triple)
@@ -202,7 +202,7 @@ class Pool:
         # libLLVM's code (resident memory a warm start otherwise never pays).
         key = cache.text_key(text, target)
         data = cache.read(key) if key else None
-        hit = engine_from_object(data, "graphc_pool_worker") if data else None
+        hit = objgen.load_object(data, "graphc_pool_worker") if data else None
         self.engine, self._worker_addr = hit or jit(text, keep_object=key,
                                                     entry="graphc_pool_worker")
         run_addr = self.engine.get_function_address("graphc_pool_run")

@@ -15,7 +15,6 @@ import os
 import threading
 
 import numpy as np
-from llvmlite import binding as llvm
 from llvmlite import ir
 
 from ...ir.errors import GraphcError
@@ -80,7 +79,7 @@ def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="ent
             if keep_object is not None:
                 from . import cache
                 cache.store(keep_object, data)
-            hit = engine_from_object(data, entry)
+            hit = objgen.load_object(data, entry)
             if hit is not None:
                 return hit
     s = _target()
@@ -99,30 +98,13 @@ def jit(ir_text: str, dump_dir=None, name="graphc", keep_object=None, entry="ent
         # The engine keeps the optimized module (tens of MB of IR for a training step)
         # for as long as it lives: swap it for an engine holding only the machine code,
         # and hand the compiler's freed heap back to the OS.
-        lean = engine_from_object(objects[0], entry)
+        lean = objgen.load_object(objects[0], entry)
         if lean is not None:
             engine.close()
             del engine, mod, ctx
             release_heap()
             return lean
     return engine, engine.get_function_address(entry)
-
-
-def engine_from_object(data: bytes, entry="entry"):
-    """(engine, address of `entry`) for object code, or None if LLVM refuses it."""
-    s = _target()
-    try:
-        tm = s["target"].create_target_machine(cpu=s["cpu"], features=s["features"], opt=3,
-                                               jit=True)
-        mod = llvm.parse_assembly("")
-        mod.triple = s["triple"]
-        engine = llvm.create_mcjit_compiler(mod, tm)
-        engine.add_object_file(llvm.ObjectFileRef.from_data(data))
-        engine.finalize_object()
-        addr = engine.get_function_address(entry)
-    except Exception:
-        return None
-    return (engine, addr) if addr else None
 
 
 def release_heap():
@@ -280,23 +262,27 @@ class Runner:
         self.table[slot] = a.ctypes.data if a.size else self.arena.ctypes.data
         return a
 
-    def _bind_all(self, arrays):
-        """Validate and bind every external array; returns {slot: array}."""
-        if len(arrays) != self.n_inputs:
-            raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
+    def _bind_states(self, cur):
+        """Bind parameters and constants into `cur` {slot: array}.  Parameters may be
+        replaced between calls: re-check only when the array object changed (set_value
+        and in-place updates keep it)."""
         bound = self._bound          # slot -> the array whose address the table holds
-        cur = {}
-        for slot, buf, pos in self._in_slots:
-            cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
         for slot, buf, kind, what in self._state_slots:
             a = what if kind == "array" else what.value
-            # Parameters may be replaced between calls: re-check only when the array
-            # object changed (set_value and in-place updates keep it).
             if bound.get(slot) is not a:
                 orig = a
                 a = self._bind_external(slot, buf, kind, a)
                 bound[slot] = a if a is orig else None
             cur[slot] = a
+
+    def _bind_all(self, arrays):
+        """Validate and bind every external array; returns {slot: array}."""
+        if len(arrays) != self.n_inputs:
+            raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
+        cur = {}
+        for slot, buf, pos in self._in_slots:
+            cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
+        self._bind_states(cur)
         for slot, n, op, loc in self._checks:
             a = cur[slot]
             if a.size:
@@ -364,14 +350,7 @@ class Runner:
                         for slot, pos, dt, size, stage, shaped in fast:
                             self.table[slot] = stage.ctypes.data
                         self._fast_live = True
-                    bound = self._bound
-                    for slot, buf, kind, what in self._state_slots:
-                        a = what if kind == "array" else what.value
-                        if bound.get(slot) is not a:
-                            orig = a
-                            a = self._bind_external(slot, buf, kind, a)
-                            bound[slot] = a if a is orig else None
-                        cur[slot] = a
+                    self._bind_states(cur)
                     self._call()
                     self.calls += 1
             if cur is None:
@@ -452,7 +431,7 @@ def compile_program(prog, graph):
     key = None
     if not (dump or debug):
         key = cache.key(prog, calls, nthreads, profile, _target())
-        hit = cache.load(key, _target())
+        hit = cache.load(key)
         if hit is not None:
             engine, addr = hit
             return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
