@@ -59,51 +59,46 @@ class _ConvGeom:
         return (self.kh == self.kw == 1 and self.sh == self.sw == 1 and self.pt == 0
                 and self.pl == 0 and self.OH == self.H and self.OW == self.W)
 
+    def _windows(self, n, g):
+        """The loop variables (c, k, l, i, j) of a column matrix, the image element the
+        column entry (c, k, l), (i, j) reads or writes (clamped into range), whether
+        that element is inside the image (not padding), and the entry's index in the
+        tap-major column matrix."""
+        c, k, l, i, j = (Var(s) for s in "cklij")
+        hi = affine([i, k], [self.sh, self.dh], -self.pt)
+        wi = affine([j, l], [self.sw, self.dw], -self.pl)
+        base = affine([n, g], [self.C * self.H * self.W, self.Cg * self.H * self.W])
+        img = K.add(base, affine([c, _clamp(hi, self.H - 1), _clamp(wi, self.W - 1)],
+                                 [self.H * self.W, self.W, 1]))
+        inside = _band(_inb(hi, self.H), _inb(wi, self.W))
+        col = affine([c, k, l, i, j], [self.kh * self.kw * self.P, self.kw * self.P, self.P,
+                                       self.OW, 1])
+        return (c, k, l, i, j), img, inside, col
+
+    def _nest(self, order, body, vector=None):
+        ext = dict(zip("cklij", (self.Cg, self.kh, self.kw, self.OH, self.OW)))
+        for v in reversed(order):
+            body = [Loop(v, ext[v.name], body, "vector" if v is vector else "serial")]
+        return body
+
     def im2col(self, x, cols, n, g, pixel_major=False):
         """cols[(c, k, l), (i, j)] = x[n, g*Cg + c, i*sh + k*dh - pt, j*sw + l*dw - pl] (0 outside).
 
         pixel_major: store cols[(i, j), (c, k, l)] instead (the transpose), with the
         tap loops inside the pixel loops."""
-        c, k, l, i, j = (Var(s) for s in "cklij")
-        hi = affine([i, k], [self.sh, self.dh], -self.pt)
-        wi = affine([j, l], [self.sw, self.dw], -self.pl)
-        base = affine([n, g], [self.C * self.H * self.W, self.Cg * self.H * self.W])
-        src = K.add(base, affine([c, _clamp(hi, self.H - 1), _clamp(wi, self.W - 1)],
-                                 [self.H * self.W, self.W, 1]))
-        val = Select(_band(_inb(hi, self.H), _inb(wi, self.W)), Load(x, src), Const(0, x.dtype))
+        (c, k, l, i, j), src, inside, dst = self._windows(n, g)
+        val = Select(inside, Load(x, src), Const(0, x.dtype))
         if pixel_major:
             dst = affine([i, j, c, k, l], [self.OW * self.CKK, self.CKK, self.kh * self.kw,
                                            self.kw, 1])
-            body = [Store(cols, dst, val)]
-            for v, ext in reversed(list(zip((i, j, c, k, l),
-                                            (self.OH, self.OW, self.Cg, self.kh, self.kw)))):
-                body = [Loop(v, ext, body)]
-            return body
-        dst = affine([c, k, l, i, j], [self.kh * self.kw * self.P, self.kw * self.P, self.P,
-                                       self.OW, 1])
-        body = [Store(cols, dst, val)]
-        for v, ext in reversed(list(zip((c, k, l, i, j),
-                                        (self.Cg, self.kh, self.kw, self.OH, self.OW)))):
-            body = [Loop(v, ext, body, "vector" if v is j else "serial")]
-        return body
+            return self._nest((i, j, c, k, l), [Store(cols, dst, val)])
+        return self._nest((c, k, l, i, j), [Store(cols, dst, val)], vector=j)
 
     def col2im_add(self, cols, dx, n, g):
         """dx[n, g*Cg + c, hi, wi] += cols[(c, k, l), (i, j)] for in-range (hi, wi)."""
-        c, k, l, i, j = (Var(s) for s in "cklij")
-        hi = affine([i, k], [self.sh, self.dh], -self.pt)
-        wi = affine([j, l], [self.sw, self.dw], -self.pl)
-        base = affine([n, g], [self.C * self.H * self.W, self.Cg * self.H * self.W])
-        dst = K.add(base, affine([c, _clamp(hi, self.H - 1), _clamp(wi, self.W - 1)],
-                                 [self.H * self.W, self.W, 1]))
-        src = affine([c, k, l, i, j], [self.kh * self.kw * self.P, self.kw * self.P, self.P,
-                                       self.OW, 1])
-        val = Select(_band(_inb(hi, self.H), _inb(wi, self.W)), Load(cols, src),
-                     Const(0, dx.dtype))
-        body = [Store(dx, dst, BinOp("add", Load(dx, dst), val))]
-        for v, ext in reversed(list(zip((c, k, l, i, j),
-                                        (self.Cg, self.kh, self.kw, self.OH, self.OW)))):
-            body = [Loop(v, ext, body)]
-        return body
+        (c, k, l, i, j), dst, inside, src = self._windows(n, g)
+        val = Select(inside, Load(cols, src), Const(0, dx.dtype))
+        return self._nest((c, k, l, i, j), [Store(dx, dst, BinOp("add", Load(dx, dst), val))])
 
 
 def _same_dtype(lw, n, bufs):
