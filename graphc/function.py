@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+from .ir.dtypes import cast_checked
 from .ir.errors import GraphBuildError
 from .ir.graph import Graph, toposort
 from .ir.node import Node, TensorType, user_location
@@ -158,7 +159,7 @@ class Function:
                 if a.dtype.kind not in "biuf" or not np.can_cast(a.dtype, i.dtype, "same_kind"):
                     raise TypeError(f"{self.name}: input {i.name!r} expects dtype {i.dtype}, "
                                     f"got {a.dtype}")
-                a = a.astype(i.dtype)
+                a = cast_checked(a, i.dtype, f"{self.name}: input {i.name!r}")
             if a.ndim != i.ndim:
                 raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                  f"{shape_str(i.shape)}, got {shape_str(a.shape)}")

@@ -281,3 +281,23 @@ def test_updates_from_two_threads_of_two_shapes_llvm():
     # Two input sizes: two native runners, each with its own lock; the Function's
     # lock serializes the steps across them.
     assert _counter_from_threads("llvm", [3, 5], steps=2000) == 4000.0
+
+
+# --------------------------------------------------------------- float32 range
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_float64_input_beyond_float32_range_is_refused(backend):
+    # float64 -> float32 used to turn 1e39 into inf silently: refused, naming the input
+    x = gc.input("x", (2, 3), "float32")
+    f = gc.compile([x], x * 2.0, backend=backend, name="double")
+    v = np.zeros((2, 3))
+    v[1, 2] = -1e39
+    with pytest.raises(ValueError, match=r"double: input 'x': float64 value -1e\+39 at index "
+                                         r"\(1, 2\) is beyond the float32 range.*-inf"):
+        f(v)
+    big = float(np.finfo(np.float32).max)
+    ok = np.array([[big, -big, np.inf], [np.nan, 1e-50, 0.1]])  # rounding is no error
+    got = f(ok)
+    with np.errstate(over="ignore"):
+        want = ok.astype(np.float32) * np.float32(2)
+    np.testing.assert_array_equal(got, want)
+    assert np.isinf(got[0, :2]).all()          # overflow computed in float32 is the graph's
