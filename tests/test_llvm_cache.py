@@ -131,6 +131,18 @@ def _child(cache_dir):
     assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-2000:])
 
 
+def _section_of_type(data, want):
+    """(offset, size) of the first section of ELF type `want` (2 symtab, 3 strtab, 4 rela)."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shnum, = struct.unpack_from("<H", data, 0x3C)
+    for i in range(shnum):
+        _, typ, _, _, off, size, _, _, _, _ = struct.unpack_from(
+            "<IIQQQQIIQQ", data, shoff + 64 * i)
+        if typ == want:
+            return off, size
+    raise AssertionError(f"no section of type {want}")
+
+
 def _symtab_name_offset(data):
     """File offset of the st_name field of the last symbol of the object's symbol table."""
     shoff, = struct.unpack_from("<Q", data, 0x28)
@@ -211,6 +223,12 @@ def test_elfcheck_refuses_tables_outside_the_file(tmp_path, monkeypatch):
         "names a section that does not exist": damaged(_symtab_name_offset(data) + 6, "<H",
                                                        500),
     }
+    rela, _ = _section_of_type(data, 4)
+    cases["a relocation .* names a symbol that does not exist"] = damaged(rela + 12, "<I",
+                                                                          10 ** 6)
+    cases["a relocation .* lies past the end of section"] = damaged(rela, "<Q", 1 << 40)
+    strtab, size = _section_of_type(data, 3)
+    cases["not NUL-terminated"] = damaged(strtab + size - 1, "<B", 65)
     for why, bad in cases.items():
         with pytest.raises(elfcheck.BadObject, match=why):
             elfcheck.check(bad)

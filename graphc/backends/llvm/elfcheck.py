@@ -75,7 +75,8 @@ def check(data: bytes) -> None:
             raise BadObject(f"string table {i} is not NUL-terminated")
 
     def strtab(i, what):
-        typ, off, size = secs[i][1], secs[i][4], secs[i][5]
+        """Size of string table section i (which `what` refers to)."""
+        typ, size = secs[i][1], secs[i][5]
         if typ != _SHT_STRTAB:
             raise BadObject(f"{what} refers to section {i}, which is not a string table")
         return size
