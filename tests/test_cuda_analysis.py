@@ -77,11 +77,15 @@ def _flat(env, loops, n):
     return key
 
 
-def check_threads(threads, body, host, atomic, fixed=()):
-    """Distinct `threads` tuples write disjoint elements and read nothing another writes."""
+def check_threads(threads, body, host, atomic, fixed=(), private=()):
+    """Distinct `threads` tuples write disjoint elements and read nothing another writes.
+
+    private: ids of buffers every `threads` tuple has its own copy of (a block's
+    shared-memory scratch), skipped here; the threads inside a block are checked on
+    them separately."""
     per_buf = {}
     for kind, buf, index, loops in accesses(body):
-        if id(buf) in atomic:
+        if id(buf) in atomic or id(buf) in private:
             continue
         dims = list(host) + list(fixed) + list(threads) + list(loops)
         env, n = _space(dims)
@@ -132,7 +136,8 @@ def check_program(cp):
                                m["host"], set())
         elif "blocks" in m:
             n += check_threads(m["blocks"], m["body"], m["host"], set().union(
-                *[par.atomic for _, par in m["inner"]]) if m["inner"] else set())
+                *[par.atomic for _, par in m["inner"]]) if m["inner"] else set(),
+                private=m.get("private", ()))
             for s, par in m["inner"]:
                 inner_body = A.loop_chain(s)[1]
                 for l in reversed(par.serial):

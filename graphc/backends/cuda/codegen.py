@@ -44,6 +44,9 @@ THREADS = 256          # threads per block of thread kernels
 MAX_GRID_YZ = 65535    # CUDA's limit on gridDim.y and gridDim.z
 MIN_BLOCK_REDUCTION = 64   # reductions at least this long get a block each
 FEW_THREADS = 4096         # fewer parallel iterations than this: a block each, if that helps
+# per-iteration scratch up to this size lives in the shared memory of a block per
+# iteration (several such blocks fit an SM's 228 KiB; the static limit is 48 KiB)
+SHARED_SCRATCH_BYTES = 16 * 1024
 RESERVED = ["gid", "f", "rem", "part", "s", "tx", "ty", "row", "col", "a0", "b0", "c0", "acc",
             "k0", "ka", "kb", "kk", "out", "As", "Bs", "e", "t", "m0", "n0"]
 # (the GEMM kernels' inner-block names may shadow loop variables: nothing reads those there)
@@ -188,6 +191,10 @@ class Generator:
             elif A.contains_gemm(seg):
                 raise NotLoweredError(f"cuda backend: a Gemm shares scalars with other statements "
                                       f"in kernel {self.kern.name}")
+            elif (len(seg) == 1 and isinstance(s0, K.Loop) and top and s0.kind == "parallel"
+                  and T.scratch_written(s0.body)
+                  and (got := self.plan_private_scratch(s0, host, ranges, fixed)) is not None):
+                steps += got
             elif len(seg) == 1 and isinstance(s0, K.Loop):
                 chain, inner = A.loop_chain(s0)
                 par = A.choose_parallel(chain, inner, ranges, fixed, top)
@@ -205,6 +212,34 @@ class Generator:
                     steps.append(self.block_kernel([], seg, blk, host))
                 else:
                     steps.append(self.thread_kernel(A.Parallel([], [], set()), seg, host))
+        return steps
+
+    def plan_private_scratch(self, loop, host, ranges, fixed):
+        """A top-level parallel loop whose iterations each use their own scratch (the
+        IR's "thread" scope: private to an iteration, as max-pool's row maxima): one
+        block per iteration with the scratch in the block's shared memory, its threads
+        sharing out each loop of the iteration, a barrier between them.  Where the
+        scratch does not fit (or a block cannot run the body), one copy per iteration
+        in global memory (transform.privatize) and a kernel per statement group
+        (loop fission), each a grid over the loop and the loops inside.  None when
+        neither applies (the copies would be too big)."""
+        scratch = T.scratch_written(loop.body)
+        nbytes = sum(b.size * b.dtype.itemsize for b in scratch)
+        r = dict(ranges)
+        r[id(loop.var)] = (0, max(loop.extent - 1, 0))
+        if nbytes <= SHARED_SCRATCH_BYTES and not A.contains_gemm(loop.body):
+            blk = block_plan(loop.body, ranges, [loop], fixed)
+            if blk is not None:
+                return [self.block_kernel([loop], loop.body, blk, host, private=scratch)]
+        got = T.privatize(loop)
+        if got is None:
+            return None
+        loop2, new = got
+        self.extra_buffers += new
+        steps = []
+        for seg in segments(loop2.body):
+            steps += self.plan([K.Loop(loop2.var, loop2.extent, seg, "parallel")], host,
+                               ranges, fixed, top=True)
         return steps
 
     def plan_gemm_loop(self, loop, host, ranges, fixed, top):
@@ -288,8 +323,9 @@ class Generator:
         return steps
 
     # ------------------------------------------------------------ kernel scaffolding
-    def _begin(self, body_stmts, extra_exprs, host, what):
-        """Name, namer, parameter list and signature for a kernel over these statements."""
+    def _begin(self, body_stmts, extra_exprs, host, what, private=()):
+        """Name, namer, parameter list and signature for a kernel over these statements
+        (`private`: scratch buffers the kernel declares itself, not parameters)."""
         name = f"k{self.kidx}_{self.kern.name}" + (f"_{self.part}" if self.part else "")
         self.part += 1
         bufs_read, bufs_written = [], []
@@ -315,9 +351,11 @@ class Generator:
                 if isinstance(x, K.Var):
                     used_vars.add(id(x))
         order = {id(b): k for k, b in enumerate(self.kern.buffers)}
-        bufs = sorted(bufs_written + bufs_read, key=lambda b: order.get(id(b), len(order)))
+        pids = {id(b) for b in private}
+        bufs = sorted((b for b in bufs_written + bufs_read if id(b) not in pids),
+                      key=lambda b: order.get(id(b), len(order)))
         written = {id(b) for b in bufs_written}
-        namer = Namer(reserved=[b.name for b in bufs] + RESERVED)
+        namer = Namer(reserved=[b.name for b in bufs] + [b.name for b in private] + RESERVED)
         ew = ExprWriter(namer, lambda b: b.name)
         hvars = [l.var for l in host if id(l.var) in used_vars]
         # views (time-loop slices) of one buffer may overlap: no __restrict__ for them
@@ -407,7 +445,8 @@ class Generator:
         return la
 
     # ------------------------------------------------------------ block kernels
-    def block_kernel(self, chain, body, blk, host):
+    def block_kernel(self, chain, body, blk, host, private=()):
+        """private: per-iteration scratch, in the block's shared memory."""
         nblocks = prod(l.extent for l in chain) if chain else 1
         if self.in_time_loop:    # a fused time step runs every part with THREADS threads
             blk.threads = THREADS
@@ -416,10 +455,14 @@ class Generator:
                 f"{threads} threads" if chain else f"one block of {threads} threads")
         if blk.reductions:
             what += "; block reduction"
-        name, namer, ew, sig, params, head = self._begin(body, [], host, what)
+        if private:
+            what += "; scratch " + ", ".join(b.name for b in private) + " in shared memory"
+        name, namer, ew, sig, params, head = self._begin(body, [], host, what, private)
         lines = []
         for dt in sorted({str(r[0].dtype) for r in blk.reductions}):
             lines.append(f"  __shared__ {ctype(dt)} gc_red_{dt}[{threads}];")
+        for b in private:   # one copy per block = per iteration of the parallel loop
+            lines.append(f"  __shared__ {ctype(b.dtype)} {b.name}[{max(b.size, 1)}];")
         lines += self._decompose(namer, chain, "(long long)blockIdx.x", 1)
         lines += self._locals_decl(body, namer)
         for s, (kind, info) in zip(body, blk.kinds):
@@ -429,7 +472,9 @@ class Generator:
                     self.node, what)
         la.smem = sum(threads * np.dtype(r[0].dtype).itemsize for r in
                       {str(r[0].dtype): r for r in blk.reductions}.values())
+        la.smem += sum(b.size * b.dtype.itemsize for b in private)
         la.mapping = dict(blocks=list(chain), body=list(body), host=list(host),
+                          private={id(b) for b in private},
                           inner=[(s, info) for s, (kind, info) in zip(body, blk.kinds)
                                  if kind == "distribute"])
         self.launches.append(la)
