@@ -531,3 +531,40 @@ def _identity_kind(E, acc, v):
                     if x.op in ("le", "lt"):
                         return "min" if key(x.a) == key(v) else None
     return None
+
+
+def reduction_with_prelude(chain, body):
+    """A reduction whose iterations first compute private scalars: `body` is a
+    prelude of assignments and loops over locals (no stores), then `acc = E(acc, v)`
+    with v reading those locals (a mean of per-row losses).  Every local of the
+    prelude must be assigned in the iteration before it is read, so iterations
+    share nothing but acc and may run on different threads.  Returns
+    (local, E, v, identity kind, prelude) or None."""
+    if len(body) < 2 or not isinstance(body[-1], Assign_):
+        return None
+    red = reduction_of(chain, body[-1:])
+    if red is None:
+        return None
+    acc, prelude = red[0], body[:-1]
+    defined = set()
+    for s in prelude:
+        if isinstance(s, Assign_):
+            if locals_read([s]) - defined or s.local is acc:
+                return None
+            defined.add(id(s.local))
+        elif isinstance(s, K.Loop) and s.extent >= 1:
+            if any(isinstance(x, (K.Store, K.Gemm, K.If)) for x in walk_stmts(s.body)):
+                return None
+            mine = locals_assigned([s])
+            if locals_read([s]) - defined - mine or id(acc) in mine:
+                return None
+            # a local first assigned inside the loop must not carry between its iterations
+            if (mine - defined) & locals_read([s]):
+                return None
+            defined |= mine
+        else:
+            return None
+    return red + (prelude,)
+
+
+Assign_ = K.Assign

@@ -474,7 +474,7 @@ class Generator:
                       {str(r[0].dtype): r for r in blk.reductions}.values())
         la.smem += sum(b.size * b.dtype.itemsize for b in private)
         la.mapping = dict(blocks=list(chain), body=list(body), host=list(host),
-                          private={id(b) for b in private},
+                          private={id(b) for b in private}, kinds=list(blk.kinds),
                           inner=[(s, info) for s, (kind, info) in zip(body, blk.kinds)
                                  if kind == "distribute"])
         self.launches.append(la)
@@ -502,7 +502,8 @@ class Generator:
             sw.stmts(body, 2)
             return lines + sw.lines + ["  }", "  __syncthreads();"]
         # reduce: acc = E(acc, v) over the chain, combined across the block
-        acc, E, v, ident = info
+        acc, E, v, ident = info[:4]
+        prelude = info[4] if len(info) > 4 else []
         chain, _ = A.loop_chain(s)
         total = prod(l.extent for l in chain)
         dt = str(acc.dtype)
@@ -515,6 +516,10 @@ class Generator:
                  f"{identity(ident, acc.dtype)};",
                  f"    for (long long {f} = threadIdx.x; {f} < {total}LL; {f} += blockDim.x) {{"]
         lines += self._decompose(namer, chain, f, 3)
+        if prelude:           # the iteration's private scalars (reduction_with_prelude)
+            sw = StmtWriter(ew)
+            sw.stmts(prelude, 3)
+            lines += sw.lines
         ew.by_key = {A.key(acc): part}
         for d in ew.prepare([E]):
             lines.append("      " + d)
@@ -634,7 +639,7 @@ def block_plan(body, ranges, chain, fixed=frozenset()):
             continue
         if isinstance(s, K.Loop):
             ch, inner = A.loop_chain(s)
-            red = A.reduction_of(ch, inner)
+            red = A.reduction_of(ch, inner) or A.reduction_with_prelude(ch, inner)
             if red is not None and not A.contains_gemm(inner):
                 reductions.append(red)
                 longest = max(longest, prod(l.extent for l in ch))
