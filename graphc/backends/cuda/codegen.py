@@ -47,6 +47,7 @@ FEW_THREADS = 4096         # fewer parallel iterations than this: a block each, 
 # per-iteration scratch up to this size lives in the shared memory of a block per
 # iteration (several such blocks fit an SM's 228 KiB; the static limit is 48 KiB)
 SHARED_SCRATCH_BYTES = 16 * 1024
+TARGET_SMS = 132           # H100/H200: a launch with enough work should give each SM a block
 RESERVED = ["gid", "f", "rem", "part", "s", "tx", "ty", "row", "col", "a0", "b0", "c0", "acc",
             "k0", "ka", "kb", "kk", "out", "As", "Bs", "e", "t", "m0", "n0"]
 # (the GEMM kernels' inner-block names may shadow loop variables: nothing reads those there)
@@ -538,14 +539,17 @@ class Generator:
     # ------------------------------------------------------------ GEMM
     def gemm_kernel(self, g, batch, host, reduce=()):
         """reduce: batch loops whose GEMMs add into the same C (atomicAdd epilogue)."""
-        big = g.M >= BIG and g.N >= BIG and g.K >= TILE
+        nb = prod(l.extent for l in batch) if batch else 1
+        # 64x64 tiles only where there are enough of them to give every SM a block;
+        # otherwise 16x16 tiles (one output per thread) spread the GEMM wider
+        big = (g.M >= BIG and g.N >= BIG and g.K >= TILE
+               and -(-g.M // BIG) * -(-g.N // BIG) * nb >= TARGET_SMS)
         what = (f"{'register-blocked ' if big else ''}tiled GEMM {g.M}x{g.N}x{g.K}"
                 + (" (accumulate)" if g.accumulate else "")
                 + (f", batched over ({', '.join(l.var.name for l in batch)})" if batch else "")
                 + (f", summed over ({', '.join(l.var.name for l in reduce)}) with atomicAdd"
                    if reduce else ""))
         name, namer, ew, sig, params, head = self._begin([g], [], host, what)
-        nb = prod(l.extent for l in batch) if batch else 1
         lines = self._decompose(namer, batch, "(long long)blockIdx.z", 1)
         for nm, e in (("a0", g.a[1]), ("b0", g.b[1]), ("c0", g.c[1])):
             lines.append(f"  const long long {nm} = {ew.emit(e)};")
