@@ -506,7 +506,8 @@ def test_cuda_benchmark_script_runs_on_the_emulator(capsys):
     from graphc.backends.cuda import bench
     text = bench.main(["--emulate", "--small", "--repeat", "1"])
     assert "matmul 64x64x64" in text and "LeNet-5 train step batch 8" in text
-    assert text.count("graphc device") == 3 and "torch" not in text
+    assert "RNN in 4 hidden 8 T=5" in text and "LSTM in 4 hidden 8 T=5" in text
+    assert text.count("graphc device") == 5 and "torch" not in text
 
 
 def test_two_python_threads_share_a_compiled_graph():
