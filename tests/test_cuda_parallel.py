@@ -4,8 +4,8 @@ thread, and every launch with enough work fills the GPU (at least one block per 
 CPU only: the CUDA source and launch plan of real workloads (LeNet-5's training
 step at batch 256, ResNet-50 inference at batch 1 and 32, an LSTM training step,
 an attention block with its gradients) are generated and read through the static
-report (graphc/backends/cuda/report.py), which counts each launch's per-thread
-loop iterations from its mapping.  On an H200 the LeNet step's serial max-pool
+report (graphc/backends/cuda/report.py), which counts the statements each thread
+of a launch runs in a row (loop nest leaves times their loops' extents).  On an H200 the LeNet step's serial max-pool
 kernels (one thread each) took 234 of its 235 ms.
 """
 from math import sqrt
@@ -20,7 +20,7 @@ from graphc.backends.cuda import report as R
 from graphc.ir.graph import Graph
 from graphc.passes import optimize
 
-SERIAL_MAX = 4096      # loop iterations one thread may run in a row (GEMMs: tile steps)
+SERIAL_MAX = 4096      # statements one thread may run in a row (GEMMs: tile steps)
 
 
 def generate(inputs, outputs):

@@ -10,7 +10,8 @@ model (an H200 by default):
     serial   = serial iterations x SERIAL_S_PER_ITER (one thread's dependent loads)
     estimate = max(roofline, serial), plus LAUNCH_S per launch for the whole step
 
-Serial work: a thread kernel's loop iterations per thread; a block kernel's
+Serial work, in statements one thread executes in a row (the leaf statements of
+its loop nest times their loops' extents): a thread kernel's per thread; a block kernel's
 share of each distributed loop or reduction per thread; a GEMM's steps of
 depth 16 (a tile of A and B staged in shared memory); a fused recurrence's
 rounds over its parts, times the steps of its time loop.
@@ -38,10 +39,10 @@ class Device:
     sms: int
     hbm_bytes_per_s: float
     fp32_flops_per_s: float
-    # one dependent step of a lone thread (a global load's latency and the loop
-    # around it): the four serial max-pool kernels of the LeNet step ran 3.2M
-    # iterations in 234 ms on an H200 (~70 ns each)
-    serial_s_per_iter: float = 70e-9
+    # one statement of a lone thread's loop nest (latency bound: its loads wait on
+    # the memory system): the four serial max-pool kernels of the LeNet step ran
+    # 12.5M statements (3.2M loop iterations) in 234 ms on an H200
+    serial_s_per_iter: float = 19e-9
     # a launch from Python through cuLaunchKernel, as the GPU sees the gap
     launch_s: float = 4e-6
 
