@@ -28,7 +28,7 @@ timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_gpu.py tests/te
 timeout 150 $PY -m graphc.backends.cuda.bench --repeat 20 --only matmul,conv,lenet,rnn,lstm,resnet1,resnet32 2>&1 | tee "$OUT/bench.log"
 
 # 4. the static report next to the measurement
-timeout 25 $PY -m graphc.backends.cuda.bench --static 2>&1 | tee "$OUT/static.log"
+timeout 25 $PY -m graphc.backends.cuda.bench --static --only lenet 2>&1 | tee "$OUT/static.log"
 
 # 5. per-kernel device times of the LeNet step (first ~70 kernels: one step)
 timeout 45 ncu --csv --metrics gpu__time_duration.sum --launch-count 70 \

@@ -37,14 +37,9 @@ def lenet_step(B):
 
 
 def resnet50(B, size):
-    from graphc.function import specialize
-    from graphc.onnx.zoo import resnet50 as proto
-    pytest.importorskip("onnx")
-    model = gc.onnx.load(proto(num_classes=1000, input_size=size))
-    x = model.inputs[0]
-    sym = [d for d in x.shape if not isinstance(d, int)]
-    outs, imap = specialize(model.outputs, {sym[0]: B} if sym else {}, model.inputs)
-    return [imap[x.id]], outs
+    from graphc.backends.cuda.bench import resnet50_graph
+    x, logits = resnet50_graph(B, size)
+    return [x], [logits]
 
 
 def lstm_step(T=12, N=8, I=16, H=32):

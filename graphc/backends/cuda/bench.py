@@ -7,8 +7,8 @@
 Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
 (batch 32, 64->64 channels, 56x56), the LeNet-5 training step at batch 256, a
 tanh RNN and an LSTM (input 64, hidden 256, T=100, batch 32) forward and
-backward, and ResNet-50 inference at batch 1 and 32 (graphc.onnx.zoo's; the
-PyTorch peer needs torchvision).  `--skip resnet32,...` leaves workloads out;
+backward, and ResNet-50 inference at batch 1 and 32 (`resnet50_graph`: built
+from graphc ops, no `onnx` needed; the PyTorch peer is the same net in torch.nn).  `--skip resnet32,...` leaves workloads out;
 `--static` prints the static per-kernel report (report.py) without a GPU.
 For graphc two times are reported: *device* (inputs already on the device,
 every kernel of the graph launched, then a synchronize) and *call* (the whole
@@ -165,33 +165,105 @@ def bench_rnn(cell, T, batch, inp, hidden, repeat, torch):
             _median_times(impls, repeat))
 
 
-def bench_resnet50(batch, repeat, torch, size=224):
-    """graphc.onnx.zoo.resnet50 (ResNet-50's widths and depth) inference; PyTorch runs
-    torchvision-free the same architecture only when torchvision is importable."""
+# ResNet-50: (width, blocks, stride) of its four stages of bottleneck blocks
+RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
+def resnet50_graph(batch, size=224, seed=0):
+    """ResNet-50 inference (widths and depth of graphc.onnx.zoo.resnet50, the same
+    ops as its import: convolutions without bias, batch norm with running
+    statistics, ReLU, the residual adds) built from graphc ops, so that no `onnx`
+    package is needed.  Returns (input, logits)."""
     import graphc as gc
-    from graphc.onnx.zoo import resnet50
+    rng = np.random.default_rng(seed)
+
+    def param(shape, scale):
+        return gc.Parameter((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def chan(v):
+        return gc.reshape(v, (-1, 1, 1))
+
+    def bn(x, c):
+        mean, var = param((c,), 0.1), gc.Parameter(rng.uniform(0.5, 1.5, c).astype(np.float32))
+        gamma = gc.Parameter(rng.uniform(0.5, 1.5, c).astype(np.float32))
+        beta = param((c,), 0.1)
+        inv = gc.reciprocal(gc.sqrt(var + 1e-5))
+        return (x - chan(mean)) * chan(inv) * chan(gamma) + chan(beta)
+
+    def conv(x, cin, cout, k, stride=1):
+        w = param((cout, cin, k, k), (2.0 / (cin * k * k)) ** 0.5)
+        return gc.conv2d(x, w, stride=stride, padding=k // 2)
+
+    def cbr(x, cin, cout, k, stride=1):
+        return gc.relu(bn(conv(x, cin, cout, k, stride), cout))
+
+    xin = gc.input("x", (batch, 3, size, size))
+    x = gc.max_pool2d(cbr(xin, 3, 64, 7, 2), 3, 2, 1)
+    c = 64
+    for width, blocks, stride in RESNET50_STAGES:
+        for k in range(blocks):
+            s = stride if k == 0 else 1
+            out = 4 * width
+            h = cbr(cbr(x, c, width, 1), width, width, 3, s)
+            h = bn(conv(h, width, out, 1), out)
+            skip = x if (s == 1 and c == out) else bn(conv(x, c, out, 1, s), out)
+            x = gc.relu(h + skip)
+            c = out
+    feat = gc.mean(x, axis=(2, 3))
+    logits = feat @ gc.transpose(param((1000, c), c ** -0.5)) + param((1000,), 0.1)
+    return xin, logits
+
+
+def _torch_resnet50(torch):
+    """The same architecture in torch.nn (no torchvision needed), eval mode."""
+    nn = torch.nn
+
+    def cbr(cin, cout, k, stride=1):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU()]
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width, stride):
+            super().__init__()
+            out = 4 * width
+            self.body = nn.Sequential(*cbr(cin, width, 1), *cbr(width, width, 3, stride),
+                                      nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out))
+            self.skip = nn.Identity() if (stride == 1 and cin == out) else nn.Sequential(
+                nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.skip(x))
+
+    layers, c = [*cbr(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1)], 64
+    for width, blocks, stride in RESNET50_STAGES:
+        for k in range(blocks):
+            layers.append(Bottleneck(c, width, stride if k == 0 else 1))
+            c = 4 * width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1000)]
+    return nn.Sequential(*layers).cuda().eval()
+
+
+def bench_resnet50(batch, repeat, torch, size=224):
+    """ResNet-50 inference (resnet50_graph) against the same network in torch.nn."""
+    import graphc as gc
     xv = np.random.default_rng(3).standard_normal((batch, 3, size, size)).astype(np.float32)
-    model = gc.onnx.load(resnet50(num_classes=1000, input_size=size))
+    x, logits = resnet50_graph(batch, size)
     t0 = time.perf_counter()
-    f = model.compile(backend="cuda")
+    f = gc.compile([x], [logits], backend="cuda")
     f(xv)
     print(f"  (ResNet-50 batch {batch}: compiled and ran once in "
           f"{time.perf_counter() - t0:.1f} s)", flush=True)
     r = _runner(f)
     impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv)}
     if torch is not None:
-        try:
-            import torchvision
-            net = torchvision.models.resnet50().cuda().eval()
-            tx = torch.from_numpy(xv).cuda()
+        net = _torch_resnet50(torch)
+        tx = torch.from_numpy(xv).cuda()
 
-            def tm():
-                with torch.no_grad():
-                    net(tx)
-                torch.cuda.synchronize()
-            impls["torch"] = tm
-        except ImportError:
-            print("  (torchvision not importable: no PyTorch ResNet-50 peer)", flush=True)
+        def tm():
+            with torch.no_grad():
+                net(tx)
+            torch.cuda.synchronize()
+        impls["torch"] = tm
     flops = 2 * 4.1e9 * batch * (size / 224) ** 2
     return f"ResNet-50 inference batch {batch} {size}x{size}", flops, _median_times(
         impls, repeat, warmup=1)
@@ -226,6 +298,21 @@ def static_report(only, small) -> str:
         loss = gc.cross_entropy(m(x), y)
         opt = optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         one(f"LeNet-5 SGD step batch {B}", [x, y], [loss] + list(opt.updates(loss).values()))
+    for cell in ("rnn", "lstm"):
+        if cell in only:
+            from graphc import nn
+            T, N, I, H = (5, 2, 4, 8) if small else (100, 32, 64, 256)
+            layer = getattr(nn, cell.upper())(I, H, rng=np.random.default_rng(0))
+            x = gc.input("x", (T, N, I))
+            yv = layer(x)[0]
+            loss = gc.sum(yv * yv) * 0.5
+            one(f"{cell.upper()} hidden {H} T={T} batch {N} fwd+bwd", [x],
+                [loss] + gc.grad(loss, [x] + list(layer.parameters())))
+    for b in (1, 32):
+        if f"resnet{b}" in only:
+            size = 64 if small else 224
+            x, logits = resnet50_graph(b, size)
+            one(f"ResNet-50 inference batch {b} {size}x{size}", [x], [logits])
     return "\n".join(out)
 
 
