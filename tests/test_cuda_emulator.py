@@ -330,6 +330,39 @@ def test_pooling_and_gradients(xs, k, s, p, ceil):
     close(got[1:], want[1:], 1e-6, 1e-6)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_tiled_max_pool_scratch_per_iteration(shared, monkeypatch):
+    # windows that tile the input (2x2 on 6x8, 3x3 stride 3 on 9x12): the lowering's
+    # per-plane scratch (row maxima, argmax columns) is private to an iteration of
+    # its parallel loop; a block per plane keeps it in shared memory, or, when it
+    # does not fit (shared=False), it is privatized per plane in global memory and
+    # the loop split into a kernel per phase.  Ties and NaN as in NumPy.
+    from graphc.backends.cuda import codegen
+    if not shared:
+        monkeypatch.setattr(codegen, "SHARED_SCRATCH_BYTES", 0)
+    for xs, k in (((3, 5, 6, 8), 2), ((2, 3, 9, 12), 3)):
+        x = gc.input("x", xs)
+        y = gc.max_pool2d(x, k)
+        gy = gc.input("gy", y.shape)
+        dx, = gc.grad(gc.sum(y * gy), [x])
+        cp = C.generate_cuda(gc.Graph([y, dx], [x, gy]))
+        pools = [la for la in cp.launches if "max_pool2d" in la.name]
+        if shared:
+            assert len(pools) == 2 and all("in shared memory" in la.what for la in pools)
+        else:
+            assert len(pools) >= 4 and not any("shared memory" in la.what for la in pools)
+            assert all(la.grid[0] * la.block[0] >= xs[0] * xs[1] for la in pools)
+        v = RNG.standard_normal(xs).astype(np.float32)
+        flat = v.reshape(-1)
+        flat[1] = flat[0]                      # a tie in the first window's row
+        flat[xs[3]] = flat[0]                  # and in its column
+        flat[7 * k] = np.nan                   # a NaN window
+        vg = RNG.standard_normal(y.shape).astype(np.float32)
+        got, want = both([x, gy], [y, dx], [v, vg])
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_shape_ops_numel_and_pool_gather_directly():
     x, h = gc.input("x", (2, 3, 7, 5)), gc.input("h", (2, 3, 7, 5))
     g = gc.input("g", (2, 3, 4, 3))
