@@ -132,3 +132,16 @@ def test_static_report_of_the_lenet_step():
     text = R.format_report(ests, title="LeNet-5 step")
     assert "k2_max_pool2d" in text and "total: 67 launches" in text.splitlines()[-1] or \
         f"total: {len(ests)} launches" in text
+
+
+@pytest.mark.parametrize("make", [lambda: lenet_step(256), attention], ids=["lenet256", "attention"])
+def test_kernels_do_not_spill(make):
+    from graphc.backends.cuda import compiler
+    if compiler.ptxas_path() is None or not (compiler.nvrtc_version() or compiler.nvcc_path()):
+        pytest.skip("needs ptxas and NVRTC or nvcc")
+    comp = compiler.compile_cuda(generate(*make()).source)
+    report = compiler.ptxas_report(comp.ptx)
+    assert report
+    for name, r in report.items():
+        assert r.spill_stores == 0 and r.spill_loads == 0, (name, r.lines)
+        assert r.shared_bytes <= 48 * 1024, (name, r.lines)
