@@ -369,3 +369,21 @@ def test_reduction_prelude_must_be_private_to_the_iteration():
     y = K.Buffer("y", f32, 4)
     stores = K.Loop(o, 4, [K.Assign(m, K.Const(0.0, f32)), K.Loop(r, 1, [K.Store(y, o, m)]), red])
     assert A.reduction_with_prelude(*A.loop_chain(stores)) is None
+
+
+def test_block_reduction_refuses_a_prelude_scalar_read_afterwards():
+    from graphc.backends.cuda.codegen import block_plan
+    f32 = "float32"
+    x, y = K.Buffer("x", f32, 12), K.Buffer("y", f32, 1)
+    o, r = K.Var("o"), K.Var("r")
+    acc, m = K.Local(f32, "acc"), K.Local(f32, "m")
+    loop = K.Loop(o, 4, [K.Assign(m, K.Const(float("-inf"), f32)),
+                         K.Loop(r, 3, [K.Assign(m, K.BinOp("max", m, K.Load(
+                             x, K.affine([o, r], [3, 1]))))]),
+                         K.Assign(acc, K.BinOp("add", acc, m))])
+    init = K.Assign(acc, K.Const(0.0, f32))
+    fine = block_plan([init, loop, K.Store(y, K.idx(0), acc)], {}, [])
+    assert fine is not None and [k for k, _ in fine.kinds] == ["uniform", "reduce", "single"]
+    # the last row's maximum read after the loop: each thread holds another row's
+    later = block_plan([init, loop, K.Store(y, K.idx(0), K.BinOp("add", acc, m))], {}, [])
+    assert later is None or "reduce" not in [k for k, _ in later.kinds]

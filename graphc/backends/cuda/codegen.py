@@ -644,6 +644,8 @@ def block_plan(body, ranges, chain, fixed=frozenset()):
         if isinstance(s, K.Loop):
             ch, inner = A.loop_chain(s)
             red = A.reduction_of(ch, inner) or A.reduction_with_prelude(ch, inner)
+            if red is not None and len(red) > 4 and A.locals_assigned(red[4]) & later_reads:
+                red = None     # a prelude scalar read after the loop: whose thread's?
             if red is not None and not A.contains_gemm(inner):
                 reductions.append(red)
                 longest = max(longest, prod(l.extent for l in ch))
