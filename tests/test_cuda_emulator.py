@@ -214,6 +214,27 @@ def test_reductions():
         pos += n_out
 
 
+def test_split_reductions_of_few_long_rows():
+    # rows of 256*7*13 = 23296 elements, 2 or 3 of them: split over many blocks
+    # (partial results, then a combining kernel), sum, max with NaN, mean, a full sum
+    x = gc.input("x", (256, 3, 7, 13))
+    outs = [gc.sum(x, axis=(0, 2, 3)), gc.max(x, axis=(0, 2, 3)), gc.mean(x * x, axis=(0, 2, 3)),
+            gc.sum(x[:, :2], axis=(0, 2, 3))]
+    cp = C.generate_cuda(gc.Graph(outs, [x]))
+    assert sum(1 for la in cp.launches if la.mapping.get("split")) >= 3
+    v = RNG.standard_normal((256, 3, 7, 13)).astype(np.float32)
+    v[17, 1, 2, 5] = np.nan
+    got, want = both([x], outs, [v])
+    np.testing.assert_array_equal(got[1], want[1])
+    absv = np.abs(v.astype(np.float64))
+    for g, w, bound in ((got[0], want[0], absv.sum(axis=(0, 2, 3))),
+                        (got[2], want[2], (absv ** 2).mean(axis=(0, 2, 3))),
+                        (got[3], want[3], absv[:, :2].sum(axis=(0, 2, 3)))):
+        ok = ~np.isnan(w)
+        assert np.array_equal(np.isnan(g), np.isnan(w))
+        assert np.all(np.abs(g - w)[ok] <= 64 * EPS32 * bound[ok])
+
+
 def test_max_reductions_propagate_nan():
     x = gc.input("x", (4, 200))
     v = RNG.standard_normal((4, 200)).astype(np.float32)

@@ -130,8 +130,7 @@ def test_static_report_of_the_lenet_step():
     # a few times the roofline (the serial pools made it ~4000x)
     assert tot["kernels_s"] <= 4 * tot["roofline_s"] + 50e-6, tot
     text = R.format_report(ests, title="LeNet-5 step")
-    assert "k2_max_pool2d" in text and "total: 67 launches" in text.splitlines()[-1] or \
-        f"total: {len(ests)} launches" in text
+    assert "k2_max_pool2d" in text and f"total: {len(ests)} launches" in text.splitlines()[-1]
 
 
 @pytest.mark.parametrize("make", [lambda: lenet_step(256), attention], ids=["lenet256", "attention"])

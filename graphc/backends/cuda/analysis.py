@@ -568,3 +568,32 @@ def reduction_with_prelude(chain, body):
 
 
 Assign_ = K.Assign
+
+
+def substitute(e, kv, new, memo=None):
+    """e with every sub-expression whose structural key is kv replaced by `new`."""
+    memo = {} if memo is None else memo
+    r = memo.get(id(e))
+    if r is not None:
+        return r
+    if key(e) == kv:
+        r = new
+    elif isinstance(e, K.Load):
+        i = substitute(e.index, kv, new, memo)
+        r = e if i is e.index else K.Load(e.buf, i)
+    elif isinstance(e, K.BinOp):
+        a, b = substitute(e.a, kv, new, memo), substitute(e.b, kv, new, memo)
+        r = e if (a is e.a and b is e.b) else K.BinOp(e.op, a, b, e.reassoc)
+    elif isinstance(e, K.UnOp):
+        a = substitute(e.a, kv, new, memo)
+        r = e if a is e.a else K.UnOp(e.op, a)
+    elif isinstance(e, K.Select):
+        c, a, b = (substitute(x, kv, new, memo) for x in (e.cond, e.a, e.b))
+        r = e if (c is e.cond and a is e.a and b is e.b) else K.Select(c, a, b)
+    elif isinstance(e, K.Cast):
+        a = substitute(e.a, kv, new, memo)
+        r = e if a is e.a else K.Cast(a, e.dtype)
+    else:
+        r = e
+    memo[id(e)] = r
+    return r

@@ -48,6 +48,8 @@ FEW_THREADS = 4096         # fewer parallel iterations than this: a block each, 
 # iteration (several such blocks fit an SM's 228 KiB; the static limit is 48 KiB)
 SHARED_SCRATCH_BYTES = 16 * 1024
 TARGET_SMS = 132           # H100/H200: a launch with enough work should give each SM a block
+SPLIT_MIN_PER_THREAD = 8   # a split reduction's part gives each thread at least this many
+SPLIT_MIN_ROW = 64 * THREADS   # rows shorter than this are not split
 RESERVED = ["gid", "f", "rem", "part", "s", "tx", "ty", "row", "col", "a0", "b0", "c0", "acc",
             "k0", "ka", "kb", "kk", "out", "As", "Bs", "e", "t", "m0", "n0"]
 # (the GEMM kernels' inner-block names may shadow loop variables: nothing reads those there)
@@ -204,13 +206,13 @@ class Generator:
                     blk = block_plan(inner, ranges, chain, fixed)
                 if blk is not None and (blk.max_reduction >= MIN_BLOCK_REDUCTION or (
                         par.extent < FEW_THREADS and blk.max_distributed >= 32)):
-                    steps.append(self.block_kernel(chain, inner, blk, host))
+                    steps += self.block_or_split(chain, inner, blk, host, ranges, fixed)
                 else:
                     steps.append(self.thread_kernel(par, inner, host))
             else:
                 blk = block_plan(seg, ranges, [], fixed)
                 if blk is not None:
-                    steps.append(self.block_kernel([], seg, blk, host))
+                    steps += self.block_or_split([], seg, blk, host, ranges, fixed)
                 else:
                     steps.append(self.thread_kernel(A.Parallel([], [], set()), seg, host))
         return steps
@@ -503,6 +505,15 @@ class Generator:
             sw.stmts(body, 2)
             return lines + sw.lines + ["  }", "  __syncthreads();"]
         # reduce: acc = E(acc, v) over the chain, combined across the block
+        accn = ew.emit(info[0])
+        return self._reduce_lines(s, info, ew, namer) + [
+            f"    {accn} = gc_red_{info[0].dtype}[0];", "    __syncthreads();", "  }"]
+
+    def _reduce_lines(self, s, info, ew, namer, span=None):
+        """A block's threads reduce `s` (acc = E(acc, v) over its loop chain) into
+        gc_red_<dtype>[0].  span: (first, end) C expressions of the flat range of
+        the chain this block covers (a split reduction's part), starting from the
+        identity instead of acc.  The caller closes the opened brace."""
         acc, E, v, ident = info[:4]
         prelude = info[4] if len(info) > 4 else []
         chain, _ = A.loop_chain(s)
@@ -512,10 +523,14 @@ class Generator:
         accn = ew.emit(acc)
         part = namer.fresh("part")
         f = namer.fresh("f")
-        lines = [f"  {{  // block reduction of {accn} over {total} elements",
-                 f"    {ctype(acc.dtype)} {part} = threadIdx.x == 0 ? {accn} : "
-                 f"{identity(ident, acc.dtype)};",
-                 f"    for (long long {f} = threadIdx.x; {f} < {total}LL; {f} += blockDim.x) {{"]
+        start = "threadIdx.x" if span is None else f"{span[0]} + threadIdx.x"
+        end = f"{total}LL" if span is None else span[1]
+        first = (f"threadIdx.x == 0 ? {accn} : {identity(ident, acc.dtype)}" if span is None
+                 else identity(ident, acc.dtype))
+        lines = [f"  {{  // block reduction of {accn} over {total} elements"
+                 + ("" if span is None else " (this block's part)"),
+                 f"    {ctype(acc.dtype)} {part} = {first};",
+                 f"    for (long long {f} = {start}; {f} < {end}; {f} += blockDim.x) {{"]
         lines += self._decompose(namer, chain, f, 3)
         if prelude:           # the iteration's private scalars (reduction_with_prelude)
             sw = StmtWriter(ew)
@@ -532,9 +547,85 @@ class Generator:
         ew.by_key = {A.key(acc): f"{red}[threadIdx.x]", A.key(v): f"{red}[threadIdx.x + s]"}
         lines.append(f"        {red}[threadIdx.x] = {ew.emit(E)};")
         ew.by_key = {}
-        lines += ["      }", "      __syncthreads();", "    }",
-                  f"    {accn} = {red}[0];", "    __syncthreads();", "  }"]
+        lines += ["      }", "      __syncthreads();", "    }"]
         return lines
+
+    # ------------------------------------------------------------ split reductions
+    def block_or_split(self, chain, body, blk, host, ranges, fixed):
+        """A block kernel; or, when its blocks are too few to fill the GPU and it
+        reduces long rows, two: each row's reduction split over S blocks writing
+        partial results, then the kernel itself combining the S partials."""
+        S, k = self._split(chain, body, blk)
+        if S > 1:
+            s = body[k]
+            info = blk.kinds[k][1]
+            acc, E, v = info[:3]
+            nb = prod(l.extent for l in chain) if chain else 1
+            partial = K.Buffer(f"partials_k{self.kidx}_{len(self.extra_buffers)}", acc.dtype,
+                               nb * S)
+            sv, sv2 = K.Var("split"), K.Var("split")
+            vars_ = [l.var for l in chain]
+            strides = [e * S for e in K.contiguous_strides([l.extent for l in chain])] + [1]
+            combine = K.Loop(sv2, S, [K.Assign(acc, A.substitute(
+                E, A.key(v), K.Load(partial, K.affine(vars_ + [sv2], strides))))])
+            body2 = body[:k] + [combine] + body[k + 1:]
+            blk2 = block_plan(body2, ranges, chain, fixed)
+            if blk2 is not None:
+                self.extra_buffers.append(partial)
+                first = self.split_reduction_kernel(chain, K.Loop(sv, S, []), body[:k], s, info,
+                                                    partial, K.affine(vars_ + [sv], strides),
+                                                    host, S)
+                return [first, self.block_kernel(chain, body2, blk2, host)]
+        return [self.block_kernel(chain, body, blk, host)]
+
+    def _split(self, chain, body, blk):
+        """(S, index of the reduction): S > 1 where one long reduction, after only
+        scalar statements, runs on fewer blocks than the GPU has SMs."""
+        nb = prod(l.extent for l in chain) if chain else 1
+        kinds = [kd for kd, _ in blk.kinds]
+        if self.in_time_loop or nb >= TARGET_SMS or kinds.count("reduce") != 1:
+            return 1, None
+        k = kinds.index("reduce")
+        if any(kd != "uniform" for kd in kinds[:k]):
+            return 1, None
+        total = prod(l.extent for l in A.loop_chain(body[k])[0])
+        if total < SPLIT_MIN_ROW:      # one block does it faster than two launches
+            return 1, None
+        S = min(-(-2 * TARGET_SMS // nb), total // (SPLIT_MIN_PER_THREAD * THREADS))
+        return S, k
+
+    def split_reduction_kernel(self, chain, sloop, pre, s, info, partial, flat, host, S):
+        acc = info[0]
+        nb = prod(l.extent for l in chain) if chain else 1
+        total = prod(l.extent for l in A.loop_chain(s)[0])
+        chunk = -(-total // S)
+        threads = THREADS
+        what = (f"block per ({', '.join(l.var.name for l in chain + [sloop])}) of {nb * S}, "
+                f"{threads} threads; block reduction of a {S}th of each row into partials")
+        store = K.Store(partial, flat, K.Const(0, partial.dtype))   # (for _begin: written)
+        name, namer, ew, sig, params, head = self._begin(pre + [s, store], [], host, what)
+        dt = str(acc.dtype)
+        lines = [f"  __shared__ {ctype(dt)} gc_red_{dt}[{threads}];"]
+        lines += self._decompose(namer, chain + [sloop], "(long long)blockIdx.x", 1)
+        lines += self._locals_decl(pre + [s], namer)
+        sw = StmtWriter(ew)
+        sw.stmts(pre, 1)
+        lines += sw.lines
+        sp = namer.of(sloop.var, sloop.var.name)
+        span = (f"{sp} * {chunk}LL", f"(({sp} + 1) * {chunk}LL < {total}LL ? "
+                f"({sp} + 1) * {chunk}LL : {total}LL)")
+        lines += self._reduce_lines(s, info, ew, namer, span)
+        lines += [f"    if (threadIdx.x == 0) {partial.name}[{ew.emit(flat)}] = gc_red_{dt}[0];",
+                  "  }"]
+        self._emit(name, sig, head, lines, threads)
+        la = Launch(name, (nb * S, 1, 1), (threads, 1, 1), params, True, self.node, what)
+        la.smem = threads * np.dtype(dt).itemsize
+        la.mapping = dict(blocks=list(chain) + [sloop], body=list(pre) + [s, store],
+                          host=list(host), private=set(), inner=[], split=S,
+                          kinds=[("uniform", None)] * len(pre) + [("reduce", info),
+                                                                  ("single", None)])
+        self.launches.append(la)
+        return la
 
     # ------------------------------------------------------------ GEMM
     def gemm_kernel(self, g, batch, host, reduce=()):

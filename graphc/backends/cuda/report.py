@@ -162,7 +162,8 @@ def launch_counts(la: Launch):
     acc, stats = {}, {"iters": 0, "flops": 0}
     if "blocks" in m:                       # block kernels
         nblocks = prod(l.extent for l in m["blocks"])
-        _count(m["body"], nblocks, acc, stats)
+        split = m.get("split", 1)     # a split reduction's blocks each cover 1/split
+        _count(m["body"], nblocks // split, acc, stats)
         ser = 0
         for s, (kind, info) in zip(m["body"], m.get("kinds", [])):
             if kind == "distribute":
@@ -172,7 +173,7 @@ def launch_counts(la: Launch):
             elif kind == "reduce":
                 chain = A.loop_chain(s)[0]
                 pre = _iters(info[4]) if len(info) > 4 else 0
-                ser += ceil(prod(l.extent for l in chain) / threads) * (1 + pre) + \
+                ser += ceil(prod(l.extent for l in chain) / split / threads) * (1 + pre) + \
                     threads.bit_length()
             else:
                 ser += _iters([s])
@@ -242,4 +243,4 @@ def format_report(ests, device: Device = H200, title="") -> str:
 
 # a launch doing at least this much work (iterations or multiply-adds) should fill
 # the GPU: at least one block per SM
-ENOUGH_WORK = 1 << 22
+ENOUGH_WORK = 1 << 20
