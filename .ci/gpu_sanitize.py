@@ -1,6 +1,6 @@
 """A small workload for compute-sanitizer (memcheck, racecheck): the LeNet-5 step
 (convolutions, the max-pool kernels with shared-memory scratch and their
-gradients), an overlapping max-pool with padding and its gradient, and an LSTM
+gradients), an overlapping max-pool with padding and its gradient, reductions split over blocks, and an LSTM
 forward and backward through time, each compared with the NumPy backend."""
 import sys
 
@@ -39,6 +39,11 @@ p = gc.max_pool2d(xp, 3, 2, 1)
 check("max_pool 3/2/1 + grad", *both([xp], [p] + gc.grad(gc.sum(p * p), [xp]),
                                      [rng.standard_normal((2, 3, 11, 9)).astype(np.float32)]),
       1e-5)
+
+xr = gc.input("xr", (256, 3, 7, 13))       # rows long enough to be split over blocks
+red = [gc.sum(xr, axis=(0, 2, 3)), gc.max(xr, axis=(0, 2, 3))]
+check("split reductions", *both([xr], red, [rng.standard_normal((256, 3, 7, 13))
+                                            .astype(np.float32)]), 1e-4)
 
 layer = nn.LSTM(8, 16, rng=np.random.default_rng(1))
 xs = gc.input("xs", (6, 3, 8))
