@@ -8,7 +8,9 @@ disjoint elements, and every read of a written buffer is at the very index the
 same iteration writes.  Disjointness is proved on the affine form of the store
 index: ``index = sum_p c_p * p + rest`` where no P variable occurs in ``rest``;
 sorting P by |c_p|, each stride must exceed the span of everything below it
-(a mixed-radix numbering).
+(a mixed-radix numbering).  Indices are compared by their affine form (loops of
+extent 1 folded away); several stores of an iteration into one buffer that
+differ by constants are proved disjoint as one index plus an offset variable.
 
 Read-modify-write adds (``b[i] = b[i] + v`` with no other access to ``b``)
 need no such proof: they become ``atomicAdd``.

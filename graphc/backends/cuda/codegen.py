@@ -15,6 +15,12 @@ barrier, which the IR's "zero-fill, then accumulate" kernels need):
   block per parallel iteration, its threads striding over inner loops,
   reductions combined through shared memory (a tree with `__syncthreads`),
   scalar stores done by thread 0;
+* a top-level "parallel" loop with per-iteration ("thread"-scope) scratch
+  becomes a block kernel, one block per iteration, the scratch in shared
+  memory (or, when it is too big, privatized in global memory and the loop
+  split per statement group);
+* a block kernel with fewer blocks than SMs and one long reduction is split:
+  partial results over many blocks, then the kernel combining them;
 * `Gemm` becomes a **tiled GEMM kernel** (16x16 tiles of A and B staged in
   shared memory, one output element per thread); loops around a Gemm map to
   `blockIdx.z` when their C tiles are disjoint, else they stay on the host
@@ -228,8 +234,6 @@ class Generator:
         neither applies (the copies would be too big)."""
         scratch = T.scratch_written(loop.body)
         nbytes = sum(b.size * b.dtype.itemsize for b in scratch)
-        r = dict(ranges)
-        r[id(loop.var)] = (0, max(loop.extent - 1, 0))
         if nbytes <= SHARED_SCRATCH_BYTES and not A.contains_gemm(loop.body):
             blk = block_plan(loop.body, ranges, [loop], fixed)
             if blk is not None:
