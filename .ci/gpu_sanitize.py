@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 import graphc as gc
-from graphc import models, nn, optim
+from graphc import models, nn
 
 
 def check(name, got, want, tol):

@@ -542,7 +542,7 @@ def reduction_with_prelude(chain, body):
     prelude must be assigned in the iteration before it is read, so iterations
     share nothing but acc and may run on different threads.  Returns
     (local, E, v, identity kind, prelude) or None."""
-    if len(body) < 2 or not isinstance(body[-1], Assign_):
+    if len(body) < 2 or not isinstance(body[-1], K.Assign):
         return None
     red = reduction_of(chain, body[-1:])
     if red is None:
@@ -550,7 +550,7 @@ def reduction_with_prelude(chain, body):
     acc, prelude = red[0], body[:-1]
     defined = set()
     for s in prelude:
-        if isinstance(s, Assign_):
+        if isinstance(s, K.Assign):
             if locals_read([s]) - defined or s.local is acc:
                 return None
             defined.add(id(s.local))
@@ -568,8 +568,6 @@ def reduction_with_prelude(chain, body):
             return None
     return red + (prelude,)
 
-
-Assign_ = K.Assign
 
 
 def substitute(e, kv, new, memo=None):
