@@ -258,12 +258,24 @@ def _constant_of_shape(ctx, args, attrs):
     val = np.asarray(attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
     if val.dtype not in dt.SUPPORTED:
         raise ctx.error(f"value of dtype {val.dtype} is not supported by graphc")
+    ctx.check_size(shape, val.dtype, "ConstantOfShape's output")
     return np.full(shape, val[0], dtype=val.dtype)
 
 
 @op("Range")
 def _range(ctx, args, attrs):
     s, l, d = (ctx.static(a, "Range's bounds") for a in args)
+    if np.ndim(s) or np.ndim(l) or np.ndim(d):
+        raise ctx.error(f"Range's start, limit and delta must be scalars, got shapes "
+                        f"{np.shape(s)}, {np.shape(l)}, {np.shape(d)}")
+    if d == 0:
+        raise ctx.error("Range's delta is 0")
+    # ONNX: max(ceil((limit - start) / delta), 0) elements (exact for integers)
+    if np.asarray(s).dtype.kind in "iu":
+        n = max(-(-(int(l) - int(s)) // int(d)), 0)
+    else:
+        n = max(int(np.ceil((float(l) - float(s)) / float(d))), 0)
+    ctx.check_size((n,), np.asarray(s).dtype, "Range's output")
     return np.arange(s, l, d).astype(np.asarray(s).dtype)
 
 
@@ -663,7 +675,9 @@ def _reduce(fn, since):
                 tuple(d for i, d in enumerate(x.shape) if i not in axes)
             fill = False if x.dtype == dt.bool_ else \
                 np.iinfo(x.dtype).min if x.dtype.kind == "i" else -np.inf
-            return gc.constant(np.full(_concrete(ctx, out, "ReduceMax"), fill, x.dtype),
+            out = _concrete(ctx, out, "ReduceMax")
+            ctx.check_size(out, x.dtype, "ReduceMax's output over an empty axis")
+            return gc.constant(np.full(out, fill, x.dtype),
                                dtype=x.dtype)
         return fn(x, axis=axes, keepdims=keep)
     return conv
