@@ -42,13 +42,21 @@ class Graph:
     # ------------------------------------------------------------ queries
     @property
     def nodes(self) -> list:
-        return toposort(self.outputs)
+        # Cached per set of outputs: nodes are immutable, so the order depends only on
+        # which nodes are the outputs.  Passes ask for it (len, users, kernel counts)
+        # many times per graph; re-sorting each time cost O(graph) per question.
+        key = tuple(o.id for o in self.outputs)
+        cached = self.__dict__.get("_nodes_cache")
+        if cached is None or cached[0] != key:
+            cached = self._nodes_cache = (key, toposort(self.outputs))
+        return list(cached[1])
 
     def __iter__(self):
         return iter(self.nodes)
 
     def __len__(self):
-        return len(self.nodes)
+        self.nodes  # noqa: B018  (fills the cache)
+        return len(self._nodes_cache[1])
 
     def users(self) -> dict:
         """node id -> list of nodes that read it (with repeats for repeated reads)."""

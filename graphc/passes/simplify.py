@@ -350,7 +350,7 @@ def simplify_node(n, ctx, rules=None, state=None):
     `state` holds facts about the nodes visited so far (relu_of: input id -> relu node).
     """
     for rule in (RULES if rules is None else rules):
-        if rule.enabled is not None and not rule.enabled(ctx):
+        if not rule.may_match(n) or (rule.enabled is not None and not rule.enabled(ctx)):
             continue
         mark = fresh_id_mark()
         try:
