@@ -13,6 +13,7 @@ import cProfile
 import pstats
 
 import numpy as np
+import pytest
 
 import graphc as gc
 from graphc.ir.graph import Graph
@@ -100,3 +101,66 @@ def _reference(xv, pv, layers):
         grads[2 * i + 1] = gz.sum(0)
         gh = 0.5 * gh + gz @ pv[2 * i].astype(np.float64).T
     return [loss] + grads
+
+
+# ---------------------------------------------------------------- LLVM: big entry functions
+def _llvm_run(monkeypatch, layers, threads, part=None, env=()):
+    pytest.importorskip("llvmlite")
+    from graphc.backends.llvm import runtime
+    monkeypatch.setenv("GRAPHC_CACHE", "0")        # compile, do not load a cached object
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", str(threads))
+    for k, v in env:
+        monkeypatch.setenv(k, v)
+    built = []
+    if part is not None:
+        monkeypatch.setattr(runtime, "ENTRY_PART_KERNELS", part)
+        one = runtime._entry_part
+        monkeypatch.setattr(runtime, "_entry_part",
+                            lambda *a: built.append(a[-1]) or one(*a))
+    x, params, outs = chain_net(layers)
+    xv = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    f = gc.compile([x], outs, backend="llvm")
+    res = [np.asarray(r) for r in f(xv)]
+    if part is not None:
+        assert len(built) > 2 and built[0] == "entry_part0", built   # really in parts
+    return f, xv, res, params
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_llvm_entry_in_parts_matches_one_entry(monkeypatch, threads):
+    """The entry split into parts of 5 kernels (barriers between parts) computes
+    exactly what the single entry computes, and the float64 reference."""
+    layers = 6
+    _, _, whole, params = _llvm_run(monkeypatch, layers, threads)
+    f, xv, parts, _ = _llvm_run(monkeypatch, layers, threads, part=5)
+    for a, b in zip(whole, parts):
+        np.testing.assert_array_equal(a, b)
+    ref = _reference(xv, [p.value for p in params], layers)
+    for a, b in zip(parts, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for _ in range(5):   # repeated calls (threads meeting at the part barriers) agree
+        for a, b in zip(f(xv), parts):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_llvm_entry_in_parts_with_profiling_and_bounds_checks(monkeypatch):
+    layers = 4
+    _, xv, base, params = _llvm_run(monkeypatch, layers, 2)
+    for env in ((("GRAPHC_PROFILE", "1"),), (("GRAPHC_DEBUG_BOUNDS", "1"),)):
+        _, _, got, _ = _llvm_run(monkeypatch, layers, 2, part=3, env=env)
+        for a, b in zip(got, base):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_llvm_compiles_a_5k_node_training_step(monkeypatch):
+    """A 5k-node forward+backward graph: its single entry function made LLVM's
+    SimplifyCFG give up (the compile server died); in parts it compiles and matches
+    the NumPy backend and the float64 reference."""
+    layers = 250
+    f, xv, got, params = _llvm_run(monkeypatch, layers, 2)
+    x, _, outs = chain_net(layers)
+    assert len(Graph(outs, [x])) > 5000
+    ref = _reference(xv, [p.value for p in params], layers)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
