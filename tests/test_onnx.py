@@ -358,6 +358,75 @@ def test_load_time_constant_limit_is_configurable():
         gc.onnx.load(m, max_constant_bytes=-1)
 
 
+def test_initializers_declaring_more_than_they_hold_are_refused(tmp_path):
+    """A tensor declaring 65536 x 65536 values but holding 8 bytes (inline or in an
+    external file) is refused before anything of the declared size is allocated."""
+    import resource
+    import onnx as onnx_mod
+
+    def model(t, elem):
+        return _model([helper.make_node("Identity", ["w"], ["y"])], [],
+                      [_vi("y", elem, [65536, 65536])], ()), t
+
+    cases = []
+    for elem, field in ((F32, "float_data"), (I64, "int64_data")):
+        t = TensorProto(name="w", data_type=elem, dims=[65536, 65536], raw_data=b"\0" * 8)
+        cases.append(("raw", elem, t))
+        t = TensorProto(name="w", data_type=elem, dims=[65536, 65536])
+        getattr(t, field).append(1)
+        cases.append((field, elem, t))
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    ext = TensorProto(name="w", data_type=F32, dims=[65536, 65536],
+                      data_location=TensorProto.EXTERNAL)
+    ext.external_data.add(key="location", value="w.bin")
+    cases.append(("external", F32, ext))
+    ext2 = TensorProto()
+    ext2.CopyFrom(ext)
+    ext2.external_data.add(key="length", value=str(1 << 40))
+    cases.append(("external length", F32, ext2))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = 6 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY
+                                            else min(cap, hard), hard))
+    try:
+        for what, elem, t in cases:
+            m, _ = model(t, elem)
+            m.graph.initializer.append(t)
+            path = tmp_path / f"{what.replace(' ', '_')}.onnx"
+            onnx_mod.save(m, str(path))
+            with pytest.raises(OnnxImportError, match="too small for the declared shape|"
+                                                      "exceeds available data") as ei:
+                gc.onnx.load(str(path))
+            assert "'w'" in str(ei.value) or "w)" in str(ei.value), (what, str(ei.value))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_edge_pad_builds_in_constant_time():
+    """Edge padding is the edge row broadcast, not one node per padded row: a pad of
+    10^9 rows loads at once (the list of 10^9 copies it built ran out of memory)."""
+    import resource
+    pads = np.array([0, 3, 0, 10 ** 9], np.int64)
+    m = _model([_const("p", pads), helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+               [_vi("x", F32, [2, 3])], [_vi("y", F32, [2, 6 + 10 ** 9 - 3])])
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = 6 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY
+                                            else min(cap, hard), hard))
+    try:
+        model = gc.onnx.load(m)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert model.outputs[0].shape == (2, 3 + 3 + 10 ** 9)
+    # small pads: the values of np.pad(mode="edge")
+    small = _model([_const("p", np.array([1, 2, 0, 3], np.int64)),
+                    helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+                   [_vi("x", F32, [2, 3])], [_vi("y", F32, [3, 8])])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y, = gc.onnx.load(small)(x)
+    np.testing.assert_array_equal(y, np.pad(x, ((1, 0), (2, 3)), mode="edge"))
+
+
 def test_newer_opset_than_implemented_is_refused():
     from graphc.onnx.importer import MAX_OPSET
     nodes = [helper.make_node("Relu", ["x"], ["y"])]

@@ -624,7 +624,13 @@ def _pad(ctx, args, attrs):
                 idx[a] = slice(i, i + 1)
                 return x[tuple(idx)]
             if mode == "edge":
-                parts = [piece(0)] * b + [x] + [piece(n - 1)] * e
+                # the edge row broadcast to the pad width (a list of `b` copies was
+                # O(pad width) nodes at load time, unbounded for a huge pad)
+                def edge(i, count):
+                    p = piece(i)
+                    return gc.broadcast_to(p, tuple(count if k == a else d
+                                                    for k, d in enumerate(p.shape)))
+                parts = ([edge(0, b)] if b else []) + [x] + ([edge(n - 1, e)] if e else [])
             elif mode == "wrap":
                 if b > n or e > n:
                     raise ctx.error("wrap padding wider than the axis")
@@ -714,6 +720,7 @@ def _nll(ctx, logp, target, weight, attrs):
     if ignore is not None:
         valid = gc.not_equal(t, ignore)
         t = gc.where(valid, t, gc.zeros_like(t))
+    ctx.check_size((c,), t.dtype, "the class indices of the one-hot target")
     oh = _one_hot(t, c, logp.dtype)  # (N, d..., C)
     nd = logp.ndim
     if nd > 2:
@@ -764,6 +771,7 @@ def _gather_elements(ctx, args, attrs):
     if any(a != b for i, (a, b) in enumerate(zip(x.shape, idx.shape)) if i != axis):
         lead = tuple(slice(0, d) for d in idx.shape)
         x = x[tuple(s if i != axis else slice(None) for i, s in enumerate(lead))]
+    ctx.check_size((n,), idx.dtype, "GatherElements' index range")
     oh = _one_hot(idx, n, x.dtype if x.dtype.kind == "f" else dt.int64)
     xe = gc.unsqueeze(gc.transpose(x, tuple(i for i in range(x.ndim) if i != axis) + (axis,)),
                       axis)
