@@ -31,8 +31,9 @@ class Graph:
     """The computation from leaves to `outputs`.
 
     Nodes are immutable once built; rewrites build new nodes and call
-    `replace`, which re-points users and outputs.  `nodes` is recomputed on
-    demand so it is always in topological order.
+    `replace`, which re-points users and outputs.  `nodes` (a fresh list, in
+    topological order) is sorted again whenever the outputs change; since
+    nodes are immutable it is cached while they do not.
     """
 
     def __init__(self, outputs, inputs=()):
