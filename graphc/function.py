@@ -249,25 +249,48 @@ class Function:
         results = ex(arrays)
         n = len(self.outputs)
         if not getattr(ex, "FRESH_OUTPUTS", False):  # a backend may promise fresh arrays
-            results = [self._detach(np.asarray(r)) for r in results]
+            shared = _MemoryRanges([p.value for p in self._state])
+            results = [r.copy() if shared.overlaps(r) else r
+                       for r in (np.asarray(r) for r in results)]
         for (p, _), new in zip(self.updates, results[n:]):
             p.set_value(new)  # after every output was computed: all readers saw old values
         outs = results[:n]
         return outs[0] if self.single else outs
 
-    def _detach(self, r):
-        """A copy of `r` if it may share memory with a parameter's storage.
-
-        Otherwise an update (or a later call) would change an output already
-        returned, and simultaneous updates such as a swap would read
-        half-written values.
-        """
-        if any(np.may_share_memory(r, p.value) for p in self._state):
-            return r.copy()
-        return r
-
     def report(self):
         return self.reports[-1] if self.reports else None
+
+
+class _MemoryRanges:
+    """The byte ranges of some arrays, to ask whether another array may share memory
+    with any of them: the same answer as `np.may_share_memory` (bounds overlap), in
+    O(log n) per question instead of one call per array (a graph with thousands of
+    outputs and parameters spent most of each call in those pairwise checks)."""
+
+    def __init__(self, arrays):
+        spans = sorted(_bounds(a) for a in arrays if a.size)
+        self.lows = [lo for lo, _ in spans]
+        self.max_high = []
+        m = None
+        for _, hi in spans:
+            m = hi if m is None or hi > m else m
+            self.max_high.append(m)
+
+    def overlaps(self, r) -> bool:
+        from bisect import bisect_left
+        if not r.size or not self.lows:
+            return False
+        lo, hi = _bounds(r)
+        k = bisect_left(self.lows, hi)  # the arrays starting before r ends
+        return k > 0 and self.max_high[k - 1] > lo
+
+
+def _bounds(a):
+    try:
+        from numpy.lib.array_utils import byte_bounds   # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        byte_bounds = np.byte_bounds
+    return byte_bounds(a)
 
 
 def compile(inputs, outputs, updates=None, backend="numpy", optimize=2, name=None) -> Function:

@@ -17,9 +17,10 @@ Ops (attributes normalized by `check`: kernel_size, stride, dilation as
     avg_pool2d_grad(g)            its adjoint; `input_size` fixes the input's (H, W)
 
 With ceil_mode the output rounds up, so the last window may hang over the
-bottom/right edge; it must start inside the input or its left padding
-(PyTorch's rule), and for the average the part beyond the padding never
-counts.  Padding may be at most half the kernel (again PyTorch's rule), so
+bottom/right edge (even when the kernel is larger than the padded input:
+avg_pool2d(k=2, s=2, ceil_mode=True) of H = 1 has one window); it must start
+inside the input or its left padding (PyTorch's rule), and for the average the
+part beyond the padding never counts.  Padding may be at most half the kernel (again PyTorch's rule), so
 every window holds at least one real element.
 
 `global_avg_pool2d(x)` is the mean over H and W keeping them as size 1:

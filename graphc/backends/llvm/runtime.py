@@ -592,19 +592,21 @@ def _overlap(xs, ys) -> bool:
     return any(sa == sb and la < hb and lb < ha for sa, la, ha in xs for sb, lb, hb in ys)
 
 
-def entry_prologue(mb, n_ext, nthreads, profile):
+def entry_prologue(mb, n_ext, nthreads, profile, name="entry"):
     """Start `void entry(i8** table, i64 tid)`: load the table's slots, set up the
     barrier, the cycle counter (profiling) and the error flag.  Shared by the
-    straight-line entry (_entry) and the one with native loops (loops.py)."""
+    straight-line entry (_entry), its parts, and the one with native loops (loops.py)."""
     fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
-    fn = ir.Function(mb.module, fnty, name="entry")
+    fn = ir.Function(mb.module, fnty, name=name)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     table, tid = fn.args
     slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
              for s in range(n_ext + N_EXTRA)]
     err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
-    barrier = _barrier_fn(mb) if nthreads > 1 else None
-    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
+    known = mb.module.globals
+    barrier = (known.get("graphc_barrier") or _barrier_fn(mb)) if nthreads > 1 else None
+    rc = (known.get("llvm.readcyclecounter")
+          or ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter")) \
         if profile else None
     if mb.error_fn is not None:
         b.store(err, mb.err_global)
@@ -613,16 +615,54 @@ def entry_prologue(mb, n_ext, nthreads, profile):
     return b, tid, slots, err, bar, prof, barrier, rc, nt, is_main
 
 
+# Kernels per entry function.  The entry of a graph with thousands of kernels was
+# one function with thousands of calls and branches, on which LLVM's SimplifyCFG
+# gave up ("Iterative simplification didn't converge!": the compile server died on
+# a 5k-node training step).  Above this many kernels the entry calls parts of at
+# most this many kernels each, with a barrier between parts.
+ENTRY_PART_KERNELS = 256
+
+
 def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
-    """The entry: every kernel in order.  With several threads, a barrier goes only
-    before a kernel that touches what a kernel since the last barrier wrote, or writes
-    what one read (ranges: _access_ranges); independent kernels share an interval."""
+    """The entry: every kernel in order (in parts of ENTRY_PART_KERNELS)."""
+    n = len(fns)
+    if n <= ENTRY_PART_KERNELS:
+        _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, range(n), "entry")
+        return
+    parts = []
+    for j, start in enumerate(range(0, n, ENTRY_PART_KERNELS)):
+        fn = _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges,
+                         range(start, min(start + ENTRY_PART_KERNELS, n)), f"entry_part{j}")
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")   # inlined back, the entry would be one function again
+        parts.append(fn)
     b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
         mb, n_ext, nthreads, profile)
+    table = b.function.args[0]
+    for j, part in enumerate(parts):
+        if j and nthreads > 1:
+            # a part starts with no record of what the previous one touched
+            b.call(barrier, [bar, nt])
+        b.call(part, [table, tid])
+        if mb.error_fn is not None:
+            flag = b.load(err, typ=I64)
+            with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
+                b.ret_void()
+    b.ret_void()
+
+
+def _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, ks, name):
+    """A function running kernels `ks` in order.  With several threads, a barrier goes
+    only before a kernel that touches what a kernel since the last barrier wrote, or
+    writes what one read (ranges: _access_ranges); independent kernels share an
+    interval."""
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile, name)
     dirty = False     # thread 0 ran single-threaded kernels since the last barrier
     # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
     shared_r, shared_w, main_r, main_w = [], [], [], []
-    for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
+    for k in ks:
+        kfn, args, par = fns[k], calls[k], spmd[k]
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
@@ -659,3 +699,4 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
             with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
                 b.ret_void()
     b.ret_void()
+    return b.function
