@@ -239,7 +239,7 @@ def cmd_train(args) -> int:
     _say(f"  backend {args.backend}, {cfg['epochs']} epochs, batch size {cfg['batch_size']}, "
          f"Adam lr {cfg['lr']:g} (cosine schedule), seed {args.seed}")
     t0 = time.perf_counter()
-    with _small_matrix_blas(), distributed.guard():
+    with distributed.guard():          # (the NumPy backend limits BLAS threads itself)
         history = fit(model, step, distributed.maybe_shard((xtr, ytr), cfg["batch_size"],
                                                            seed=args.seed),
                       epochs=cfg["epochs"], batch_size=cfg["batch_size"],
@@ -288,17 +288,6 @@ def cmd_train(args) -> int:
             if p.label().endswith("weight")))
     _say("wrote " + ", ".join(files))
     return 0
-
-
-def _small_matrix_blas():
-    """One BLAS thread while training: these small matrices spend longer
-    synchronizing threads than computing (threadpoolctl, when installed)."""
-    import contextlib
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def plot_history(history: dict, path: str, title: str = "") -> str | None:
