@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import input_cast
 from .ir.errors import GraphBuildError
 from .ir.graph import Graph, toposort
 from .ir.node import Node, TensorType, user_location
@@ -131,11 +132,8 @@ class Function:
         arrays, bindings = [], {}
         for i in self.inputs:
             a = np.asarray(vals[i.name])
-            if a.dtype != i.dtype:
-                if a.dtype.kind not in "biuf" or not np.can_cast(a.dtype, i.dtype, "same_kind"):
-                    raise TypeError(f"{self.name}: input {i.name!r} expects dtype {i.dtype}, "
-                                    f"got {a.dtype}")
-                a = a.astype(i.dtype)
+            if a.dtype != i.dtype:      # the casting rule: graphc/input_cast.py
+                a = input_cast.convert(self.name, i, a, self.__dict__.setdefault("_cast_warned", set()))
             if a.ndim != i.ndim:
                 raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                  f"{shape_str(i.shape)}, got {shape_str(a.shape)}")

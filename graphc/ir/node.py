@@ -74,6 +74,11 @@ class _BuildContext(threading.local):
 _ctx = _BuildContext()
 
 
+def current_scope() -> tuple:
+    """The scopes (innermost last) that nodes built now belong to."""
+    return _ctx.scope
+
+
 @contextmanager
 def name_scope(name: str):
     """Nodes built inside belong to this (nested) scope; the renderer clusters them."""

@@ -1,0 +1,50 @@
+"""What a new user meets in an interactive session: errors that name the module
+and the user's line, reprs, and the namespace (issue: first use)."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import models, nn
+
+
+def test_linear_fed_wrong_features_names_the_module_and_line():
+    model = models.mlp(in_features=64)
+    x = gc.input("x", (None, 1, 28, 28))
+    with pytest.raises(gc.GraphBuildError) as e:
+        model(x)
+    msg = str(e.value)
+    assert msg.startswith("fc1: Linear(64->128) got input with 784 features")
+    assert f"at {__file__}:" in msg
+
+
+def test_linear_in_a_sequential_and_alone():
+    with pytest.raises(gc.GraphBuildError, match=r"^Sequential\[1\]: Linear\(64->10\) got "
+                       r"input with 784 features"):
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 10))(gc.input("x", (None, 1, 28, 28)))
+    with pytest.raises(gc.GraphBuildError, match=r"^Linear\(3->2\) got input with 4 features"):
+        nn.Linear(3, 2)(gc.input("x", (None, 4)))
+
+
+def test_lenet_fed_small_images_names_conv2():
+    with pytest.raises(gc.GraphBuildError) as e:
+        models.lenet5()(gc.input("x", (None, 1, 8, 8)))
+    msg = str(e.value)
+    assert msg.startswith("conv2: Conv2d(6->16, kernel 5x5) could not take input of shape "
+                          "(N, 6, 4, 4)")
+    assert f"at {__file__}:" in msg
+
+
+def test_conv_fed_wrong_channels_or_rank():
+    with pytest.raises(gc.GraphBuildError, match=r"^conv1: Conv2d\(1->6, kernel 5x5\) got "
+                       r"input with 3 channels"):
+        models.lenet5()(gc.input("x", (None, 3, 28, 28)))
+    with pytest.raises(gc.GraphBuildError, match=r"NCHW"):
+        nn.Conv2d(1, 2, 3)(gc.input("x", (None, 28, 28)))
+
+
+def test_correct_layers_still_build_and_compute():
+    lin = nn.Linear(3, 2, rng=0)
+    x = gc.input("x", (None, 3))
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    want = a.astype(np.float64) @ lin.weight.value.T.astype(np.float64) + lin.bias.value
+    np.testing.assert_allclose(gc.compile([x], lin(x))(a), want, rtol=1e-6)
