@@ -168,9 +168,31 @@ def cmd_docs_ops(args) -> int:
     return 0
 
 
+def _check_picture_name(option: str, path: str) -> None:
+    """The format of a picture comes from its file name: say so in CLI terms."""
+    from .viz import FORMATS
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in FORMATS:
+        shown = f".{ext}" if ext else "no extension"
+        raise CLIError(f"{option} {path}: cannot draw {shown}; the picture format comes from "
+                       f"the file name: use a name ending in "
+                       f"{', '.join('.' + f for f in FORMATS[:-1])} or .{FORMATS[-1]}")
+
+
+def _check_backend(name: str) -> None:
+    """Fail before any work when the backend cannot run here (no GPU for cuda, no
+    llvmlite for llvm), not after the progress bar has started."""
+    from .backends import get_backend
+    backend = get_backend(name)            # ValueError: not installed
+    select = getattr(backend, "select_runtime", None)
+    if select is not None:
+        select()                           # GraphcError: no usable GPU
+
+
 def cmd_render(args) -> int:
     import graphc as gc
     from . import viz
+    _check_picture_name("-o", args.output)
     size = 28 if args.model == "lenet" else 8
     model = _build_model(args.model, args.seed, size)
     x = gc.input("x", _model_input_shape(args.model, size))
@@ -216,6 +238,7 @@ def cmd_train(args) -> int:
     from . import nn, optim, viz
     from .train import fit
 
+    _check_backend(args.backend)
     cfg = dict(DEFAULTS[args.model])
     for k in ("epochs", "batch_size", "lr"):
         if getattr(args, k) is not None:
@@ -355,8 +378,12 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, help="default 32")
     t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: lenet "
                    f"{DEFAULTS['lenet']['lr']:g}, mlp {DEFAULTS['mlp']['lr']:g})")
-    t.add_argument("--backend", default="numpy", choices=("numpy", "llvm", "cuda"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backend", default="numpy", choices=("numpy", "llvm", "cuda"),
+                   help="where the compiled step runs: numpy (the reference interpreter), "
+                   "llvm (native CPU code, GRAPHC_NUM_THREADS threads) or cuda (an NVIDIA "
+                   "GPU; checked before training starts) (default: numpy)")
+    t.add_argument("--seed", type=int, default=0, help="seeds the weight initialization and "
+                   "the batch shuffling: the same seed gives the same run (default 0)")
     t.add_argument("--data", default="digits", help="'digits' (bundled) or 'mnist:PATH' "
                    "(a directory of MNIST IDX files)")
     t.add_argument("--out", help="output directory (default ./runs/MODEL)")
@@ -367,7 +394,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="file to write (.png, .svg or .pdf)")
     r.add_argument("--backward", action="store_true",
                    help="draw the whole training graph (forward, backward, update)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seeds the weights drawn into the "
+                   "picture's initial values (default 0)")
 
     sub.add_parser("bench", help="benchmarks (graphc.bench); arguments are passed on",
                    add_help=False)

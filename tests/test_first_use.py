@@ -1,5 +1,8 @@
 """What a new user meets in an interactive session: errors that name the module
 and the user's line, reprs, and the namespace (issue: first use)."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -48,3 +51,16 @@ def test_correct_layers_still_build_and_compute():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     want = a.astype(np.float64) @ lin.weight.value.T.astype(np.float64) + lin.bias.value
     np.testing.assert_allclose(gc.compile([x], lin(x))(a), want, rtol=1e-6)
+
+
+def test_saved_weights_get_the_same_mode_as_other_outputs(tmp_path):
+    old = os.umask(0o022)
+    try:
+        nn.Linear(2, 2, rng=0).save(tmp_path / "w.npz")
+        with open(tmp_path / "other.json", "w") as f:       # how every other output is written
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "w.npz").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "other.json").st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["other.json", "w.npz"]   # no temporary left
