@@ -64,3 +64,23 @@ def test_saved_weights_get_the_same_mode_as_other_outputs(tmp_path):
     mode = stat.S_IMODE(os.stat(tmp_path / "w.npz").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "other.json").st_mode) == 0o644
     assert sorted(os.listdir(tmp_path)) == ["other.json", "w.npz"]   # no temporary left
+
+
+@pytest.mark.parametrize("call", ["export", "load", "zoo"])
+def test_onnx_without_the_extra_says_how_to_install_it(monkeypatch, tmp_path, call):
+    import sys
+    x = gc.input("x", (None, 3))
+    y = gc.relu(x)
+    for mod in [m for m in sys.modules if m == "onnx" or m.startswith("onnx.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "onnx", None)            # as if not installed
+    import graphc.onnx as gonnx
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'graphc\[onnx\]'") as e:
+        if call == "export":
+            gonnx.export(y, str(tmp_path / "m.onnx"), inputs=[x])
+        elif call == "load":
+            gonnx.load(str(tmp_path / "m.onnx"))
+        else:
+            gonnx.zoo.resnet_like()
+    assert isinstance(e.value, gc.GraphcError) and f"gc.onnx.{call}" in str(e.value)
+    assert not os.listdir(tmp_path)
