@@ -84,3 +84,58 @@ def test_onnx_without_the_extra_says_how_to_install_it(monkeypatch, tmp_path, ca
             gonnx.zoo.resnet_like()
     assert isinstance(e.value, gc.GraphcError) and f"gc.onnx.{call}" in str(e.value)
     assert not os.listdir(tmp_path)
+
+
+def test_function_repr_names_inputs_outputs_updates_backend():
+    x = gc.input("x", (None, 3))
+    w = gc.Parameter(np.ones((3, 2), np.float32), name="w")
+    f = gc.compile([x], gc.sum(x @ w), updates={w: w * 2}, name="step")
+    assert repr(f) == ("<Function 'step' (x: float32(N, 3)) -> float32(); updates 1 parameter "
+                       "(w); backend numpy>")
+    g = gc.compile([x], [x @ w, gc.sum(x)])
+    assert repr(g) == ("<Function 'function' (x: float32(N, 3)) -> [float32(N, 2), float32()]; "
+                       "backend numpy>")
+
+
+def test_function_and_node_draw_themselves_in_jupyter():
+    pytest.importorskip("graphviz")
+    from graphc.viz import GraphvizNotFoundError
+    x = gc.input("x", (None, 3))
+    w = gc.Parameter(np.ones((3, 2), np.float32), name="w")
+    y = gc.relu(x @ w)
+    f = gc.compile([x], y, updates={w: w * 2})
+    try:
+        svg_node, svg_fn = y._repr_svg_(), f._repr_svg_()
+    except GraphvizNotFoundError:
+        pytest.skip("graphviz's dot is not installed")
+    if svg_node is None:
+        pytest.skip("graphviz's dot is not installed")
+    assert svg_node.lstrip().startswith("<?xml") and "<svg" in svg_node and "relu" in svg_node
+    assert "<svg" in svg_fn and "w" in svg_fn and svg_fn != svg_node   # the update is drawn
+
+
+def test_asarray_of_a_node_is_a_clear_error():
+    w = gc.Parameter(np.ones((3, 2), np.float32), name="w")
+    x = gc.input("x", (None, 3))
+    with pytest.raises(TypeError, match=r"np.asarray\(<Parameter w.*no values until the graph "
+                       r"runs.*gc.compile.*node.value"):
+        np.asarray(w)
+    with pytest.raises(TypeError, match=r"np.asarray\(<matmul"):
+        np.array(x @ w)
+    # NumPy operators still defer to the node (ndarray + node builds a node)
+    z = np.ones(3, np.float32) + gc.input("z", (3,))
+    assert isinstance(z, gc.Node) and z.shape == (3,)
+
+
+def test_lazy_names_are_listed_for_tab_completion():
+    for name in ("nn", "optim", "data", "models", "train", "render", "to_dot", "onnx", "viz"):
+        assert name in dir(gc) and name in gc.__all__, name
+        assert getattr(gc, name) is not None
+    assert gc.InputCastWarning in (gc.input_cast.InputCastWarning,)
+
+
+def test_compile_docstring_covers_dtypes_returns_keywords():
+    doc = gc.compile.__doc__
+    for needle in ("float64 -> float32", "InputCastWarning", "returns one array",
+                   "list of arrays", "by input name", "0-d array", "updates", "backend"):
+        assert needle in doc, needle
