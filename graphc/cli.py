@@ -1,8 +1,8 @@
 """The `graphc` command line (also `python -m graphc`).
 
-    graphc train lenet|mlp [--epochs N --batch-size B --lr LR --backend numpy|llvm
+    graphc train lenet|mlp [--epochs N --batch-size B --lr LR --backend numpy|llvm|cuda
                             --seed S --data digits|mnist:PATH --out DIR --no-render]
-    graphc render lenet|mlp -o out.png [--backward]
+    graphc render lenet|mlp -o out.png|.svg|.pdf [--backward --detail auto|modules|full]
     graphc bench ...            (forwards to graphc.bench when it is installed)
     graphc docs-ops [-o FILE]   (writes the op reference, docs/ops.md, from the registry)
 
@@ -18,8 +18,9 @@ import sys
 import time
 
 MODELS = ("lenet", "mlp")
-# Defaults chosen so `graphc train lenet` finishes in about a minute on two
-# cores with the NumPy backend and reaches >= 97% on the digits' test split
+# Defaults chosen so `graphc train lenet` finishes well within a minute on two
+# cores with the NumPy backend (5-15 s of training, docs/user_guide.md) and
+# reaches >= 97% on the digits' test split
 # (Adam with a cosine learning-rate schedule; tests/test_train.py checks the
 # same recipe).
 DEFAULTS = {
@@ -203,7 +204,7 @@ def cmd_render(args) -> int:
         y = gc.input("y", (None,), dtype="int64")
         target = training_step(model, x, y, DEFAULTS[args.model]["lr"], "numpy")
         title = f"{args.model}: training graph (forward, backward, Adam update)"
-    path = viz.render(target, args.output, title=title)
+    path = viz.render(target, args.output, title=title, detail=args.detail)
     _say(f"wrote {path}")
     return 0
 
@@ -396,6 +397,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="draw the whole training graph (forward, backward, update)")
     r.add_argument("--seed", type=int, default=0, help="seeds the weights drawn into the "
                    "picture's initial values (default 0)")
+    r.add_argument("--detail", choices=("auto", "modules", "full"), default="auto",
+                   help="modules: one box per module (and one for the optimizer update); "
+                   "full: every op; auto: modules for graphs of more than 80 nodes, such as "
+                   "the training graph (default: auto)")
 
     sub.add_parser("bench", help="benchmarks (graphc.bench); arguments are passed on",
                    add_help=False)

@@ -102,11 +102,20 @@ def test_render_mlp_png(capsys, tmp_path):
 
 def test_render_lenet_training_graph_svg(capsys, tmp_path):
     out = tmp_path / "train.svg"
-    code, _, err = run_main(capsys, "render", "lenet", "-o", str(out), "--backward")
+    code, _, err = run_main(capsys, "render", "lenet", "-o", str(out), "--backward",
+                            "--detail", "full")
     assert code == 0, err
     svg = out.read_text()
     for name in ("conv2d_grad_weight", "conv2d_grad_input", "max_pool2d", "parameter updates"):
         assert name in svg, name
+    # by default: the overview, one box per module and one for the optimizer update
+    code, _, err = run_main(capsys, "render", "lenet", "-o", str(tmp_path / "o.svg"),
+                            "--backward")
+    assert code == 0, err
+    overview = (tmp_path / "o.svg").read_text()
+    for name in ("conv1 (Conv2d)", "gradient of conv2 (Conv2d)", "optimizer update"):
+        assert name in overview, name
+    assert overview.count('class="node"') < svg.count('class="node"') // 5
 
 
 @pytest.mark.parametrize("name", ["lenet.jpg", "x.bmp", "noext"])
