@@ -19,10 +19,10 @@ import time
 
 MODELS = ("lenet", "mlp")
 # Defaults chosen so `graphc train lenet` finishes well within a minute on two
-# cores with the NumPy backend (5-15 s of training, docs/user_guide.md) and
-# reaches >= 97% on the digits' test split
-# (Adam with a cosine learning-rate schedule; tests/test_train.py checks the
-# same recipe).
+# cores with the NumPy backend (12-15 s of training on a busy machine,
+# docs/performance.md "First use") and reaches >= 97% on the digits' test
+# split (Adam with a cosine learning-rate schedule; tests/test_train.py checks
+# the same recipe).
 DEFAULTS = {
     "lenet": {"epochs": 8, "batch_size": 32, "lr": 5e-3},
     "mlp": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
