@@ -47,3 +47,20 @@ def test_cross_kind_is_an_error_with_advice():
     f = _compiled()
     with pytest.raises(TypeError, match=r"'n' expects dtype int64, got float64.*astype"):
         f(np.zeros(3, np.float32), np.array([1.0, 2.0, 3.0]))
+
+
+def test_warning_points_at_the_callers_line_for_a_step_with_updates():
+    x = gc.input("x", (None, 2))
+    w = gc.Parameter(np.ones(2, np.float32), name="w")
+    step = gc.compile([x], gc.sum(x * w), updates={w: w * 0.5})
+    with pytest.warns(InputCastWarning) as rec:
+        step(np.ones((3, 2)))
+    assert rec[0].filename == __file__
+
+
+def test_float64_beyond_float32_range_is_refused_not_warned():
+    f = _compiled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="'x'"):
+            f(np.array([1.0, 1e39, 2.0]), np.arange(3))

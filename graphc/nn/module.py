@@ -29,11 +29,13 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+import zipfile
 from collections import OrderedDict, namedtuple
 from contextlib import contextmanager
 
 import numpy as np
 
+from ..ir.dtypes import cast_checked
 from ..ir.node import name_scope
 from ..ir.shapes import shape_str
 from ..tensor import Parameter
@@ -400,6 +402,11 @@ def _checked_value(key: str, value, p: Parameter) -> np.ndarray:
     if arr.dtype.kind not in "biuf" or not np.can_cast(arr.dtype, p.value.dtype, "same_kind"):
         raise StateDictError(f"state {key!r}: cannot load {arr.dtype} values into a "
                              f"{p.value.dtype} parameter")
+    if arr.dtype != p.value.dtype:   # e.g. float64 1e39 would become float32 inf
+        try:
+            return cast_checked(arr, p.value.dtype, f"state {key!r}")
+        except ValueError as e:
+            raise StateDictError(str(e)) from None
     return arr
 
 
@@ -441,6 +448,9 @@ def load_npz(path) -> "OrderedDict[str, np.ndarray]":
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
+    except zipfile.BadZipFile as e:        # e.g. truncated: no central directory
+        raise StateDictError(f"{path}: not a readable .npz archive: the file is truncated "
+                             f"or damaged ({e})") from None
     except (ValueError, OSError, EOFError) as e:
         raise StateDictError(f"{path}: not a readable .npz archive ({e})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
