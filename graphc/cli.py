@@ -372,11 +372,13 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train LeNet-5 or an MLP on the bundled digits")
-    t.add_argument("model", choices=MODELS)
+    t.add_argument("model", choices=MODELS, help="lenet (LeNet-5) or mlp (a perceptron with two "
+                   "hidden layers)")
     t.add_argument("--epochs", type=_positive_int, help="passes over the training set "
                    f"(default: lenet {DEFAULTS['lenet']['epochs']}, mlp "
                    f"{DEFAULTS['mlp']['epochs']})")
-    t.add_argument("--batch-size", type=_positive_int, help="default 32")
+    t.add_argument("--batch-size", type=_positive_int, help="samples per training step "
+                   "(default 32)")
     t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: lenet "
                    f"{DEFAULTS['lenet']['lr']:g}, mlp {DEFAULTS['mlp']['lr']:g})")
     t.add_argument("--backend", default="numpy", choices=("numpy", "llvm", "cuda"),
@@ -391,7 +393,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-render", action="store_true", help="skip drawing the graphs")
 
     r = sub.add_parser("render", help="draw a model's forward or training graph")
-    r.add_argument("model", choices=MODELS)
+    r.add_argument("model", choices=MODELS, help="lenet or mlp (freshly initialized)")
     r.add_argument("-o", "--output", required=True, help="file to write (.png, .svg or .pdf)")
     r.add_argument("--backward", action="store_true",
                    help="draw the whole training graph (forward, backward, update)")
