@@ -243,3 +243,20 @@ def test_architecture_import_rules_hold():
             if other.startswith("backends.") and other != b:
                 bad.append(f"{where} (backend) imports another backend graphc.{other}")
     assert not bad, "layering violations (see docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_readme_tour_runs(tmp_path, monkeypatch, recwarn):
+    """The README's Python tour runs as written (one epoch instead of eight, to stay
+    fast), without a dtype-cast warning, and writes what it says it writes."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = python_blocks(f.read())
+    assert len(blocks) == 2 and "epochs=8" in blocks[1]
+    blocks[1] = blocks[1].replace("epochs=8", "epochs=1")
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "readme"}
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"README.md[python block {k + 1}]", "exec"), ns)
+    from graphc.input_cast import InputCastWarning
+    assert not [w for w in recwarn if issubclass(w.category, InputCastWarning)]
+    assert (tmp_path / "train.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "lenet.npz").stat().st_size > 0
