@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from .ir.dtypes import cast_checked
+from . import input_cast
 from .ir.errors import GraphBuildError
 from .ir.graph import Graph, toposort
 from .ir.node import Node, TensorType, user_location
@@ -155,11 +155,8 @@ class Function:
         arrays, bindings = [], {}
         for i in self.inputs:
             a = np.asarray(vals[i.name])
-            if a.dtype != i.dtype:
-                if a.dtype.kind not in "biuf" or not np.can_cast(a.dtype, i.dtype, "same_kind"):
-                    raise TypeError(f"{self.name}: input {i.name!r} expects dtype {i.dtype}, "
-                                    f"got {a.dtype}")
-                a = cast_checked(a, i.dtype, f"{self.name}: input {i.name!r}")
+            if a.dtype != i.dtype:      # the casting rule: graphc/input_cast.py
+                a = input_cast.convert(self.name, i, a, self.__dict__.setdefault("_cast_warned", set()))
             if a.ndim != i.ndim:
                 raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                  f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
@@ -260,6 +257,23 @@ class Function:
     def report(self):
         return self.reports[-1] if self.reports else None
 
+    # ------------------------------------------------------------ interactive use
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i.name}: {i.type}" for i in self.inputs)
+        outs = ", ".join(str(o.type) for o in self.outputs)
+        outs = outs if self.single else f"[{outs}]"
+        ups = ""
+        if self.updates:
+            names = [p.label() for p, _ in self.updates]
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            ups = f"; updates {len(names)} parameter{'s' * (len(names) != 1)} ({shown})"
+        return f"<Function {self.name!r} ({ins}) -> {outs}{ups}; backend {self.backend_name}>"
+
+    def _repr_svg_(self):
+        """Jupyter draws the computation (outputs and updates); None without graphviz."""
+        from . import viz
+        return viz.repr_svg(self)
+
 
 class _MemoryRanges:
     """The byte ranges of some arrays, to ask whether another array may share memory
@@ -294,11 +308,42 @@ def _bounds(a):
 
 
 def compile(inputs, outputs, updates=None, backend="numpy", optimize=2, name=None) -> Function:
-    """Compile `outputs` as a function of `inputs` on a backend.
+    """Compile `outputs` as a function of `inputs`; returns a callable `Function`.
 
-    updates: {Parameter: new value node} written after each call.
-    backend: "numpy" (reference interpreter), "llvm" or "cuda".
-    optimize: 0, 1 or 2 (graph optimizer level).
+    inputs: a gc.input node or a list of them, the arguments in order.  Every
+      input the outputs read must be listed.
+    outputs: a node (the call returns one array) or a list of nodes (the call
+      returns a list of arrays).  Results are NumPy arrays; a scalar output is a
+      0-d array (`float(result)` gives a Python number).
+    updates: {Parameter: new value node}, written into the parameters after
+      every output of a call has been computed (all reads see the old values);
+      this is how a training step is one call.
+    backend: "numpy" (the reference interpreter, always available), "llvm"
+      (native CPU code through llvmlite) or "cuda" (an NVIDIA GPU).
+    optimize: graph optimizer level: 0 none, 1 folding/CSE/simplification,
+      2 also fusion and memory planning (default).
+    name: used in error messages (default "function").
+
+    Calling the Function: pass arrays positionally, by input name, or both:
+    ``f(xb, yb)``, ``f(x=xb, y=yb)``.  Each call checks every array against its
+    input: the number of dimensions and every fixed size must match (a mismatch
+    is a ValueError naming the input, the expected and the given shape), and
+    symbolic sizes (None, "N") must agree between inputs.  The graph is
+    specialized and compiled once per set of symbolic sizes, then cached.
+
+    Dtypes: an array of the input's dtype is used as is.  Another dtype is
+    converted when NumPy calls the cast "safe" (int32 -> int64, uint8 ->
+    float32); a cast within a kind that may lose values (float64 -> float32,
+    int64 -> float32 or int32) is done with a gc.InputCastWarning, once per
+    input, but finite values beyond the input dtype's range (float64 1e39 into
+    float32) are a ValueError; any other cast (float -> int, strings, objects)
+    is a TypeError.  See graphc/input_cast.py.
+
+    Example::
+
+        x = gc.input("x", (None, 4))
+        f = gc.compile([x], gc.sum(x * x, axis=1))
+        f(np.ones((2, 4), np.float32))          # array([4., 4.], dtype=float32)
     """
     return Function(inputs, outputs, updates=updates, backend=backend, optimize=optimize,
                     name=name)

@@ -27,7 +27,6 @@ checks every key and shape before writing anything.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import weakref
 import zipfile
@@ -411,6 +410,19 @@ def _checked_value(key: str, value, p: Parameter) -> np.ndarray:
     return arr
 
 
+def _new_temp_file(folder):
+    """(fd, path) of a new file in `folder`, created like open(path, "w") creates one:
+    mode 0666 less the umask, as every other file graphc writes (tempfile.mkstemp's
+    0600 would make saved weights unreadable to the user's group)."""
+    import secrets
+    while True:
+        tmp = os.path.join(folder, f".graphc-{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def save_npz(path, arrays: dict) -> None:
     """Write `arrays` to exactly `path` (no '.npz' appended), atomically."""
     path = os.fspath(path)
@@ -418,7 +430,7 @@ def save_npz(path, arrays: dict) -> None:
         if np.asarray(v).dtype == object:
             raise StateDictError(f"save: {k!r} is not a numeric array")
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = _new_temp_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})

@@ -23,18 +23,13 @@ from ..ir import dtypes as dt
 from ..ir.errors import GraphcError
 from ..ir.graph import Graph
 from ..ir.node import Node, TensorType
-from .errors import OnnxImportError, UnsupportedOperatorError
+from .errors import OnnxImportError, UnsupportedOperatorError, require_onnx
 
 __all__ = ["load", "OnnxModel"]
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("gc.onnx needs the 'onnx' package: pip install 'graphc[onnx]'") \
-            from None
-    return onnx
+    return require_onnx("gc.onnx.load")
 
 
 # ONNX TensorProto element types graphc can hold.
