@@ -50,13 +50,24 @@ class FakeDriver:
     """The subset of cuda.bindings.driver that DriverRuntime uses."""
 
     CUdevice_attribute = cu.CUdevice_attribute
+    CUstreamCaptureMode = cu.CUstreamCaptureMode
 
     def __init__(self):
         self.calls = []
         self.mem = {}
+        self.pinned = {}
         self.functions = {}
+        self.nparams = {}
         self.pending_program = None
         self.real_checked = 0
+        self.streams = 0
+        self.capturing = {}       # stream handle -> the operations recorded so far
+        self.graphs = {}          # graph handle -> operations
+        self.execs = {}           # executable graph handle -> operations
+        self.pending_error = None  # an asynchronous error, reported by the next synchronize
+        self.fail_kernel = None   # inject: this kernel fails when it runs
+        self.sticky = False       # inject: a kernel failure leaves the context unusable
+        self.fail_call = {}       # inject: driver call name -> CUresult it returns once
 
     def _real(self, name, *args):
         """The real binding must accept these arguments (then fail to find libcuda)."""
@@ -76,6 +87,23 @@ class FakeDriver:
     def _log(self, name, *args):
         self.calls.append(name)
         self._real(name, *args)
+        return self.fail_call.pop(name, None)
+
+    def _no_capture(self, name):
+        """A synchronous call (legacy stream) while a stream captures: CUDA refuses it."""
+        if self.capturing:
+            raise AssertionError(f"{name} during stream capture")
+
+    def _do(self, stream, op):
+        """Run op now, or record it into the graph the stream is capturing."""
+        ops = self.capturing.get(int(stream))
+        if ops is not None:
+            ops.append(op)
+        elif self.pending_error is None or not self.sticky:
+            op()
+
+    def _is_pinned(self, p, n):
+        return any(base <= p and p + n <= base + a.nbytes for base, a in self.pinned.items())
 
     def cuInit(self, flags):
         self._log("cuInit", flags)
@@ -106,7 +134,7 @@ class FakeDriver:
         return SUCCESS, 9 if major else 0
 
     def cuGetErrorName(self, err):
-        return SUCCESS, b"CUDA_ERROR_FAKE"
+        return SUCCESS, cu.CUresult(err).name.encode()
 
     def cuModuleLoadData(self, image):
         self._log("cuModuleLoadData", image)
@@ -119,13 +147,19 @@ class FakeDriver:
         self._log("cuModuleGetFunction", module, name)
         handle = len(self.functions) + 1
         self.functions[handle] = self.module_fns[name.decode()]
+        self.nparams[handle] = next(len(la.params) for la in self.pending_program.launches
+                                    if la.name == name.decode())
+        self.names = getattr(self, "names", {})
+        self.names[handle] = name.decode()
         return SUCCESS, cu.CUfunction(handle)
 
     def cuModuleUnload(self, module):
         return (SUCCESS,)
 
     def cuMemAlloc(self, n):
-        self._log("cuMemAlloc", n)
+        err = self._log("cuMemAlloc", n)
+        if err is not None:
+            return err, None
         a = np.zeros(n + 256, np.uint8)
         p = a.ctypes.data + (-a.ctypes.data) % 256
         self.mem[p] = a
@@ -136,17 +170,112 @@ class FakeDriver:
         self.mem.pop(int(p), None)
         return (SUCCESS,)
 
+    def cuMemHostAlloc(self, n, flags):
+        err = self._log("cuMemHostAlloc", n, flags)
+        if err is not None:
+            return err, 0
+        a = np.zeros(n, np.uint8)
+        self.pinned[a.ctypes.data] = a
+        return SUCCESS, a.ctypes.data
+
+    def cuMemFreeHost(self, p):
+        self._log("cuMemFreeHost", p)
+        assert self.pinned.pop(int(p), None) is not None
+        return (SUCCESS,)
+
+    def cuStreamCreate(self, flags):
+        self._log("cuStreamCreate", flags)
+        self.streams += 1
+        return SUCCESS, cu.CUstream(self.streams)
+
+    def cuStreamDestroy(self, stream):
+        self._log("cuStreamDestroy", stream)
+        return (SUCCESS,)
+
+    def _async_copy(self, name, dst, src, n, stream, host=None):
+        err = self._log(name, dst, src, n, stream)
+        if err is not None:
+            return (err,)
+        if int(stream) in self.capturing:   # a graph's memcpy node needs page-locked memory
+            assert host is None or self._is_pinned(host, n), f"{name} from pageable memory"
+        d, s_ = int(dst), int(src)
+        self._do(stream, lambda: ctypes.memmove(d, s_, n))
+        return (SUCCESS,)
+
+    def cuMemcpyHtoDAsync(self, dst, src, n, stream):
+        return self._async_copy("cuMemcpyHtoDAsync", dst, src, n, stream, host=int(src))
+
+    def cuMemcpyDtoHAsync(self, dst, src, n, stream):
+        return self._async_copy("cuMemcpyDtoHAsync", dst, src, n, stream, host=int(dst))
+
+    def cuMemcpyDtoDAsync(self, dst, src, n, stream):
+        return self._async_copy("cuMemcpyDtoDAsync", dst, src, n, stream)
+
+    def cuStreamSynchronize(self, stream):
+        self._log("cuStreamSynchronize", stream)
+        assert int(stream) not in self.capturing, "synchronize during capture"
+        err = self.pending_error
+        if not self.sticky:
+            self.pending_error = None
+        return (err if err is not None else SUCCESS,)
+
+    def cuStreamBeginCapture(self, stream, mode):
+        err = self._log("cuStreamBeginCapture", stream, mode)
+        if err is not None:
+            return (err,)
+        assert int(stream) not in self.capturing
+        self.capturing[int(stream)] = []
+        return (SUCCESS,)
+
+    def cuStreamEndCapture(self, stream):
+        self._log("cuStreamEndCapture", stream)
+        ops = self.capturing.pop(int(stream))
+        handle = len(self.graphs) + 1
+        self.graphs[handle] = ops
+        return SUCCESS, cu.CUgraph(handle)
+
+    def cuGraphInstantiate(self, graph, flags):
+        err = self._log("cuGraphInstantiate", graph, flags)
+        if err is not None:
+            return err, None
+        handle = len(self.execs) + 1
+        self.execs[handle] = list(self.graphs[int(graph)])
+        return SUCCESS, cu.CUgraphExec(handle)
+
+    def cuGraphDestroy(self, graph):
+        self._log("cuGraphDestroy", graph)
+        del self.graphs[int(graph)]
+        return (SUCCESS,)
+
+    def cuGraphExecDestroy(self, graph_exec):
+        self._log("cuGraphExecDestroy", graph_exec)
+        del self.execs[int(graph_exec)]
+        return (SUCCESS,)
+
+    def cuGraphLaunch(self, graph_exec, stream):
+        err = self._log("cuGraphLaunch", graph_exec, stream)
+        if err is not None:
+            return (err,)
+        for op in self.execs[int(graph_exec)]:
+            if self.pending_error is not None:
+                break             # the device stops at a failed kernel
+            op()
+        return (SUCCESS,)
+
     def cuMemcpyHtoD(self, dst, src, n):
+        self._no_capture("cuMemcpyHtoD")
         self._log("cuMemcpyHtoD", dst, src, n)
         ctypes.memmove(int(dst), int(src), n)
         return (SUCCESS,)
 
     def cuMemcpyDtoH(self, dst, src, n):
+        self._no_capture("cuMemcpyDtoH")
         self._log("cuMemcpyDtoH", dst, src, n)
         ctypes.memmove(int(dst), int(src), n)
         return (SUCCESS,)
 
     def cuMemcpyDtoD(self, dst, src, n):
+        self._no_capture("cuMemcpyDtoD")
         self._log("cuMemcpyDtoD", dst, src, n)
         ctypes.memmove(int(dst), int(src), n)
         return (SUCCESS,)
@@ -154,13 +283,32 @@ class FakeDriver:
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         self._log("cuLaunchKernel", f, gx, gy, gz, bx, by, bz, smem, stream, params, extra)
         assert bx * by * bz <= 1024 and gy <= 65535 and gz <= 65535 and smem == 0
-        g = (ctypes.c_uint * 3)(gx, gy, gz)
-        b = (ctypes.c_uint * 3)(bx, by, bz)
-        assert self.functions[int(f)](ctypes.addressof(g), ctypes.addressof(b), params) == 0
+        assert int(stream) != 0                # the runner's own stream
+        # the driver copies the parameter values at the call (a graph keeps its copy)
+        n = self.nparams[int(f)]
+        ptrs = (ctypes.c_void_p * max(n, 1)).from_address(params)
+        vals = (ctypes.c_uint64 * max(n, 1))(*[ctypes.c_uint64.from_address(ptrs[k]).value
+                                               for k in range(n)])
+        argv = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(vals) + 8 * k
+                                               for k in range(n)])
+        fn, name = self.functions[int(f)], self.names[int(f)]
+
+        def run():
+            if name == self.fail_kernel:
+                self.pending_error = cu.CUresult.CUDA_ERROR_LAUNCH_FAILED
+                return
+            g = (ctypes.c_uint * 3)(gx, gy, gz)
+            b = (ctypes.c_uint * 3)(bx, by, bz)
+            assert fn(ctypes.addressof(g), ctypes.addressof(b), ctypes.addressof(argv)) == 0
+        run.keep = (vals, argv)
+        self._do(stream, run)
         return (SUCCESS,)
 
     def cuCtxSynchronize(self):
+        self._no_capture("cuCtxSynchronize")
         self._log("cuCtxSynchronize")
+        if self.sticky and self.pending_error is not None:
+            return (self.pending_error,)
         return (SUCCESS,)
 
 
@@ -182,12 +330,12 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(C, "_driver_rt", None)
 
 
-def test_driver_path_trains_an_mlp_like_numpy(fake):
+def _mlp_problem():
     rng = np.random.default_rng(5)
     X = rng.standard_normal((13, 6)).astype(np.float32)
     Y = rng.integers(0, 3, 13)
 
-    def run(backend):
+    def run(backend, steps=4, batches=None):
         r = np.random.default_rng(1)
         w1 = gc.Parameter((r.standard_normal((6, 70)) * 0.3).astype(np.float32), name="w1")
         w2 = gc.Parameter((r.standard_normal((70, 3)) * 0.3).astype(np.float32), name="w2")
@@ -196,30 +344,60 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
         g1, g2 = gc.grad(loss, [w1, w2])
         f = gc.compile([x, y], loss, updates={w1: w1 - 0.3 * g1, w2: w2 - 0.3 * g2},
                        backend=backend)
-        return [float(f(X, Y)) for _ in range(4)], f
+        data = batches or [(X, Y)] * steps
+        return [float(f(*b)) for b in data], f, (w1, w2)
+    return X, Y, run
 
-    got, f = run("cuda")
-    want, _ = run("numpy")
+
+def test_driver_path_trains_an_mlp_like_numpy(fake):
+    X, Y, run = _mlp_problem()
+    got, f, _ = run("cuda")
+    want, _, _ = run("numpy")
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert isinstance(C.select_runtime(), R.DriverRuntime)
     assert C.select_runtime().arch == "sm_90"
     assert fake.real_checked == len(fake.calls)     # every call type-checked by the real binding
     runner = next(iter(f._cache.values()))
     assert runner.uploads == 2                       # parameters sent once, then kept on device
+    # calls 2..4 ran the step captured as a CUDA graph on call 2: one cuGraphLaunch each
+    assert runner.captures == 1 and runner.graph_launches == 3
+    graph = next(iter(fake.execs.values()))
+    assert len(graph) == 2 + runner.cprog.launch_count() + 3 + 2   # in, kernels, out, refresh
     fake.calls.clear()
     f(X, Y)
-    # one step: the 2 inputs in, the parameters refreshed on the device from the previous
-    # step's update outputs, kernels in order, the 3 outputs (loss, 2 updates) out
-    assert fake.calls.count("cuMemcpyHtoD") == 2 and fake.calls.count("cuMemcpyDtoD") == 2
-    assert fake.calls.count("cuMemcpyDtoH") == 3
-    n_launch = fake.calls.count("cuLaunchKernel")
-    assert n_launch == runner.cprog.launch_count() > 5
-    assert fake.calls.index("cuCtxSynchronize") > max(
-        k for k, c in enumerate(fake.calls) if c == "cuLaunchKernel")
+    # one step is one graph launch and one synchronize: no copy, no launch, no upload
+    assert [c for c in fake.calls if c != "cuCtxSetCurrent"] == ["cuGraphLaunch",
+                                                                 "cuStreamSynchronize"]
+    assert fake.pinned                               # staging buffers are page-locked
     del f, runner
     import gc as pygc
     pygc.collect()
     assert "cuMemFree" in fake.calls                 # a dropped function frees its memory
+    assert "cuMemFreeHost" in fake.calls and "cuGraphExecDestroy" in fake.calls
+
+
+def test_driver_path_without_graphs_copies_asynchronously(fake, monkeypatch):
+    """GRAPHC_CUDA_GRAPHS=0: the same sequence, launched op by op on the runner's stream."""
+    monkeypatch.setenv("GRAPHC_CUDA_GRAPHS", "0")
+    X, Y, run = _mlp_problem()
+    got, f, _ = run("cuda", 3)
+    want, _, _ = run("numpy", 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    runner = next(iter(f._cache.values()))
+    assert runner.graph_launches == 0 and "cuGraphLaunch" not in fake.calls
+    assert runner.graphs_off_reason == "GRAPHC_CUDA_GRAPHS=0"
+    fake.calls.clear()
+    f(X, Y)
+    # one step: the 2 inputs in, the kernels in order, the 3 outputs (loss, 2 updates)
+    # out, the parameters refreshed on the device from the update outputs, one synchronize
+    assert fake.calls.count("cuMemcpyHtoDAsync") == 2 and fake.calls.count("cuMemcpyDtoDAsync") == 2
+    assert fake.calls.count("cuMemcpyDtoHAsync") == 3
+    assert not {"cuMemcpyHtoD", "cuMemcpyDtoH", "cuMemcpyDtoD"} & set(fake.calls)
+    n_launch = fake.calls.count("cuLaunchKernel")
+    assert n_launch == runner.cprog.launch_count() > 5
+    assert fake.calls.count("cuStreamSynchronize") == 1
+    assert fake.calls.index("cuStreamSynchronize") > max(
+        k for k, c in enumerate(fake.calls) if c == "cuLaunchKernel")
 
 
 def test_driver_path_runs_a_recurrence_in_one_launch_per_loop(fake):

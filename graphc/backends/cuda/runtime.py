@@ -53,9 +53,59 @@ class Runtime(ABC):
     def copy_dtod(self, dst, src, nbytes): ...
 
     @abstractmethod
-    def launch(self, kernel, grid, block, args): ...
+    def launch(self, kernel, grid, block, args, stream=None): ...
 
     def synchronize(self):
+        pass
+
+    # Streams, page-locked host memory, asynchronous copies and CUDA graphs.  The
+    # defaults suit a runtime whose "device" is host memory and whose work runs
+    # when it is issued (the emulator): a stream is None, copies are immediate.
+    graphs = False          # can capture a stream into a CUDA graph and replay it
+
+    def create_stream(self):
+        return None
+
+    def destroy_stream(self, stream):
+        pass
+
+    def host_alloc(self, nbytes) -> np.ndarray:
+        """A host staging buffer (uint8 array of nbytes), page-locked where that exists."""
+        return np.empty(max(int(nbytes), 1), dtype=np.uint8)
+
+    def host_free(self, array):
+        pass
+
+    def copy_htod_async(self, dptr, hptr, nbytes, stream):
+        ctypes.memmove(dptr, hptr, nbytes)
+
+    def copy_dtoh_async(self, hptr, dptr, nbytes, stream):
+        ctypes.memmove(hptr, dptr, nbytes)
+
+    def copy_dtod_async(self, dst, src, nbytes, stream):
+        ctypes.memmove(dst, src, nbytes)
+
+    def stream_synchronize(self, stream):
+        self.synchronize()
+
+    def context_error(self):
+        """The name of a sticky error that left the context unusable, else None."""
+        return None
+
+    def capture_begin(self, stream):
+        raise CudaRuntimeError(f"the {self.name} runtime cannot capture CUDA graphs")
+
+    def capture_end(self, stream):
+        """End the capture; returns the instantiated executable graph."""
+        raise CudaRuntimeError(f"the {self.name} runtime cannot capture CUDA graphs")
+
+    def capture_abort(self, stream):
+        pass
+
+    def graph_launch(self, graph_exec, stream):
+        raise CudaRuntimeError(f"the {self.name} runtime cannot launch CUDA graphs")
+
+    def graph_free(self, graph_exec):
         pass
 
 
@@ -129,7 +179,7 @@ class EmulatorRuntime(Runtime):
     def copy_dtod(self, dst, src, nbytes):
         ctypes.memmove(dst, src, nbytes)
 
-    def launch(self, kernel, grid, block, args):
+    def launch(self, kernel, grid, block, args, stream=None):
         g = (ctypes.c_uint * 3)(*grid)
         b = (ctypes.c_uint * 3)(*block)
         argv = _argv(args)
@@ -189,6 +239,7 @@ class DriverRuntime(Runtime):
             arch = f"sm_{ma}{mi}"
         self.arch = arch
         self._allocs = {}
+        self._pinned = {}
         self._modules = []
 
     def _check(self, result, what):
@@ -231,13 +282,78 @@ class DriverRuntime(Runtime):
     def copy_dtod(self, dst, src, nbytes):
         self._check(self.cu.cuMemcpyDtoD(dst, src, nbytes), "cuMemcpyDtoD")
 
-    def launch(self, kernel, grid, block, args):
+    def launch(self, kernel, grid, block, args, stream=None):
         argv = _argv(args)
-        self._check(self.cu.cuLaunchKernel(kernel, *grid, *block, 0, 0, ctypes.addressof(argv), 0),
-                    "cuLaunchKernel")
+        self._check(self.cu.cuLaunchKernel(kernel, *grid, *block, 0, stream or 0,
+                                           ctypes.addressof(argv), 0), "cuLaunchKernel")
 
     def synchronize(self):
         self._check(self.cu.cuCtxSynchronize(), "cuCtxSynchronize")
+
+    # ---- one stream per runner, pinned staging, graphs (see Runner)
+    graphs = True
+
+    def create_stream(self):
+        # a blocking stream (flags 0): it waits for the synchronous copies issued on
+        # the legacy default stream (the one-time uploads of constants)
+        return self._check(self.cu.cuStreamCreate(0), "cuStreamCreate")
+
+    def destroy_stream(self, stream):
+        self._check(self.cu.cuStreamDestroy(stream), "cuStreamDestroy")
+
+    def host_alloc(self, nbytes):
+        n = max(int(nbytes), 1)
+        p = int(self._check(self.cu.cuMemHostAlloc(n, 0), f"cuMemHostAlloc({n} bytes)"))
+        arr = np.frombuffer((ctypes.c_uint8 * n).from_address(p), dtype=np.uint8)
+        self._pinned[arr.ctypes.data] = p
+        return arr
+
+    def host_free(self, array):
+        p = self._pinned.pop(array.ctypes.data, None)
+        if p is not None:
+            self._check(self.cu.cuMemFreeHost(p), "cuMemFreeHost")
+
+    def copy_htod_async(self, dptr, hptr, nbytes, stream):
+        self._check(self.cu.cuMemcpyHtoDAsync(dptr, hptr, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    def copy_dtoh_async(self, hptr, dptr, nbytes, stream):
+        self._check(self.cu.cuMemcpyDtoHAsync(hptr, dptr, nbytes, stream), "cuMemcpyDtoHAsync")
+
+    def copy_dtod_async(self, dst, src, nbytes, stream):
+        self._check(self.cu.cuMemcpyDtoDAsync(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+
+    def stream_synchronize(self, stream):
+        self._check(self.cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
+
+    def context_error(self):
+        err, = self.cu.cuCtxSynchronize()
+        if int(err) == 0:
+            return None
+        _, name = self.cu.cuGetErrorName(err)
+        return name.decode() if name else str(err)
+
+    def capture_begin(self, stream):
+        # thread-local: other threads' CUDA calls stay legal while this one captures
+        mode = self.cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        self._check(self.cu.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
+
+    def capture_end(self, stream):
+        graph = self._check(self.cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
+        try:
+            return self._check(self.cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        finally:   # the executable graph does not need the template
+            self.cu.cuGraphDestroy(graph)
+
+    def capture_abort(self, stream):
+        err, graph = self.cu.cuStreamEndCapture(stream)
+        if int(err) == 0 and graph is not None and int(graph) != 0:
+            self.cu.cuGraphDestroy(graph)
+
+    def graph_launch(self, graph_exec, stream):
+        self._check(self.cu.cuGraphLaunch(graph_exec, stream), "cuGraphLaunch")
+
+    def graph_free(self, graph_exec):
+        self._check(self.cu.cuGraphExecDestroy(graph_exec), "cuGraphExecDestroy")
 
     def __del__(self):
         cu = getattr(self, "cu", None)
@@ -246,6 +362,8 @@ class DriverRuntime(Runtime):
         try:
             for p in self._allocs.values():
                 cu.cuMemFree(p)
+            for p in self._pinned.values():
+                cu.cuMemFreeHost(p)
             for m in self._modules:
                 cu.cuModuleUnload(m)
             cu.cuDevicePrimaryCtxRelease(self.dev)
@@ -282,8 +400,56 @@ def plan_arena(prog, align=256):
 
 
 # ------------------------------------------------------------------ runner
+def graphs_enabled() -> bool:
+    """GRAPHC_CUDA_GRAPHS=0 turns CUDA graphs off (every call launches kernel by kernel)."""
+    return os.environ.get("GRAPHC_CUDA_GRAPHS", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _memcmp():
+    try:
+        f = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):   # no C library to ask (not on Linux/macOS)
+        return None
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return f
+
+
+_MEMCMP = _memcmp()
+
+
+def _same_bytes(a, b) -> bool:
+    """a and b (contiguous) hold the same bytes: one pass, no temporary (memcmp)."""
+    if a.nbytes != b.nbytes:
+        return False
+    if a.nbytes == 0:
+        return True
+    if _MEMCMP is not None:
+        return _MEMCMP(a.ctypes.data, b.ctypes.data, a.nbytes) == 0
+    return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
+
+
+def _node_comment(node):
+    from .codegen import _node_comment as describe
+    return describe(node)
+
+
 class Runner:
-    """A compiled graph on a runtime: device buffers persist across calls."""
+    """A compiled graph on a runtime: device buffers persist across calls.
+
+    A call (see docs/cuda.md, "Calls: pinned staging and CUDA graphs"):
+    the inputs are copied into page-locked staging buffers (allocated once, this
+    runner being specialized to one set of shapes); parameters whose host bytes
+    changed since the device last got them are uploaded; then one sequence runs
+    on the runner's stream -- input copies host->device, every kernel, the
+    device-side refresh of updated parameters, output copies device->host --
+    and one stream synchronize ends the call.  From the second call on, that
+    sequence is a CUDA graph captured once and replayed with one cuGraphLaunch
+    (GRAPHC_CUDA_GRAPHS=0 or `use_graphs = False`: launched op by op instead).
+    """
+
+    FRESH_OUTPUTS = True    # outputs are new arrays, never parameter memory
+    WRITES_UPDATES = True   # __call__(arrays, params) writes the trailing outputs into params
 
     def __init__(self, cprog, graph, runtime: Runtime):
         self.cprog, self.rt = cprog, runtime
@@ -291,42 +457,87 @@ class Runner:
         self.prog = prog
         self.views = dict(getattr(prog, "views", {}) or {})
         self._owned = []
+        self._host_owned = []
+        self.stream = None
+        self._graph = None   # (refresh key, executable graph)
         self.fns = runtime.load(cprog)
         self.n_inputs = len(graph.inputs)
         self.out_shapes = [tuple(int(d) for d in o.shape) for o in graph.outputs]
         plan = getattr(graph, "memory_plan", None)
         self.n_updates = getattr(plan, "n_updates", 0) or 0
         offsets, size = plan_arena(prog)
-        self.arena = self._alloc(size)
+        self.arena = self._alloc(size, "the arena of temporaries")
         self.ptr = {id(b): self.arena + off for b in prog.temps if id(b) in offsets
                     for off in [offsets[id(b)]]}
-        self.shadow = {}
+        self.shadow = {}     # id(parameter node) -> the bytes the device copy holds
+        self._params = {}    # id(parameter node) -> (node, [its device buffers])
+        self._inputs = []    # (buffer, input position)
         for b, src in prog.externals:
-            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize)
+            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize, f"buffer {b.name}")
             if src[0] == "array":
                 self._upload(b, np.asarray(src[1]))
             elif src[0] == "const":
                 self._upload(b, np.asarray(src[1].value))
+            elif src[0] == "param":
+                self._params.setdefault(id(src[1]), (src[1], []))[1].append(b)
+            elif src[0] == "input":
+                self._inputs.append((b, src[1]))
+        self._external_ids = {id(b) for b, _ in prog.externals}
         for b in getattr(cprog, "extra_buffers", []):   # privatized scratch
-            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize)
+            self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize, f"scratch buffer {b.name}")
         for b in prog.temps:   # temporaries no kernel touches (never read) still need storage
             self.ptr.setdefault(id(b), self.arena)
-        self._last_outputs = []
         self._lock = threading.Lock()
-        self.uploads = 0   # parameter uploads host -> device (for tests and profiles)
+        self.uploads = 0          # parameter uploads host -> device (for tests and profiles)
+        self.graph_launches = 0   # calls that ran as one cuGraphLaunch
+        self.captures = 0         # CUDA graphs captured (a new one per refresh pattern)
+        self.use_graphs = graphs_enabled() and runtime.graphs
+        self.graphs_off_reason = None if self.use_graphs else (
+            "GRAPHC_CUDA_GRAPHS=0" if runtime.graphs else f"the {runtime.name} runtime has none")
+        self._last_key = None
+        self.stream = runtime.create_stream()
+        # staging buffers in host memory the device can reach by DMA, one per input and
+        # output; without page-locked memory (none left) the copies still work, graphs not
+        self._in_stage = [self._stage(b) for b, _ in self._inputs]
+        self._out_stage = [self._stage(b) for b in prog.outputs]
 
-    def _alloc(self, nbytes):
-        p = self.rt.alloc(nbytes)
+    def _alloc(self, nbytes, what):
+        try:
+            p = self.rt.alloc(nbytes)
+        except CudaRuntimeError as e:
+            raise CudaRuntimeError(f"allocating {int(nbytes)} bytes of device memory for "
+                                   f"{what}: {e}") from None
         self._owned.append(p)
         return p
 
+    def _stage(self, buf):
+        nbytes = buf.size * buf.dtype.itemsize
+        try:
+            raw = self.rt.host_alloc(nbytes)
+            self._host_owned.append(raw)
+        except CudaRuntimeError as e:
+            raw = np.empty(max(nbytes, 1), dtype=np.uint8)
+            if self.use_graphs:
+                self.use_graphs = False
+                self.graphs_off_reason = f"no page-locked staging memory ({e})"
+        return raw[:nbytes].view(buf.dtype)
+
     def __del__(self):
         rt = getattr(self, "rt", None)
-        for p in getattr(self, "_owned", ()):
-            try:
-                rt.free(p)
-            except Exception:   # interpreter shutdown, context gone
-                pass
+        try:
+            if getattr(self, "_graph", None) is not None:
+                rt.graph_free(self._graph[1])
+            if getattr(self, "stream", None) is not None:
+                rt.destroy_stream(self.stream)
+        except Exception:   # interpreter shutdown, context gone
+            pass
+        for free, items in ((getattr(rt, "free", None), getattr(self, "_owned", ())),
+                            (getattr(rt, "host_free", None), getattr(self, "_host_owned", ()))):
+            for p in items:
+                try:
+                    free(p)
+                except Exception:
+                    pass
 
     def _upload(self, buf, a):
         a = np.ascontiguousarray(a, dtype=buf.dtype).reshape(-1)
@@ -335,23 +546,28 @@ class Runner:
         if a.size:
             self.rt.copy_htod(self.ptr[id(buf)], a)
 
-    def _sync_param(self, buf, value):
-        """Keep the device copy of a parameter equal to its host value, moving data
-        only when it changed (and on the device when an update output holds it)."""
-        a = np.ascontiguousarray(value, dtype=buf.dtype).reshape(-1)
-        old = self.shadow.get(id(buf))
-        raw = a.view(np.uint8)
-        if old is not None and np.array_equal(old, raw):
-            return
-        for ob, host in self._last_outputs:
-            if host.dtype == a.dtype and host.size == a.size and \
-                    np.array_equal(host.reshape(-1).view(np.uint8), raw):
-                self.rt.copy_dtod(self.ptr[id(buf)], self.ptr[id(ob)], a.nbytes)
-                self.shadow[id(buf)] = raw.copy()
-                return
-        self._upload(buf, a)
-        self.uploads += 1
-        self.shadow[id(buf)] = raw.copy()
+    def _sync_params(self, keep):
+        """Make every parameter's device copy equal its host value: compare the host
+        bytes with what the device was last given (a memcmp, no transfer) and upload,
+        on the stream, only those that differ.  In-place edits of `p.value` are seen."""
+        for key, (node, bufs) in self._params.items():
+            buf = bufs[0]
+            a = np.ascontiguousarray(node.value, dtype=buf.dtype).reshape(-1)
+            if a.size != buf.size:
+                raise GraphcError(f"parameter {buf.name}: expected {buf.size} elements, "
+                                  f"got {a.size}")
+            old = self.shadow.get(key)
+            if old is not None and _same_bytes(old, a):
+                continue
+            keep.append(a)   # an asynchronous copy reads it until the stream synchronizes
+            for b in bufs:
+                if a.size:
+                    self.rt.copy_htod_async(self.ptr[id(b)], a.ctypes.data, a.nbytes, self.stream)
+                self.uploads += 1
+            if old is not None and old.nbytes == a.nbytes:
+                np.copyto(old, a.view(old.dtype))
+            else:
+                self.shadow[key] = a.copy()
 
     def _buf_ptr(self, buf, env):
         """Device address of a buffer; a view (inside a time loop) moves with t."""
@@ -361,24 +577,32 @@ class Runner:
         t = env[("loop", v.loop.index)]
         return self._buf_ptr(v.parent, env) + (v.base + t * v.step) * buf.dtype.itemsize
 
-    def _run(self, steps, env):
+    def _run(self, steps, env, each=False):
+        """Launch the plan's kernels on the stream; each=True synchronizes after every
+        launch, so that a failure names its kernel (the diagnosis after a failure)."""
         for st in steps:
             if isinstance(st, HostLoop):
                 for v in range(st.extent):
                     env[id(st.var)] = v
-                    self._run(st.steps, env)
+                    self._run(st.steps, env, each)
                 continue
             if isinstance(st, TimeLoop):
                 r = st.region
                 for t in (range(r.length - 1, -1, -1) if r.reverse else range(r.length)):
                     env[("loop", r.index)] = t
-                    self._run(st.steps, env)
+                    self._run(st.steps, env, each)
                 continue
             if 0 in st.grid:
                 continue          # an empty tensor: nothing to launch (CUDA rejects grid 0)
             args = [ctypes.c_void_p(self._buf_ptr(obj, env)) if kind == "buf"
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
-            self.rt.launch(self.fns[st.name], st.grid, st.block, args)
+            try:
+                self.rt.launch(self.fns[st.name], st.grid, st.block, args, self.stream)
+                if each:
+                    self.rt.stream_synchronize(self.stream)
+            except CudaRuntimeError as e:
+                raise CudaRuntimeError(f"kernel {st.name} (grid {st.grid}, block {st.block}) "
+                                       f"failed: {e}\n  node: {_node_comment(st.node)}") from None
 
     def _check_indices(self, arrays):
         """Integer index arrays from outside the graph must lie in range (the kernels
@@ -403,37 +627,161 @@ class Runner:
 
     def launch_all(self):
         """Launch every kernel on the data already on the device, then synchronize
-        (device-side timing; no transfers)."""
+        (device-side timing; no transfers, no graph)."""
         with self._lock:
             self.rt.activate()
             self._run(self.cprog.steps, {})
-            self.rt.synchronize()
+            self.rt.stream_synchronize(self.stream)
 
-    def __call__(self, arrays):
+    # ---------------------------------------------------------------- one call
+    def _refresh_plan(self, params):
+        """Device-side parameter refresh after the kernels: (param buffer, update
+        output buffer, bytes) for each updated parameter whose new value is a
+        temporary (an update that is itself an external, e.g. a swap of two
+        parameters, goes through the host instead: its source would be overwritten)."""
+        if not params:
+            return ()
+        first = len(self.prog.outputs) - len(params)
+        plan = []
+        for p, ob in zip(params, self.prog.outputs[first:]):
+            entry = self._params.get(id(p))
+            if entry is None or id(ob) in self._external_ids:
+                continue
+            for pb in entry[1]:
+                if pb.dtype == ob.dtype and pb.size == ob.size and pb.size:
+                    plan.append((self.ptr[id(pb)], self.ptr[id(ob)], pb.size * pb.dtype.itemsize))
+        return tuple(plan)
+
+    def _enqueue(self, refresh, each=False):
+        rt, s = self.rt, self.stream
+        for (b, _), stage in zip(self._inputs, self._in_stage):
+            if stage.nbytes:
+                rt.copy_htod_async(self.ptr[id(b)], stage.ctypes.data, stage.nbytes, s)
+        self._run(self.cprog.steps, {}, each)
+        # outputs before the refresh: an output that is a parameter's own buffer must
+        # show the value this call read, not the update
+        for b, stage in zip(self.prog.outputs, self._out_stage):
+            if stage.nbytes:
+                rt.copy_dtoh_async(stage.ctypes.data, self.ptr[id(b)], stage.nbytes, s)
+        for dst, src, n in refresh:
+            rt.copy_dtod_async(dst, src, n, s)
+
+    def _drop_graph(self):
+        g, self._graph = self._graph, None
+        if g is not None:
+            try:
+                self.rt.graph_free(g[1])
+            except CudaRuntimeError:
+                pass
+
+    def _capture(self, refresh):
+        self._drop_graph()
+        self.rt.capture_begin(self.stream)
+        try:
+            self._enqueue(refresh)
+        except BaseException:
+            self.rt.capture_abort(self.stream)
+            raise
+        self._graph = (refresh, self.rt.capture_end(self.stream))
+        self.captures += 1
+
+    def _execute(self, refresh):
+        """Run the step on the stream and wait for it: the captured graph when there
+        is one for this refresh pattern (captured on the second call that has it)."""
+        rt, s = self.rt, self.stream
+        if self.use_graphs and self._last_key == refresh:
+            if self._graph is None or self._graph[0] != refresh:
+                try:
+                    self._capture(refresh)
+                except CudaRuntimeError as e:   # capture unsupported here: launch op by op
+                    self.use_graphs = False
+                    self.graphs_off_reason = f"capturing the step failed: {e}"
+                    self._drop_graph()
+            if self._graph is not None:
+                rt.graph_launch(self._graph[1], s)
+                rt.stream_synchronize(s)
+                self.graph_launches += 1
+                return
+        self._last_key = refresh
+        self._enqueue(refresh)
+        rt.stream_synchronize(s)
+
+    def _recover(self, err, params, refresh, keep):
+        """After a failed step: forget the graph and what the device holds (parameters
+        are uploaded again by the next call), then find the failing kernel by running
+        the step again launch by launch.  If that run succeeds (the failure was
+        transient), its results stand; else its error, naming the kernel, is raised."""
+        self._drop_graph()
+        self.shadow.clear()
+        self._last_key = None
+        sticky = self.rt.context_error()
+        if sticky is not None:
+            raise CudaRuntimeError(
+                f"the CUDA step failed ({err}) and left the CUDA context unusable "
+                f"({sticky}): later calls in this process cannot run; rerun with "
+                "GRAPHC_CUDA_GRAPHS=0 CUDA_LAUNCH_BLOCKING=1 to name the failing kernel"
+            ) from None
+        try:
+            self._sync_params(keep)
+            self._enqueue(refresh, each=True)
+            self.rt.stream_synchronize(self.stream)
+        except CudaRuntimeError as e:
+            self.shadow.clear()
+            raise CudaRuntimeError(f"{e}\n  (first reported as: {err})") from None
+
+    def __call__(self, arrays, params=None):
+        """Run the graph on `arrays`; returns its outputs as new arrays.  With
+        `params` (the parameters of the trailing update outputs, in order) the
+        updates are written into them instead of being returned."""
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
         with self._lock:
-            self.rt.activate()
-            for b, src in self.prog.externals:
-                kind, what = src
-                if kind == "input":
-                    a = np.asarray(arrays[what])
-                    if a.dtype != b.dtype or a.size != b.size:
-                        raise GraphcError(f"input buffer {b.name}: expected {b.size} elements "
-                                          f"of {b.dtype}, got {a.dtype}{a.shape}")
-                    self._upload(b, a)
-                elif kind == "param":
-                    self._sync_param(b, what.value)
+            for (b, what), stage in zip(self._inputs, self._in_stage):
+                a = np.asarray(arrays[what])
+                if a.dtype != b.dtype or a.size != b.size:
+                    raise GraphcError(f"input buffer {b.name}: expected {b.size} elements "
+                                      f"of {b.dtype}, got {a.dtype}{a.shape}")
             self._check_indices(arrays)
-            self._run(self.cprog.steps, {})
-            self.rt.synchronize()
+            self.rt.activate()
+            for (b, what), stage in zip(self._inputs, self._in_stage):
+                np.copyto(stage, np.asarray(arrays[what]).reshape(-1))
+            keep = []
+            refresh = self._refresh_plan(params)
+            try:
+                self._sync_params(keep)
+                self._execute(refresh)
+            except CudaRuntimeError as e:
+                self._recover(e, params, refresh, keep)
+            del keep
+            n_out = len(self.out_shapes) - (len(params) if params else 0)
             outs = []
-            for b, shape in zip(self.prog.outputs, self.out_shapes):
-                h = np.empty(b.size, dtype=b.dtype)
-                self.rt.copy_dtoh(h, self.ptr[id(b)])
+            for k, (stage, shape) in enumerate(zip(self._out_stage, self.out_shapes)):
                 n = int(np.prod(shape)) if shape else 1
-                outs.append(h[:n].reshape(shape))
-            first_update = len(outs) - self.n_updates if self.n_updates else 0
-            self._last_outputs = [(b, h.copy()) for b, h in
-                                  list(zip(self.prog.outputs, outs))[first_update:]]
-            return outs
+                v = stage[:n].reshape(shape)
+                outs.append(v.copy() if k < n_out else v)
+            if params:
+                self._write_updates(params, outs[n_out:], refresh)
+            return outs[:n_out]
+
+    def _write_updates(self, params, news, refresh):
+        """Copy the new values into the parameters; where the device already holds
+        them (refreshed in the step), record that, so that the next call uploads nothing."""
+        on_device = {dst for dst, _, _ in refresh}
+        for p, new in zip(params, news):
+            dst = p.value
+            if dst.dtype == new.dtype and dst.shape == new.shape and dst.flags.c_contiguous:
+                np.copyto(dst, new)
+            else:       # a cast or a reshape: the checked path
+                p.set_value(new)
+            entry = self._params.get(id(p))
+            if entry is None:
+                continue
+            if all(self.ptr[id(b)] in on_device for b in entry[1]):
+                a = np.ascontiguousarray(p.value, dtype=entry[1][0].dtype).reshape(-1)
+                old = self.shadow.get(id(p))
+                if old is not None and old.nbytes == a.nbytes:
+                    np.copyto(old, a.view(old.dtype))
+                else:
+                    self.shadow[id(p)] = a.copy()
+            else:
+                self.shadow.pop(id(p), None)
