@@ -423,3 +423,187 @@ def test_driver_path_runs_a_recurrence_in_one_launch_per_loop(fake):
     assert not [s for s in runner.cprog.steps if isinstance(s, TimeLoop)]
     assert fake.calls.count("cuLaunchKernel") == runner.cprog.launch_count() == len(
         runner.cprog.steps)
+
+
+def _sgd_step(backend, B="N"):
+    """A small SGD-with-momentum training step (optimizer state as parameters)."""
+    from graphc import optim
+    r = np.random.default_rng(7)
+    w = gc.Parameter((r.standard_normal((5, 9)) * 0.4).astype(np.float32), name="w")
+    b = gc.Parameter(np.zeros(9, np.float32), name="b")
+    v = gc.Parameter((r.standard_normal((9, 3)) * 0.4).astype(np.float32), name="v")
+    x, y = gc.input("x", (B, 5)), gc.input("y", (B,), dtype="int64")
+    opt = optim.SGD([w, b, v], lr=0.2, momentum=0.9)
+    step = opt.compile_step(lambda xb, yb: gc.cross_entropy(gc.tanh(xb @ w + b) @ v, yb),
+                            x, y, backend=backend)
+    return step, (w, b, v)
+
+
+def _batches(n, sizes=(11,)):
+    r = np.random.default_rng(11)
+    out = []
+    for k in range(n):
+        m = sizes[k % len(sizes)]
+        out.append((r.standard_normal((m, 5)).astype(np.float32), r.integers(0, 3, m)))
+    return out
+
+
+def _train(backend, batches, edit_at=None):
+    step, params = _sgd_step(backend)
+    losses = []
+    for k, (xb, yb) in enumerate(batches):
+        if k == edit_at:        # a user edit in place between steps must be seen
+            params[0].value[1, :] = 0.25
+        losses.append(float(step(xb, yb)))
+    return losses, [p.value.copy() for p in params], step
+
+
+def test_graph_replay_matches_numpy_with_changing_inputs_and_parameters(fake):
+    """Changing batches, an optimizer with state, and an in-place parameter edit:
+    the graph path's losses and the host-visible parameters after 6 steps are the
+    NumPy backend's, and the non-graph path's."""
+    batches = _batches(6)
+    got, gp, step = _train("cuda", batches, edit_at=3)
+    runner = next(iter(step.function._cache.values()))
+    assert runner.graph_launches == 5 and runner.captures == 1   # steps 2..6
+    want, wp, _ = _train("numpy", batches, edit_at=3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(gp, wp):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    n_bufs = sum(len(bufs) for _, bufs in runner._params.values())
+    # the first step uploads every parameter (and momentum); the edit re-uploads one
+    assert runner.uploads == n_bufs + 1
+
+
+def test_graphs_off_gives_identical_results(fake, monkeypatch):
+    batches = _batches(5)
+    with_graph, pg, _ = _train("cuda", batches, edit_at=2)
+    monkeypatch.setenv("GRAPHC_CUDA_GRAPHS", "0")
+    without, pn, step = _train("cuda", batches, edit_at=2)
+    assert next(iter(step.function._cache.values())).graph_launches == 0
+    assert with_graph == without                       # bit for bit
+    for a, b in zip(pg, pn):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_graph_launch_per_call_and_a_new_shape_captures_again(fake):
+    step, _ = _sgd_step("cuda")
+    a, b = _batches(1, (11,))[0], _batches(1, (4,))[0]
+    step(*a)                            # shape 11: first call, launched op by op
+    step(*a)                            # captured, then launched
+    fake.calls.clear()
+    step(*a)
+    assert fake.calls.count("cuGraphLaunch") == 1 and "cuLaunchKernel" not in fake.calls
+    step(*b)                            # a new shape: its own runner, op by op
+    fake.calls.clear()
+    step(*b)                            # ... captured on its second call
+    assert fake.calls.count("cuStreamBeginCapture") == 1
+    assert fake.calls.count("cuGraphLaunch") == 1
+    fake.calls.clear()
+    step(*a)                            # back to the first shape: its graph is still there
+    assert fake.calls.count("cuGraphLaunch") == 1 and "cuStreamBeginCapture" not in fake.calls
+    runners = list(step.function._cache.values())
+    assert len(runners) == 2 and [r.captures for r in runners] == [1, 1]
+    assert [r.graph_launches for r in runners] == [3, 1]
+
+
+def test_a_failing_kernel_is_named_and_the_next_call_is_not_corrupted(fake):
+    batches = _batches(5)
+    step, params = _sgd_step("cuda")
+    ref, rparams = _sgd_step("numpy")
+    for xb, yb in batches[:2]:
+        step(xb, yb), ref(xb, yb)
+    runner = next(iter(step.function._cache.values()))
+    assert runner._graph is not None
+    name = [la.name for la in runner.cprog.launches][len(runner.cprog.launches) // 2]
+    fake.fail_kernel = name
+    with pytest.raises(C.GraphcError, match=rf"kernel {name} .*failed.*CUDA_ERROR_LAUNCH_FAILED"
+                       r"(.|\n)*node: .*built at"):
+        step(*batches[2])
+    before = [p.value.copy() for p in params]
+    fake.fail_kernel = None
+    for xb, yb in batches[2:]:
+        np.testing.assert_allclose(float(step(xb, yb)), float(ref(xb, yb)), rtol=1e-5)
+    for p, q in zip(params, rparams):     # the failed step changed no parameter
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+    assert not all(np.array_equal(p.value, b) for p, b in zip(params, before))
+    assert runner.captures == 2           # the graph was dropped and captured again
+
+
+def test_a_transient_graph_launch_failure_is_retried_op_by_op(fake):
+    step, params = _sgd_step("cuda")
+    ref, rparams = _sgd_step("numpy")
+    for xb, yb in _batches(4):
+        if runner_has_graph(step):
+            fake.fail_call["cuGraphLaunch"] = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+        np.testing.assert_allclose(float(step(xb, yb)), float(ref(xb, yb)), rtol=1e-5)
+    for p, q in zip(params, rparams):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+
+
+def runner_has_graph(step):
+    rs = list(step.function._cache.values())
+    return bool(rs) and rs[0]._graph is not None
+
+
+def test_graph_instantiation_out_of_memory_falls_back_to_launches(fake):
+    step, params = _sgd_step("cuda")
+    ref, _ = _sgd_step("numpy")
+    fake.fail_call["cuGraphInstantiate"] = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    for xb, yb in _batches(3):
+        np.testing.assert_allclose(float(step(xb, yb)), float(ref(xb, yb)), rtol=1e-5)
+    runner = next(iter(step.function._cache.values()))
+    assert not runner.use_graphs and runner.graph_launches == 0
+    assert "cuGraphInstantiate failed: CUDA_ERROR_OUT_OF_MEMORY" in runner.graphs_off_reason
+    assert not fake.capturing                      # the stream left capture mode
+
+
+def test_no_pinned_memory_still_runs_without_graphs(fake):
+    fake.fail_call["cuMemHostAlloc"] = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    X, Y, run = _mlp_problem()
+    got, f, _ = run("cuda", 3)
+    want, _, _ = run("numpy", 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    runner = next(iter(f._cache.values()))
+    assert not runner.use_graphs and "page-locked" in runner.graphs_off_reason
+
+
+def test_a_sticky_failure_says_the_context_is_unusable(fake):
+    step, _ = _sgd_step("cuda")
+    b = _batches(3)
+    step(*b[0]), step(*b[1])
+    fake.fail_kernel = next(iter(fake.names.values()))
+    fake.sticky = True
+    with pytest.raises(C.GraphcError, match="CUDA_ERROR_LAUNCH_FAILED(.|\n)*context unusable"
+                       "(.|\n)*GRAPHC_CUDA_GRAPHS=0"):
+        step(*b[2])
+
+
+def test_device_out_of_memory_names_the_buffer(fake):
+    fake.fail_call["cuMemAlloc"] = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    x = gc.input("x", (3, 4))
+    f = gc.compile([x], gc.exp(x), backend="cuda")
+    with pytest.raises(C.GraphcError, match=r"allocating \d+ bytes of device memory for .*"
+                       "CUDA_ERROR_OUT_OF_MEMORY"):
+        f(np.ones((3, 4), np.float32))
+
+
+def test_updates_that_read_parameters_and_outputs_that_are_parameters(fake):
+    """updates {a: b, b: a + x}: a's new value is b's own device buffer, so the
+    device refresh must not overwrite b before a takes it; the output `a` shows the
+    value the call read."""
+    def run(backend):
+        a = gc.Parameter(np.arange(4, dtype=np.float32), name="a")
+        b = gc.Parameter(np.full(4, 10, np.float32), name="b")
+        x = gc.input("x", (4,))
+        f = gc.compile([x], [a, b * 1.0], updates={a: b, b: a + x}, backend=backend)
+        outs = [f(np.full(4, k, np.float32)) for k in range(5)]
+        return outs, a.value.copy(), b.value.copy(), f
+    got, ga, gb, f = run("cuda")
+    want, wa, wb, _ = run("numpy")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g[0], w[0])
+        np.testing.assert_array_equal(g[1], w[1])
+    np.testing.assert_array_equal(ga, wa)
+    np.testing.assert_array_equal(gb, wb)
+    assert next(iter(f._cache.values())).graph_launches == 4
