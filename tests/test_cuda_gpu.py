@@ -94,6 +94,36 @@ def test_lenet_training_steps_on_gpu_match_numpy_and_keep_parameters_on_device()
     runner = next(iter(step.function._cache.values()))
     n_params = sum(1 for _, src in runner.prog.externals if src[0] == "param")
     assert runner.uploads == n_params      # uploaded on the first step only
+    assert runner.use_graphs, runner.graphs_off_reason
+    assert runner.captures == 1 and runner.graph_launches == 3   # steps 2-4: one graph each
+
+
+def test_graph_replay_on_gpu_equals_launching_op_by_op(monkeypatch):
+    """A training step with an optimizer and a per-step loop: 5 steps as CUDA graph
+    replays give bit-identical losses and parameters to GRAPHC_CUDA_GRAPHS=0."""
+    from graphc import nn, optim
+
+    def run():
+        layer = nn.GRU(4, 7, rng=np.random.default_rng(1))
+        head = gc.Parameter(np.random.default_rng(2).standard_normal((7, 1)).astype(np.float32))
+        params = list(layer.parameters()) + [head]
+        x = gc.input("x", (6, 3, 4))
+        step = optim.SGD(params, lr=0.1, momentum=0.9).compile_step(
+            lambda xb: gc.mean((layer(xb)[0] @ head) ** 2), x, backend="cuda")
+        r = np.random.default_rng(3)
+        losses = [float(step(r.standard_normal((6, 3, 4)).astype(np.float32)))
+                  for _ in range(5)]
+        return losses, [p.value.copy() for p in params], step
+
+    got, gp, step = run()
+    runner = next(iter(step.function._cache.values()))
+    assert runner.graph_launches == 4, runner.graphs_off_reason
+    monkeypatch.setenv("GRAPHC_CUDA_GRAPHS", "0")
+    want, wp, step0 = run()
+    assert next(iter(step0.function._cache.values())).graph_launches == 0
+    assert got == want
+    for a, b in zip(gp, wp):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])

@@ -10,15 +10,18 @@ tanh RNN and an LSTM (input 64, hidden 256, T=100, batch 32) forward and
 backward, and ResNet-50 inference at batch 1 and 32 (`resnet50_graph`: built
 from graphc ops, no `onnx` needed; the PyTorch peer is the same net in torch.nn).  `--skip resnet32,...` leaves workloads out;
 `--static` prints the static per-kernel report (report.py) without a GPU.
-For graphc two times are reported: *device* (inputs already on the device,
-every kernel of the graph launched, then a synchronize) and *call* (the whole
-Python call: one host-to-device copy per input, the launches, one
-device-to-host copy per output).  PyTorch is timed the same way as *device*
-(tensors on the GPU, then torch.cuda.synchronize()).  Implementations run
-interleaved, after warm-up; medians are printed with the ratio torch/graphc.
-
-No numbers from this script have been recorded yet: no GPU was available
-while it was written (see docs/cuda.md).
+For graphc three times are reported: *device* (inputs already on the device,
+every kernel of the graph launched, then a synchronize), *call* (the whole
+Python call in the default mode: the inputs copied into pinned staging
+buffers, one cuGraphLaunch of the captured step -- input copies, kernels,
+parameter refresh, output copies -- one synchronize, the outputs copied out)
+and *call nograph* (the same call with the step launched op by op, as with
+GRAPHC_CUDA_GRAPHS=0; absent when graphs are off).  Each workload also prints
+issue 15's goal for the call: device time + the input and output bytes at
+20 GB/s.  PyTorch is timed the same way as *device* (tensors on the GPU, then
+torch.cuda.synchronize()).  Implementations run interleaved, after warm-up;
+medians are printed with the ratio torch/graphc.  Measured numbers:
+docs/performance.md ("CUDA on an H200").
 """
 from __future__ import annotations
 
@@ -34,7 +37,30 @@ def _runner(fn):
     return next(iter(fn._cache.values()))
 
 
+def _graphc_impls(r, call) -> dict:
+    """graphc's timed variants of one runner: *device* (launches + synchronize, data
+    already there), *call* (the whole call in the default mode: one CUDA graph launch
+    unless GRAPHC_CUDA_GRAPHS=0) and *call nograph* (the same call launched op by op)."""
+    graphs = r.use_graphs
+
+    def with_graph():
+        r.use_graphs = graphs
+        call()
+
+    def without():
+        r.use_graphs = False
+        call()
+        r.use_graphs = graphs
+    impls = {"graphc device": r.launch_all, "graphc call": with_graph}
+    if graphs:
+        impls["graphc call nograph"] = without
+    impls["_moved"] = sum(a.nbytes for a in r._in_stage + r._out_stage)
+    return impls
+
+
 def _median_times(impls: dict, repeat: int, warmup: int = 2) -> dict:
+    impls = dict(impls)
+    moved = impls.pop("_moved", None)
     for _ in range(warmup):
         for f in impls.values():
             f()
@@ -44,7 +70,10 @@ def _median_times(impls: dict, repeat: int, warmup: int = 2) -> dict:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    if moved is not None:
+        out["_moved"] = moved
+    return out
 
 
 def _torch_cuda():
@@ -64,7 +93,7 @@ def bench_matmul(n, repeat, torch):
     f = gc.compile([x, y], x @ y, backend="cuda")
     out = f(a, b)
     r = _runner(f)
-    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(a, b)}
+    impls = _graphc_impls(r, lambda: f(a, b))
     if torch is not None:
         ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
         ref = (ta @ tb).cpu().numpy()
@@ -86,7 +115,7 @@ def bench_conv(batch, ch, hw, repeat, torch):
     f = gc.compile([x, w], gc.conv2d(x, w, padding=1), backend="cuda")
     f(xv, wv)
     r = _runner(f)
-    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv, wv)}
+    impls = _graphc_impls(r, lambda: f(xv, wv))
     if torch is not None:
         tx, tw = torch.from_numpy(xv).cuda(), torch.from_numpy(wv).cuda()
 
@@ -110,7 +139,7 @@ def bench_lenet(batch, repeat, torch):
         lambda a, b: gc.cross_entropy(m(a), b), x, y, backend="cuda")
     step(xb, yb)
     r = _runner(step.function)
-    impls = {"graphc device": r.launch_all, "graphc call": lambda: step(xb, yb)}
+    impls = _graphc_impls(r, lambda: step(xb, yb))
     if torch is not None:
         nn = torch.nn
         net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -146,7 +175,7 @@ def bench_rnn(cell, T, batch, inp, hidden, repeat, torch):
     f = gc.compile([x], [loss] + gc.grad(loss, [x] + params), backend="cuda")
     f(xv)
     r = _runner(f)
-    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv)}
+    impls = _graphc_impls(r, lambda: f(xv))
     if torch is not None:
         net = getattr(torch.nn, cell)(inp, hidden).cuda()
         with torch.no_grad():
@@ -254,7 +283,7 @@ def bench_resnet50(batch, repeat, torch, size=224):
     print(f"  (ResNet-50 batch {batch}: compiled and ran once in "
           f"{time.perf_counter() - t0:.1f} s)", flush=True)
     r = _runner(f)
-    impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv)}
+    impls = _graphc_impls(r, lambda: f(xv))
     if torch is not None:
         net = _torch_resnet50(torch)
         tx = torch.from_numpy(xv).cuda()
@@ -316,12 +345,23 @@ def static_report(only, small) -> str:
     return "\n".join(out)
 
 
+GOAL_BYTES_PER_S = 20e9   # issue 15: call <= device + the bytes moved at 20 GB/s
+
+
 def report(name, flops, times) -> str:
     lines = [name]
+    times = dict(times)
+    moved = times.pop("_moved", None)
     base = times.get("graphc device")
     for k, t in times.items():
         ratio = f"  torch/graphc-device {t / base:.2f}" if k == "torch" and base else ""
-        lines.append(f"  {k:14s} {t * 1e3:9.3f} ms  {flops / t / 1e9:9.1f} GFLOP/s{ratio}")
+        lines.append(f"  {k:19s} {t * 1e3:9.3f} ms  {flops / t / 1e9:9.1f} GFLOP/s{ratio}")
+    if moved is not None and base:
+        goal = base + moved / GOAL_BYTES_PER_S
+        call = times.get("graphc call")
+        lines.append(f"  (inputs+outputs {moved / 1e6:.1f} MB; call goal <= device + bytes at "
+                     f"20 GB/s = {goal * 1e3:.3f} ms" +
+                     (f"; call/goal {call / goal:.2f})" if call else ")"))
     return "\n".join(lines)
 
 
@@ -344,8 +384,10 @@ def main(argv=None):
     set_options(emulate=True if args.emulate else None)
     rt = select_runtime()
     torch = None if args.emulate else _torch_cuda()
-    print(f"graphc CUDA backend on {type(rt).__name__} ({rt.arch}); PyTorch CUDA: "
-          f"{'yes' if torch is not None else 'not available'}", flush=True)
+    from .runtime import graphs_enabled
+    graphs = "on" if (graphs_enabled() and rt.graphs) else "off"
+    print(f"graphc CUDA backend on {type(rt).__name__} ({rt.arch}); CUDA graphs {graphs}; "
+          f"PyTorch CUDA: {'yes' if torch is not None else 'not available'}", flush=True)
     out = []
     if "matmul" in only:
         out.append(bench_matmul(64 if args.small else 4096, args.repeat, torch))
