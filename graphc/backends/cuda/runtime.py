@@ -23,6 +23,7 @@ import numpy as np
 from ...ir.errors import GraphcError
 from .codegen import HostLoop, TimeLoop
 from .compiler import build_emulator, compile_cuda
+from .hostcopy import copy_many, differ_many
 
 
 class CudaRuntimeError(GraphcError):
@@ -405,30 +406,6 @@ def graphs_enabled() -> bool:
     return os.environ.get("GRAPHC_CUDA_GRAPHS", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def _memcmp():
-    try:
-        f = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):   # no C library to ask (not on Linux/macOS)
-        return None
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    return f
-
-
-_MEMCMP = _memcmp()
-
-
-def _same_bytes(a, b) -> bool:
-    """a and b (contiguous) hold the same bytes: one pass, no temporary (memcmp)."""
-    if a.nbytes != b.nbytes:
-        return False
-    if a.nbytes == 0:
-        return True
-    if _MEMCMP is not None:
-        return _MEMCMP(a.ctypes.data, b.ctypes.data, a.nbytes) == 0
-    return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
-
-
 def _node_comment(node):
     from .codegen import _node_comment as describe
     return describe(node)
@@ -548,26 +525,32 @@ class Runner:
 
     def _sync_params(self, keep):
         """Make every parameter's device copy equal its host value: compare the host
-        bytes with what the device was last given (a memcmp, no transfer) and upload,
+        bytes with what the device was last given (memcmp, no transfer) and upload,
         on the stream, only those that differ.  In-place edits of `p.value` are seen."""
+        hosts, pairs = [], []
         for key, (node, bufs) in self._params.items():
             buf = bufs[0]
             a = np.ascontiguousarray(node.value, dtype=buf.dtype).reshape(-1)
             if a.size != buf.size:
                 raise GraphcError(f"parameter {buf.name}: expected {buf.size} elements, "
                                   f"got {a.size}")
+            hosts.append((key, bufs, a))
             old = self.shadow.get(key)
-            if old is not None and _same_bytes(old, a):
-                continue
+            pairs.append((old if old is not None else a[:0], a))
+        changed = [(key, bufs, a) for (key, bufs, a), d, (old, _) in
+                   zip(hosts, differ_many(pairs), pairs) if d or self.shadow.get(key) is None]
+        copies = []
+        for key, bufs, a in changed:
             keep.append(a)   # an asynchronous copy reads it until the stream synchronizes
             for b in bufs:
                 if a.size:
                     self.rt.copy_htod_async(self.ptr[id(b)], a.ctypes.data, a.nbytes, self.stream)
                 self.uploads += 1
-            if old is not None and old.nbytes == a.nbytes:
-                np.copyto(old, a.view(old.dtype))
-            else:
-                self.shadow[key] = a.copy()
+            old = self.shadow.get(key)
+            if old is None or old.nbytes != a.nbytes:
+                old = self.shadow[key] = np.empty_like(a)
+            copies.append((old, a))
+        copy_many(copies)
 
     def _buf_ptr(self, buf, env):
         """Device address of a buffer; a view (inside a time loop) moves with t."""
@@ -743,8 +726,8 @@ class Runner:
                                       f"of {b.dtype}, got {a.dtype}{a.shape}")
             self._check_indices(arrays)
             self.rt.activate()
-            for (b, what), stage in zip(self._inputs, self._in_stage):
-                np.copyto(stage, np.asarray(arrays[what]).reshape(-1))
+            copy_many([(stage, np.ascontiguousarray(arrays[what]).reshape(-1).view(stage.dtype))
+                       for (b, what), stage in zip(self._inputs, self._in_stage)])
             keep = []
             refresh = self._refresh_plan(params)
             try:
@@ -754,11 +737,16 @@ class Runner:
                 self._recover(e, params, refresh, keep)
             del keep
             n_out = len(self.out_shapes) - (len(params) if params else 0)
-            outs = []
+            outs, copies = [], []
             for k, (stage, shape) in enumerate(zip(self._out_stage, self.out_shapes)):
                 n = int(np.prod(shape)) if shape else 1
-                v = stage[:n].reshape(shape)
-                outs.append(v.copy() if k < n_out else v)
+                v = stage[:n]
+                if k < n_out:    # a new array (the staging buffer is the next call's)
+                    h = np.empty(n, dtype=stage.dtype)
+                    copies.append((h, v))
+                    v = h
+                outs.append(v.reshape(shape))
+            copy_many(copies)
             if params:
                 self._write_updates(params, outs[n_out:], refresh)
             return outs[:n_out]
@@ -767,21 +755,24 @@ class Runner:
         """Copy the new values into the parameters; where the device already holds
         them (refreshed in the step), record that, so that the next call uploads nothing."""
         on_device = {dst for dst, _, _ in refresh}
+        copies = []
         for p, new in zip(params, news):
             dst = p.value
-            if dst.dtype == new.dtype and dst.shape == new.shape and dst.flags.c_contiguous:
-                np.copyto(dst, new)
+            fast = dst.dtype == new.dtype and dst.shape == new.shape and dst.flags.c_contiguous
+            if fast:
+                copies.append((dst, new))
             else:       # a cast or a reshape: the checked path
                 p.set_value(new)
             entry = self._params.get(id(p))
             if entry is None:
                 continue
             if all(self.ptr[id(b)] in on_device for b in entry[1]):
-                a = np.ascontiguousarray(p.value, dtype=entry[1][0].dtype).reshape(-1)
+                a = (new if fast else np.ascontiguousarray(p.value)).reshape(-1)
+                a = np.ascontiguousarray(a, dtype=entry[1][0].dtype)
                 old = self.shadow.get(id(p))
-                if old is not None and old.nbytes == a.nbytes:
-                    np.copyto(old, a.view(old.dtype))
-                else:
-                    self.shadow[id(p)] = a.copy()
+                if old is None or old.nbytes != a.nbytes:
+                    old = self.shadow[id(p)] = np.empty_like(a)
+                copies.append((old, a))
             else:
                 self.shadow.pop(id(p), None)
+        copy_many([(d.reshape(-1), s.reshape(-1)) for d, s in copies])

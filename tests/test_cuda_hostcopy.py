@@ -1,0 +1,33 @@
+"""The CUDA runner's host-side moves (hostcopy.py): chunked over threads, exact."""
+import numpy as np
+import pytest
+
+from graphc.backends.cuda import hostcopy as H
+
+
+@pytest.fixture(params=["one thread", "chunked"])
+def mode(request, monkeypatch):
+    if request.param == "chunked":      # small chunks: many tasks over the pool
+        monkeypatch.setattr(H, "PARALLEL_MIN", 1)
+        monkeypatch.setattr(H, "CHUNK", 1000)
+    return request.param
+
+
+def test_copy_many_copies_every_byte(mode):
+    r = np.random.default_rng(0)
+    srcs = [r.standard_normal(n).astype(np.float32) for n in (0, 1, 999, 4321)]
+    dsts = [np.zeros_like(s) for s in srcs]
+    H.copy_many(list(zip(dsts, srcs)))
+    for d, s in zip(dsts, srcs):
+        np.testing.assert_array_equal(d, s)
+
+
+def test_differ_many_finds_a_single_changed_byte_anywhere(mode):
+    r = np.random.default_rng(1)
+    a = r.standard_normal(5000).astype(np.float32)
+    for pos in (0, 2500, 4999):          # first, middle, last chunk
+        b = a.copy()
+        b.view(np.uint8)[pos * 4 + 3] ^= 1
+        same = a.copy()
+        assert H.differ_many([(a, b), (a, same), (a[:0], a[:0]), (a[:10], a[:11])]) == \
+            [True, False, False, True]
