@@ -285,7 +285,8 @@ class DriverRuntime(Runtime):
 
     def launch(self, kernel, grid, block, args, stream=None):
         argv = _argv(args)
-        self._check(self.cu.cuLaunchKernel(kernel, *grid, *block, 0, stream or 0,
+        self._check(self.cu.cuLaunchKernel(kernel, *grid, *block, 0,
+                                           0 if stream is None else stream,
                                            ctypes.addressof(argv), 0), "cuLaunchKernel")
 
     def synchronize(self):
@@ -295,9 +296,10 @@ class DriverRuntime(Runtime):
     graphs = True
 
     def create_stream(self):
-        # a blocking stream (flags 0): it waits for the synchronous copies issued on
-        # the legacy default stream (the one-time uploads of constants)
-        return self._check(self.cu.cuStreamCreate(0), "cuStreamCreate")
+        # non-blocking (CU_STREAM_NON_BLOCKING): no implicit ordering with the legacy
+        # default stream, whose use by another thread would otherwise invalidate a
+        # capture; the Runner synchronizes once after its one-time legacy uploads
+        return self._check(self.cu.cuStreamCreate(1), "cuStreamCreate")
 
     def destroy_stream(self, stream):
         self._check(self.cu.cuStreamDestroy(stream), "cuStreamDestroy")
@@ -477,6 +479,9 @@ class Runner:
         # output; without page-locked memory (none left) the copies still work, graphs not
         self._in_stage = [self._stage(b) for b, _ in self._inputs]
         self._out_stage = [self._stage(b) for b in prog.outputs]
+        # the constants' uploads above went through the legacy stream, which the
+        # runner's stream does not wait for: finish them now
+        runtime.synchronize()
 
     def _alloc(self, nbytes, what):
         try:
