@@ -12,7 +12,9 @@ runtime:
 
 Environment: GRAPHC_CUDA_EMULATE=1 selects the emulator, GRAPHC_CUDA_ARCH
 (default: the device's, or sm_90) the target, GRAPHC_DUMP_CUDA=dir writes the
-kernel IR, the CUDA source and the PTX there, GRAPHC_CACHE_DIR the cache root.
+kernel IR, the CUDA source and the PTX there, GRAPHC_CACHE_DIR the cache root,
+GRAPHC_CUDA_GRAPHS=0 turns off the one-CUDA-graph-launch-per-call replay
+(runtime.Runner; docs/cuda.md, "Calls").
 """
 from __future__ import annotations
 
