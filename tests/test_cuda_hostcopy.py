@@ -31,3 +31,30 @@ def test_differ_many_finds_a_single_changed_byte_anywhere(mode):
         same = a.copy()
         assert H.differ_many([(a, b), (a, same), (a[:0], a[:0]), (a[:10], a[:11])]) == \
             [True, False, False, True]
+
+
+def test_a_forked_child_gets_its_own_pool(monkeypatch):
+    import os
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    monkeypatch.setattr(H, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(H, "CHUNK", 1000)
+    a = np.arange(5000, dtype=np.float32)
+    b = np.zeros_like(a)
+    H.copy_many([(b, a)])                  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:                           # the child: must not wait on dead threads
+        c = np.zeros_like(a)
+        H.copy_many([(c, a)])
+        os._exit(0 if np.array_equal(c, a) else 1)
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the parent's thread pool")

@@ -41,10 +41,12 @@ def _workers():
     if n < 2:
         return None
     with _pool_lock:
-        if _pool is None:
+        # a forked child has the pool object but not its threads: make its own
+        if _pool is None or _pool[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="graphc-hostcopy")
-    return _pool
+            _pool = (os.getpid(),
+                     ThreadPoolExecutor(max_workers=n, thread_name_prefix="graphc-hostcopy"))
+    return _pool[1]
 
 
 def _chunks(jobs):
