@@ -364,6 +364,7 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
     graph = next(iter(fake.execs.values()))
     assert len(graph) == 2 + runner.cprog.launch_count() + 3 + 2   # in, kernels, out, refresh
     fake.calls.clear()
+    fake.real_checked = 0
     f(X, Y)
     # one step is one graph launch and one synchronize: no copy, no launch, no upload
     assert [c for c in fake.calls if c != "cuCtxSetCurrent"] == ["cuGraphLaunch",
@@ -374,6 +375,8 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
     pygc.collect()
     assert "cuMemFree" in fake.calls                 # a dropped function frees its memory
     assert "cuMemFreeHost" in fake.calls and "cuGraphExecDestroy" in fake.calls
+    assert "cuStreamDestroy" in fake.calls
+    assert fake.real_checked == len(fake.calls)     # the release calls' arguments too
 
 
 def test_driver_path_without_graphs_copies_asynchronously(fake, monkeypatch):
