@@ -610,3 +610,31 @@ def test_updates_that_read_parameters_and_outputs_that_are_parameters(fake):
     np.testing.assert_array_equal(ga, wa)
     np.testing.assert_array_equal(gb, wb)
     assert next(iter(f._cache.values())).graph_launches == 4
+
+
+def test_per_step_launches_of_an_unfused_time_loop_are_captured(fake, monkeypatch):
+    """Without the fused recurrence kernels, a time loop is launched step by step with
+    view pointers that move with t: the graph captures every step's launch with its
+    own arguments, and replays give the NumPy backend's values for new inputs."""
+    from graphc import nn
+    from graphc.backends.cuda import fuse
+    from graphc.backends.cuda.codegen import TimeLoop
+    monkeypatch.setattr(fuse, "fuse_time_loops", lambda gen, steps: None)
+    layer = nn.GRU(3, 5, rng=np.random.default_rng(2))
+    x = gc.input("x", (6, 2, 3))
+    y = layer(x)[0]
+    outs = [y] + gc.grad(gc.sum(y * y), [x] + list(layer.parameters()))
+    f = gc.compile([x], outs, backend="cuda")
+    ref = gc.compile([x], outs, backend="numpy")
+    r = np.random.default_rng(4)
+    for _ in range(4):
+        v = r.standard_normal((6, 2, 3)).astype(np.float32)
+        for g, w in zip(f(v), ref(v)):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    runner = next(iter(f._cache.values()))
+    assert any(isinstance(s, TimeLoop) for s in runner.cprog.steps)
+    assert runner.graph_launches == 3
+    n_out = len(runner.prog.outputs)
+    graph = next(iter(fake.execs.values()))
+    assert len(graph) == 1 + runner.cprog.launch_count() + n_out
+    assert runner.cprog.launch_count() > 2 * 6          # several launches per time step
