@@ -638,3 +638,18 @@ def test_per_step_launches_of_an_unfused_time_loop_are_captured(fake, monkeypatc
     graph = next(iter(fake.execs.values()))
     assert len(graph) == 1 + runner.cprog.launch_count() + n_out
     assert runner.cprog.launch_count() > 2 * 6          # several launches per time step
+
+
+def test_the_bench_kernels_only_graph_leaves_calls_correct(fake):
+    """launch_all_graph (the bench's device time of the graph path) replays the
+    kernels alone: interleaved with training steps, it changes no result."""
+    batches = _batches(4)
+    step, params = _sgd_step("cuda")
+    ref, rparams = _sgd_step("numpy")
+    for xb, yb in batches:
+        np.testing.assert_allclose(float(step(xb, yb)), float(ref(xb, yb)), rtol=1e-5)
+        runner = next(iter(step.function._cache.values()))
+        assert runner.launch_all_graph() and runner.launch_all_graph()
+    assert len(fake.execs) == 2          # the step's graph and the kernels-only one
+    for p, q in zip(params, rparams):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,8 @@ backward, and ResNet-50 inference at batch 1 and 32 (`resnet50_graph`: built
 from graphc ops, no `onnx` needed; the PyTorch peer is the same net in torch.nn).  `--skip resnet32,...` leaves workloads out;
 `--static` prints the static per-kernel report (report.py) without a GPU.
 For graphc three times are reported: *device* (inputs already on the device,
-every kernel of the graph launched, then a synchronize), *call* (the whole
+every kernel of the graph launched, then a synchronize), *device graph* (the
+same kernels captured once as a CUDA graph, replayed), *call* (the whole
 Python call in the default mode: the inputs copied into pinned staging
 buffers, one cuGraphLaunch of the captured step -- input copies, kernels,
 parameter refresh, output copies -- one synchronize, the outputs copied out)
@@ -39,8 +40,9 @@ def _runner(fn):
 
 def _graphc_impls(r, call) -> dict:
     """graphc's timed variants of one runner: *device* (launches + synchronize, data
-    already there), *call* (the whole call in the default mode: one CUDA graph launch
-    unless GRAPHC_CUDA_GRAPHS=0) and *call nograph* (the same call launched op by op)."""
+    already there), *device graph* (the same kernels as one CUDA graph launch),
+    *call* (the whole call in the default mode: one CUDA graph launch unless
+    GRAPHC_CUDA_GRAPHS=0) and *call nograph* (the same call launched op by op)."""
     graphs = r.use_graphs
 
     def with_graph():
@@ -51,7 +53,10 @@ def _graphc_impls(r, call) -> dict:
         r.use_graphs = False
         call()
         r.use_graphs = graphs
-    impls = {"graphc device": r.launch_all, "graphc call": with_graph}
+    impls = {"graphc device": r.launch_all}
+    if graphs:
+        impls["graphc device graph"] = r.launch_all_graph
+    impls["graphc call"] = with_graph
     if graphs:
         impls["graphc call nograph"] = without
     impls["_moved"] = sum(a.nbytes for a in r._in_stage + r._out_stage)
