@@ -2,14 +2,18 @@
 
 * `DriverRuntime` — a real GPU through the CUDA driver API
   (`cuda.bindings.driver`): primary context, cubin module, device buffers,
-  `cuLaunchKernel`; every call's status is checked.
+  streams, page-locked host memory, asynchronous copies, `cuLaunchKernel`,
+  stream capture into CUDA graphs and `cuGraphLaunch`; every call's status is
+  checked.
 * `EmulatorRuntime` — the same generated source built for the CPU with the
   emulator header (gc_cuda_emu.h) and called through ctypes; "device" memory
   is host memory.
 
 Both take kernel arguments the way `cuLaunchKernel` does: an array of
 pointers, one per parameter, each pointing at the parameter's value.
-`Runner` executes a `CudaProgram`'s plan on either.
+`Runner` executes a `CudaProgram`'s plan on either: after the first call,
+one CUDA graph launch per call where the runtime has graphs (docs/cuda.md,
+"Calls: pinned staging and CUDA graphs").
 """
 from __future__ import annotations
 
