@@ -653,3 +653,27 @@ def test_the_bench_kernels_only_graph_leaves_calls_correct(fake):
     assert len(fake.execs) == 2          # the step's graph and the kernels-only one
     for p, q in zip(params, rparams):
         np.testing.assert_allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reassigned_parameter_array_is_uploaded_and_updated(fake):
+    """p.value replaced by a new array (C-ordered, then a Fortran-ordered one) between
+    graph-replayed steps: the device gets it, and the updates land in the new array."""
+    batches = _batches(6)
+
+    def train(backend):
+        step, (w, b, v) = _sgd_step(backend)
+        out = []
+        for k, (xb, yb) in enumerate(batches):
+            if k == 2:
+                w.value = np.full((5, 9), 0.1, np.float32)
+            if k == 4:
+                v.value = np.asfortranarray(np.linspace(-1, 1, 27, dtype=np.float32)
+                                            .reshape(9, 3))
+            out.append(float(step(xb, yb)))
+        return out, [w.value.copy(), b.value.copy(), v.value.copy()], step
+    got, gp, step = train("cuda")
+    want, wp, _ = train("numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(gp, wp):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert next(iter(step.function._cache.values())).graph_launches == 5

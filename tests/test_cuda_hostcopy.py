@@ -58,3 +58,14 @@ def test_a_forked_child_gets_its_own_pool(monkeypatch):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung on the parent's thread pool")
+
+
+def test_address_jobs(mode):
+    a = np.arange(3000, dtype=np.int32)
+    b = np.zeros_like(a)
+    H.copy_jobs([(b.ctypes.data, a.ctypes.data, a.nbytes)])
+    np.testing.assert_array_equal(a, b)
+    b[2999] += 1
+    assert H.differ_jobs([(a.ctypes.data, b.ctypes.data, a.nbytes),
+                          (a.ctypes.data, b.ctypes.data, 100),
+                          (a.ctypes.data, b.ctypes.data, 0)]) == [True, False, False]

@@ -91,6 +91,21 @@ def _move(dst, src, n):
     return 0
 
 
+def copy_jobs(jobs):
+    """memmove(dst, src, n) for each (dst address, src address, n)."""
+    _run(_move, [(k, d, s, n) for k, (d, s, n) in enumerate(jobs)])
+
+
+def differ_jobs(jobs) -> list:
+    """For each (address a, address b, n): do the n bytes differ?"""
+    if _MEMCMP is None:
+        def view(addr, n):
+            return np.frombuffer((ctypes.c_uint8 * n).from_address(addr), np.uint8)
+        return [n > 0 and not np.array_equal(view(a, n), view(b, n)) for a, b, n in jobs]
+    res = _run(_MEMCMP, [(k, a, b, n) for k, (a, b, n) in enumerate(jobs)])
+    return [res.get(k, False) for k in range(len(jobs))]
+
+
 def copy_many(pairs):
     """np.copyto(dst, src) for each (dst, src) of C-contiguous arrays of equal nbytes."""
     jobs = []

@@ -27,7 +27,7 @@ import numpy as np
 from ...ir.errors import GraphcError
 from .codegen import HostLoop, TimeLoop
 from .compiler import build_emulator, compile_cuda
-from .hostcopy import copy_many, differ_many
+from .hostcopy import copy_jobs, differ_jobs
 
 
 class CudaRuntimeError(GraphcError):
@@ -452,7 +452,12 @@ class Runner:
         self.arena = self._alloc(size, "the arena of temporaries")
         self.ptr = {id(b): self.arena + off for b in prog.temps if id(b) in offsets
                     for off in [offsets[id(b)]]}
-        self.shadow = {}     # id(parameter node) -> the bytes the device copy holds
+        # id(parameter node) -> a host copy of the bytes its device buffers hold (valid
+        # when the key is in _valid); allocated once, so cached addresses stay good
+        self._shadow = {}
+        self._valid = set()
+        self._pcache = {}    # id(parameter node) -> (its value array, flat view, address)
+        self._update_plans = {}
         self._params = {}    # id(parameter node) -> (node, [its device buffers])
         self._inputs = []    # (buffer, input position)
         for b, src in prog.externals:
@@ -466,6 +471,10 @@ class Runner:
             elif src[0] == "input":
                 self._inputs.append((b, src[1]))
         self._external_ids = {id(b) for b, _ in prog.externals}
+        for key, (node, bufs) in self._params.items():
+            self._shadow[key] = np.empty(bufs[0].size, dtype=bufs[0].dtype)
+        self._shadow_addr = {k: a.ctypes.data for k, a in self._shadow.items()}
+        self._refresh_plans = {}
         for b in getattr(cprog, "extra_buffers", []):   # privatized scratch
             self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize, f"scratch buffer {b.name}")
         for b in prog.temps:   # temporaries no kernel touches (never read) still need storage
@@ -483,6 +492,10 @@ class Runner:
         # output; without page-locked memory (none left) the copies still work, graphs not
         self._in_stage = [self._stage(b) for b, _ in self._inputs]
         self._out_stage = [self._stage(b) for b in prog.outputs]
+        self._in_addr = [a.ctypes.data for a in self._in_stage]
+        self._out_views = [st[:int(np.prod(shape)) if shape else 1].reshape(shape)
+                           for st, shape in zip(self._out_stage, self.out_shapes)]
+        self._out_addr = [v.ctypes.data for v in self._out_views]
         # the constants' uploads above went through the legacy stream, which the
         # runner's stream does not wait for: finish them now
         runtime.synchronize()
@@ -534,34 +547,47 @@ class Runner:
         if a.size:
             self.rt.copy_htod(self.ptr[id(buf)], a)
 
+    def _param_host(self, key, node, buf):
+        """(flat contiguous array of the parameter's value, its address); cached while
+        `p.value` is the same array and needs no conversion (then the view sees
+        in-place edits)."""
+        v = node.value
+        c = self._pcache.get(key)
+        if c is not None and c[0] is v:
+            return c[1], c[2]
+        a = np.ascontiguousarray(v, dtype=buf.dtype).reshape(-1)
+        if a.size != buf.size:
+            raise GraphcError(f"parameter {buf.name}: expected {buf.size} elements, "
+                              f"got {a.size}")
+        if isinstance(v, np.ndarray) and np.may_share_memory(a, v):   # a view, not a copy
+            self._pcache[key] = (v, a, a.ctypes.data)
+        else:
+            self._pcache.pop(key, None)
+        return a, a.ctypes.data
+
     def _sync_params(self, keep):
         """Make every parameter's device copy equal its host value: compare the host
         bytes with what the device was last given (memcmp, no transfer) and upload,
         on the stream, only those that differ.  In-place edits of `p.value` are seen."""
-        hosts, pairs = [], []
+        hosts, jobs = [], []
         for key, (node, bufs) in self._params.items():
-            buf = bufs[0]
-            a = np.ascontiguousarray(node.value, dtype=buf.dtype).reshape(-1)
-            if a.size != buf.size:
-                raise GraphcError(f"parameter {buf.name}: expected {buf.size} elements, "
-                                  f"got {a.size}")
-            hosts.append((key, bufs, a))
-            old = self.shadow.get(key)
-            pairs.append((old if old is not None else a[:0], a))
-        changed = [(key, bufs, a) for (key, bufs, a), d, (old, _) in
-                   zip(hosts, differ_many(pairs), pairs) if d or self.shadow.get(key) is None]
+            a, addr = self._param_host(key, node, bufs[0])
+            hosts.append((key, bufs, a, addr))
+            jobs.append((self._shadow_addr[key], addr, a.nbytes) if key in self._valid else None)
+        # (a parameter with no valid shadow differs by definition: no comparison)
+        differs = iter(differ_jobs([j for j in jobs if j is not None]))
         copies = []
-        for key, bufs, a in changed:
+        for (key, bufs, a, addr), job in zip(hosts, jobs):
+            if job is not None and not next(differs):
+                continue
             keep.append(a)   # an asynchronous copy reads it until the stream synchronizes
             for b in bufs:
-                if a.size:
-                    self.rt.copy_htod_async(self.ptr[id(b)], a.ctypes.data, a.nbytes, self.stream)
+                if a.nbytes:
+                    self.rt.copy_htod_async(self.ptr[id(b)], addr, a.nbytes, self.stream)
                 self.uploads += 1
-            old = self.shadow.get(key)
-            if old is None or old.nbytes != a.nbytes:
-                old = self.shadow[key] = np.empty_like(a)
-            copies.append((old, a))
-        copy_many(copies)
+            copies.append((self._shadow_addr[key], addr, a.nbytes))
+            self._valid.add(key)
+        copy_jobs(copies)
 
     def _buf_ptr(self, buf, env):
         """Device address of a buffer; a view (inside a time loop) moves with t."""
@@ -655,6 +681,13 @@ class Runner:
         parameters, goes through the host instead: its source would be overwritten)."""
         if not params:
             return ()
+        pkey = tuple(map(id, params))
+        plan = self._refresh_plans.get(pkey)
+        if plan is None:
+            plan = self._refresh_plans[pkey] = self._make_refresh_plan(params)
+        return plan
+
+    def _make_refresh_plan(self, params):
         first = len(self.prog.outputs) - len(params)
         plan = []
         for p, ob in zip(params, self.prog.outputs[first:]):
@@ -726,7 +759,7 @@ class Runner:
         the step again launch by launch.  If that run succeeds (the failure was
         transient), its results stand; else its error, naming the kernel, is raised."""
         self._drop_graph()
-        self.shadow.clear()
+        self._valid.clear()
         self._last_key = None
         sticky = self.rt.context_error()
         if sticky is not None:
@@ -740,7 +773,7 @@ class Runner:
             self._enqueue(refresh, each=True)
             self.rt.stream_synchronize(self.stream)
         except CudaRuntimeError as e:
-            self.shadow.clear()
+            self._valid.clear()
             raise CudaRuntimeError(f"{e}\n  (first reported as: {err})") from None
 
     def __call__(self, arrays, params=None):
@@ -750,15 +783,18 @@ class Runner:
         if len(arrays) != self.n_inputs:
             raise GraphcError(f"expected {self.n_inputs} inputs, got {len(arrays)}")
         with self._lock:
-            for (b, what), stage in zip(self._inputs, self._in_stage):
-                a = np.asarray(arrays[what])
+            jobs = []
+            for (b, what), addr in zip(self._inputs, self._in_addr):
+                a = arrays[what]
+                if type(a) is not np.ndarray or not a.flags.c_contiguous:
+                    a = np.ascontiguousarray(a)
                 if a.dtype != b.dtype or a.size != b.size:
                     raise GraphcError(f"input buffer {b.name}: expected {b.size} elements "
                                       f"of {b.dtype}, got {a.dtype}{a.shape}")
+                jobs.append((addr, a.ctypes.data, a.nbytes))
             self._check_indices(arrays)
             self.rt.activate()
-            copy_many([(stage, np.ascontiguousarray(arrays[what]).reshape(-1).view(stage.dtype))
-                       for (b, what), stage in zip(self._inputs, self._in_stage)])
+            copy_jobs(jobs)
             keep = []
             refresh = self._refresh_plan(params)
             try:
@@ -768,42 +804,54 @@ class Runner:
                 self._recover(e, params, refresh, keep)
             del keep
             n_out = len(self.out_shapes) - (len(params) if params else 0)
-            outs, copies = [], []
-            for k, (stage, shape) in enumerate(zip(self._out_stage, self.out_shapes)):
-                n = int(np.prod(shape)) if shape else 1
-                v = stage[:n]
-                if k < n_out:    # a new array (the staging buffer is the next call's)
-                    h = np.empty(n, dtype=stage.dtype)
-                    copies.append((h, v))
-                    v = h
-                outs.append(v.reshape(shape))
-            copy_many(copies)
+            outs, jobs = [], []
+            for k in range(n_out):    # new arrays (the staging buffers are the next call's)
+                v = self._out_views[k]
+                h = np.empty(v.shape, dtype=v.dtype)
+                jobs.append((h.ctypes.data, self._out_addr[k], v.nbytes))
+                outs.append(h)
+            copy_jobs(jobs)
             if params:
-                self._write_updates(params, outs[n_out:], refresh)
-            return outs[:n_out]
+                self._write_updates(params, n_out, refresh)
+            return outs
 
-    def _write_updates(self, params, news, refresh):
-        """Copy the new values into the parameters; where the device already holds
-        them (refreshed in the step), record that, so that the next call uploads nothing."""
+    def _update_plan(self, params, n_out, refresh):
         on_device = {dst for dst, _, _ in refresh}
-        copies = []
-        for p, new in zip(params, news):
+        plan = []
+        for k, p in enumerate(params):
+            src = self._out_views[n_out + k]
             dst = p.value
-            fast = dst.dtype == new.dtype and dst.shape == new.shape and dst.flags.c_contiguous
-            if fast:
-                copies.append((dst, new))
-            else:       # a cast or a reshape: the checked path
-                p.set_value(new)
+            fast = isinstance(dst, np.ndarray) and dst.dtype == src.dtype and \
+                dst.shape == src.shape and dst.flags.c_contiguous and dst.flags.writeable
             entry = self._params.get(id(p))
-            if entry is None:
+            key = None if entry is None else id(p)
+            dev = entry is not None and entry[1][0].dtype == src.dtype and \
+                all(self.ptr[id(b)] in on_device for b in entry[1])
+            plan.append((p, dst if fast else None, dst.ctypes.data if fast else 0,
+                         self._out_addr[n_out + k], src, key, dev))
+        return plan
+
+    def _write_updates(self, params, n_out, refresh):
+        """Copy the new values into the parameters; where the device already holds
+        them (refreshed in the step), record that in the shadow copies, so that the
+        next call uploads nothing."""
+        pkey = tuple(map(id, params))
+        plan = self._update_plans.get(pkey)
+        if plan is None:
+            plan = self._update_plans[pkey] = self._update_plan(params, n_out, refresh)
+        jobs = []
+        for p, dst, daddr, saddr, src, key, dev in plan:
+            if dst is not None and p.value is dst:
+                jobs.append((daddr, saddr, src.nbytes))
+            else:       # a cast, a reshape, or a new array assigned: the checked path
+                p.set_value(src)
+                if dst is not None:         # p.value was replaced: plan again next time
+                    self._update_plans.pop(pkey, None)
+            if key is None:
                 continue
-            if all(self.ptr[id(b)] in on_device for b in entry[1]):
-                a = (new if fast else np.ascontiguousarray(p.value)).reshape(-1)
-                a = np.ascontiguousarray(a, dtype=entry[1][0].dtype)
-                old = self.shadow.get(id(p))
-                if old is None or old.nbytes != a.nbytes:
-                    old = self.shadow[id(p)] = np.empty_like(a)
-                copies.append((old, a))
+            if dev:
+                jobs.append((self._shadow_addr[key], saddr, src.nbytes))
+                self._valid.add(key)
             else:
-                self.shadow.pop(id(p), None)
-        copy_many([(d.reshape(-1), s.reshape(-1)) for d, s in copies])
+                self._valid.discard(key)
+        copy_jobs(jobs)
