@@ -100,7 +100,8 @@ def test_lenet_training_steps_on_gpu_match_numpy_and_keep_parameters_on_device()
 
 def test_graph_replay_on_gpu_equals_launching_op_by_op(monkeypatch):
     """A training step with an optimizer and a per-step loop: 5 steps as CUDA graph
-    replays give bit-identical losses and parameters to GRAPHC_CUDA_GRAPHS=0."""
+    replays give the losses and parameters of GRAPHC_CUDA_GRAPHS=0 (to rounding:
+    float atomicAdd reductions sum in a different order from run to run)."""
     from graphc import nn, optim
 
     def run():
@@ -121,9 +122,9 @@ def test_graph_replay_on_gpu_equals_launching_op_by_op(monkeypatch):
     monkeypatch.setenv("GRAPHC_CUDA_GRAPHS", "0")
     want, wp, step0 = run()
     assert next(iter(step0.function._cache.values())).graph_launches == 0
-    assert got == want
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(gp, wp):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
