@@ -12,8 +12,9 @@ Packing copies any strided view (transposed operands included) into
 unit-stride panels, zero-padded at the edges, so the micro-kernel never
 branches; edge tiles of C go through a small stack tile and a scalar copy.
 Workspace lives in one module-level buffer per dtype (a compiled function
-runs one call at a time; see Runner).  Small products use the kernel IR's
-reference loop nest instead.
+runs one call at a time; see Runner), one slice per thread at a stride shared
+by every GEMM of the module (see `workspace`).  Small products use the kernel
+IR's reference loop nest instead.
 """
 from __future__ import annotations
 
@@ -55,24 +56,37 @@ def counted_loop(b, fn, start, stop, step=1, name="l"):
     b.position_at_end(done)
 
 
-def workspace(mb, dtype, nelems):
-    """The module's scratch buffer for `dtype`, grown to at least nelems."""
+def workspace(mb, dtype, per_thread):
+    """The module's scratch buffer for `dtype` and the global holding its per-thread
+    stride, grown so that every thread's slice holds at least `per_thread` elements.
+
+    Thread t's slice starts at t * stride, one stride for every GEMM site of the
+    module (the largest slice any site asks for).  It must not be a per-site size:
+    kernels between two barriers run concurrently on different threads (see
+    runtime._entry), so thread 1 can be packing in one site while thread 0 still
+    packs in another, and with per-site strides thread 1's slice of a small
+    product (1 * its size) started inside thread 0's slice of a larger one.  The
+    stride is an internal constant, so the optimizer folds it into each site."""
     ws = getattr(mb, "gemm_ws", None)
     if ws is None:
         ws = mb.gemm_ws = {}
     key = dtype.name
-    gv = ws.get(key)
-    if gv is None:
-        gv = ir.GlobalVariable(mb.module, ir.ArrayType(reg_type(dtype), nelems),
+    if key not in ws:
+        gv = ir.GlobalVariable(mb.module, ir.ArrayType(reg_type(dtype), 0),
                                name=f"graphc_ws_{key}")
         gv.linkage = "internal"
-        gv.initializer = ir.Constant(ir.ArrayType(reg_type(dtype), nelems), None)
         gv.align = 64
-        ws[key] = gv
-    elif gv.value_type.count < nelems:
-        gv.value_type = ir.ArrayType(reg_type(dtype), nelems)
+        stride = ir.GlobalVariable(mb.module, I64, name=f"graphc_ws_stride_{key}")
+        stride.linkage = "internal"
+        stride.global_constant = True
+        ws[key] = (gv, stride, [0])
+    gv, stride, size = ws[key]
+    if per_thread > size[0]:
+        size[0] = per_thread
+        stride.initializer = ir.Constant(I64, per_thread)
+        gv.value_type = ir.ArrayType(reg_type(dtype), per_thread * mb.nthreads)
         gv.initializer = ir.Constant(gv.value_type, None)
-    return gv
+    return gv, stride
 
 
 def emit_gemm(em, g):
@@ -99,7 +113,7 @@ def emit_gemm(em, g):
     # NC columns by KC rows, sized to this product, so small GEMMs keep small scratch.
     ws_elems = mc * kc + -(-min(g.N, nc) // nr) * nr * min(g.K, kc)
     ws_elems = -(-ws_elems // 16) * 16
-    ws = workspace(em.mb, dtype, ws_elems * em.mb.nthreads)
+    ws, stride = workspace(em.mb, dtype, ws_elems)
     b = em.b
     c = lambda v: ir.Constant(I64, v)
     offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
@@ -124,7 +138,7 @@ def emit_gemm(em, g):
             n_cols = b.sub(hi, lo)
             offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
             offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))
-    wsp = b.gep(ws, [c(0), b.mul(em.tid, c(ws_elems))], inbounds=True)
+    wsp = b.gep(ws, [c(0), b.mul(em.tid, b.load(stride, typ=I64))], inbounds=True)
     args = []
     for (buf, _, rs, cs), off in zip((g.a, g.b, g.c), offs):
         args += [em.ptr[id(buf)], off, c(rs), c(cs)]
