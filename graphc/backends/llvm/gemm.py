@@ -114,6 +114,8 @@ def emit_gemm(em, g):
     ws_elems = mc * kc + -(-min(g.N, nc) // nr) * nr * min(g.K, kc)
     ws_elems = -(-ws_elems // 16) * 16
     ws, stride = workspace(em.mb, dtype, ws_elems)
+    # (for racecheck: which scratch this kernel uses, how much, at which thread stride)
+    em.mb.gemm_sites.setdefault(em.fn.name, []).append((ws, ws_elems, stride))
     b = em.b
     c = lambda v: ir.Constant(I64, v)
     offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
@@ -264,14 +266,26 @@ class GemmEmitter:
                 self.Bp = b.select(use_pk, bp_pk, bp_ws)
                 with b.if_then(b.or_(b.not_(use_pk), do_pack)):
                     self.pack_b(jc, pc, nb, kb)
+                self.stress_delay(ws, 1)
                 first = b.icmp_signed("==", pc, self.c64(0))
                 overwrite = b.and_(first, b.not_(accumulate))
                 with counted_loop(b, fn, 0, M, self.mc, "ic") as ic:
                     mb_ = b.sub(self.imin(M, b.add(ic, self.c64(self.mc))), ic)
                     self.pack_a(ic, pc, mb_, kb)
+                    self.stress_delay(ws, 2)
                     self.macro(ic, jc, mb_, nb, kb, overwrite)
         b.ret_void()
         return fn
+
+    def stress_delay(self, ws, salt):
+        """Under the stress schedule (stress.py), a random wait between packing panels
+        into the workspace and reading them back: another thread writing the same
+        scratch then overwrites them in between.  The slice's address tells the
+        threads apart (this function does not know the thread id)."""
+        st = self.mb.stress
+        if st is not None:
+            b = self.b
+            st.delay_salted(b, -1, b.add(b.ptrtoint(ws, I64), self.c64(salt)))
 
     def imin(self, x, y):
         return self.b.select(self.b.icmp_signed("<", x, y), x, y)

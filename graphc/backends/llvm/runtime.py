@@ -19,7 +19,7 @@ from llvmlite import ir
 
 from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
-from . import objgen, pool, server
+from . import objgen, pool, server, stress
 from .layout import plan_arena
 
 _libc = {}
@@ -173,7 +173,7 @@ class Runner:
     WRITES_UPDATES = True  # __call__(arrays, params) writes the trailing outputs into params
 
     def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
-                 nthreads, out_nodes, profile=False):
+                 nthreads, out_nodes, profile=False, stress_schedule=False):
         self.prog = prog
         self.engine = engine   # keeps the code alive
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr)
@@ -188,6 +188,8 @@ class Runner:
         self.table = np.zeros(len(ext) + N_EXTRA, dtype=np.uint64)
         self.err = np.zeros(4, dtype=np.int64)
         self.barrier = np.zeros(32, dtype=np.int64)   # count and generation, 128 B apart
+        # the stress schedule's per-call seed (barrier[stress.SEED], stress.py)
+        self._stress_rng = np.random.default_rng() if stress_schedule else None
         self.prof = np.zeros(max(len(prog.kernels), 1), dtype=np.int64)
         self.table[len(ext):] = [base + self._shift, self.err.ctypes.data,
                                  self.barrier.ctypes.data, self.prof.ctypes.data]
@@ -206,6 +208,8 @@ class Runner:
 
     def _call(self):
         """One run of the entry on every thread."""
+        if self._stress_rng is not None:
+            self.barrier[stress.SEED] = self._stress_rng.integers(1 << 62)
         if self.nthreads > 1:
             pool.get(self.nthreads).run(self._addr, self._table_addr, self.nthreads)
         else:
@@ -419,6 +423,7 @@ def compile_program(prog, graph):
     from ...kernel.ir import is_spmd
     if nthreads > 1 and not any(is_spmd(k) for k in prog.kernels):
         nthreads = 1      # nothing worth sharing: no worker threads, no barriers
+    shuffle = nthreads > 1 and stress.mode() == "shuffle"
     offsets, arena_bytes = plan_arena(prog, nthreads)
     n_ext = len(prog.externals)
     slot_of = {id(b): k for k, (b, _) in enumerate(prog.externals)}
@@ -431,14 +436,19 @@ def compile_program(prog, graph):
     key = None
     if not (dump or debug):
         key = cache.key(prog, calls, nthreads, profile, _target())
+        if key is not None and shuffle:     # other code: never under the normal key
+            import hashlib
+            key = hashlib.sha256((key + "/stress-shuffle").encode()).hexdigest()
         hit = cache.load(key)
         if hit is not None:
             engine, addr = hit
             return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
-                          nthreads, list(graph.outputs), profile)
+                          nthreads, list(graph.outputs), profile, shuffle)
     if not dump:
         server.prestart()      # its start-up overlaps with building the IR below
     mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug, nthreads=nthreads)
+    if shuffle:
+        mb.stress = stress.Stress(mb.module, nthreads, "x86" in _target()["triple"])
     fns, spmd, shared = [], [], {}
     in_loop = {k for r in getattr(prog, "loops", None) or () for k in range(r.start, r.end)}
     for k, kern in enumerate(prog.kernels):
@@ -453,8 +463,10 @@ def compile_program(prog, graph):
         from .loops import loop_entry
         loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog)
     else:
-        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile,
-               _access_ranges(prog, calls, n_ext, nthreads))
+        ranges = _access_ranges(prog, calls, n_ext, nthreads)
+        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges)
+        if nthreads > 1:
+            check_phases(prog, mb, fns, spmd, nthreads, ranges)
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -470,7 +482,7 @@ def compile_program(prog, graph):
     _pygc.collect()
     release_heap()
     return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
-                  list(graph.outputs), profile)
+                  list(graph.outputs), profile, shuffle)
 
 
 def _structure_key(kern) -> str:
@@ -480,6 +492,13 @@ def _structure_key(kern) -> str:
     text = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
                   lambda m: names[m.group(1)], text) if names else text
     return text.split("\n", 1)[-1] + repr([(b.dtype.str, b.size, b.scope) for b in kern.buffers])
+
+
+def _declare(module, name, fnty):
+    """The module's function `name`, declared on first use (the stress helpers use the
+    same intrinsics)."""
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, fnty, name=name)
 
 
 def _barrier_fn(mb):
@@ -513,13 +532,13 @@ def _barrier_fn(mb):
     body = fn.append_basic_block("spin")
     b.cbranch(again, body, done)
     b.position_at_end(body)
-    pause = ir.Function(mb.module, ir.FunctionType(ir.VoidType(), []), name="llvm.x86.sse2.pause") \
+    pause = _declare(mb.module, "llvm.x86.sse2.pause", ir.FunctionType(ir.VoidType(), [])) \
         if "x86" in _target()["triple"] else None
     if pause is not None:
         b.call(pause, [])
     many = b.icmp_signed(">", spins, ir.Constant(I64, 2000))
     with b.if_then(many):
-        yld = ir.Function(mb.module, ir.FunctionType(ir.IntType(32), []), name="sched_yield")
+        yld = _declare(mb.module, "sched_yield", ir.FunctionType(ir.IntType(32), []))
         b.call(yld, [])
     spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
     b.branch(wait)
@@ -584,6 +603,25 @@ def _access_ranges(prog, calls, n_ext, nthreads):
     return out
 
 
+def check_phases(prog, mb, fns, spmd, nthreads, ranges):
+    """Refuse an entry in which two threads may touch the same bytes, one writing,
+    between two barriers (racecheck.py): an internal error, never a wrong result."""
+    from . import racecheck
+    # the scratch each kernel's GEMMs use: (buffer, slice, thread stride), the stride
+    # as finally emitted (it grows while sites are added)
+    ws = {k: [(gv.name, size, st.initializer.constant)
+              for gv, size, st in mb.gemm_sites.get(fn.name, ())]
+          for k, fn in enumerate(fns)}
+    names = {k: f"k{k}_{kern.name}" for k, kern in enumerate(prog.kernels)}
+    found = racecheck.conflicts(racecheck.phases(barrier_plan(ranges, spmd), len(spmd)),
+                                spmd, nthreads, ranges, ws, names)
+    if found:
+        lines = [f"  {a} (thread {ta}) and {b} (thread {tb}) both touch {place} "
+                 f"bytes/elements [{lo}, {hi})" for a, ta, b, tb, place, lo, hi in found[:5]]
+        raise GraphcError("internal error: the multi-threaded schedule lets two threads "
+                          "touch the same memory between barriers:\n" + "\n".join(lines))
+
+
 class _Unknown(Exception):
     pass
 
@@ -608,9 +646,32 @@ def entry_prologue(mb, n_ext, nthreads, profile):
         if profile else None
     if mb.error_fn is not None:
         b.store(err, mb.err_global)
+    if mb.stress is not None:
+        mb.stress.publish(b, bar)
     nt = ir.Constant(I64, nthreads)
     is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
     return b, tid, slots, err, bar, prof, barrier, rc, nt, is_main
+
+
+def barrier_plan(ranges, spmd) -> set:
+    """The kernels a barrier goes before: one that touches what a kernel since the last
+    barrier wrote, or writes what one read (ranges: _access_ranges); a kernel all
+    threads run is also ordered after thread 0's single-threaded ones."""
+    before = set()
+    # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
+    shared_r, shared_w, main_r, main_w = [], [], [], []
+    for k, par in enumerate(spmd):
+        r, w = ranges[k]
+        need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
+                or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
+        if need:
+            before.add(k)
+            shared_r, shared_w, main_r, main_w = [], [], [], []
+        if par:
+            shared_r, shared_w = shared_r + r, shared_w + w
+        else:
+            main_r, main_w = main_r + r, main_w + w
+    return before
 
 
 def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
@@ -620,27 +681,20 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
     b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
         mb, n_ext, nthreads, profile)
     dirty = False     # thread 0 ran single-threaded kernels since the last barrier
-    # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
-    shared_r, shared_w, main_r, main_w = [], [], [], []
+    before = barrier_plan(ranges, spmd) if ranges is not None and nthreads > 1 else set()
     for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
         if ranges is not None and nthreads > 1:
-            r, w = ranges[k]
-            need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
-                    or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
-            if need:
+            if k in before:
                 b.call(barrier, [bar, nt])
-                shared_r, shared_w, main_r, main_w = [], [], [], []
-            if par:
-                shared_r, shared_w = shared_r + r, shared_w + w
-            else:
-                main_r, main_w = main_r + r, main_w + w
             dirty = False
         elif par and dirty:
             b.call(barrier, [bar, nt])
             dirty = False
+        if mb.stress is not None:
+            mb.stress.delay(b, k, tid, 0)
         t0 = b.call(rc, []) if profile else None
         if par:
             b.call(kfn, ptrs + [tid, nt])
