@@ -40,6 +40,7 @@ class ModuleBuilder:
         self.error_fn = None
         self.stress = None               # stress.Stress: the GRAPHC_DEBUG_SCHEDULE helpers
         self.gemm_sites = {}             # kernel function name -> [(scratch, slice, stride)]
+        self.gemm_split = {}             # id(top-level Gemm) -> how threads share it out
 
     def kernel(self, kern: K.Kernel, index: int):
         # buffers..., thread id, thread count

@@ -98,7 +98,9 @@ def emit_gemm(em, g):
              # few rows times a transposed matrix with few columns (a conv's
              # grad-weight for few channels): dot products beat packing B, a gather
              or (g.dot_rows() and g.N < 64))
+    split = em.mb.gemm_split if em.depth == 0 and em.mb.nthreads > 1 else {}  # racecheck
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
+        split[id(g)] = ("loops", None) if g.dot_rows() else ("tid0", None)
         if em.depth == 0 and em.mb.nthreads > 1 and not g.dot_rows():
             # A top-level GEMM is shared out among threads; this small one runs on one
             # (dot products: their parallel j loop is shared out).
@@ -130,6 +132,7 @@ def emit_gemm(em, g):
             # Every element is still summed in the same order whatever the thread
             # count.
             lo, hi = em.chunk(g.M, align=MR)
+            split[id(g)] = ("M", MR)
             m_rows = b.sub(hi, lo)
             offs[0] = b.add(offs[0], b.mul(lo, c(g.a[2])))
             offs[2] = b.add(offs[2], b.mul(lo, c(g.c[2])))
@@ -137,6 +140,7 @@ def emit_gemm(em, g):
             # A top-level GEMM: each thread computes a band of C's columns (NR-aligned,
             # so every element is summed in the same order whatever the thread count).
             lo, hi = em.chunk(g.N, align=nr)
+            split[id(g)] = ("N", nr)
             n_cols = b.sub(hi, lo)
             offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
             offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))

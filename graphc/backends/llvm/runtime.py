@@ -170,6 +170,7 @@ class Runner:
     """
 
     FRESH_OUTPUTS = True  # __call__ returns copies: outputs never alias parameters
+    chunks_unchecked = None  # stress builds: shared kernels racecheck could not enumerate
     WRITES_UPDATES = True  # __call__(arrays, params) writes the trailing outputs into params
 
     def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
@@ -467,6 +468,7 @@ def compile_program(prog, graph):
         _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges)
         if nthreads > 1:
             check_phases(prog, mb, fns, spmd, nthreads, ranges)
+    unchecked = check_chunks(prog, mb, fns, spmd, nthreads) if shuffle else None
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -481,8 +483,10 @@ def compile_program(prog, graph):
     import gc as _pygc
     _pygc.collect()
     release_heap()
-    return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
-                  list(graph.outputs), profile, shuffle)
+    runner = Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
+                    nthreads, list(graph.outputs), profile, shuffle)
+    runner.chunks_unchecked = unchecked
+    return runner
 
 
 def _structure_key(kern) -> str:
@@ -620,6 +624,28 @@ def check_phases(prog, mb, fns, spmd, nthreads, ranges):
                  f"bytes/elements [{lo}, {hi})" for a, ta, b, tb, place, lo, hi in found[:5]]
         raise GraphcError("internal error: the multi-threaded schedule lets two threads "
                           "touch the same memory between barriers:\n" + "\n".join(lines))
+
+
+def check_chunks(prog, mb, fns, spmd, nthreads):
+    """Stress builds: refuse a shared kernel one of whose chunks writes what another
+    chunk reads or writes (racecheck.chunk_conflicts); returns the indices of the
+    shared kernels too large to enumerate (left unchecked)."""
+    from . import racecheck
+    done, unchecked = set(), []
+    for k, (kern, fn, par) in enumerate(zip(prog.kernels, fns, spmd)):
+        if not par or fn.name in done:
+            continue          # (structurally identical kernels share one function)
+        done.add(fn.name)
+        found = racecheck.chunk_conflicts(kern, nthreads, mb.gemm_split)
+        if found is None:
+            unchecked.append(k)
+        elif found:
+            name, t, u, i = found[0]
+            raise GraphcError(f"internal error: in the multi-threaded kernel k{k}_{kern.name} "
+                              f"chunk {t} may write element {i} of {name}, which chunk {u} "
+                              f"may also touch ({len(found)} such pairs; an index that "
+                              f"depends on loaded data counts as the whole buffer)")
+    return unchecked
 
 
 class _Unknown(Exception):
