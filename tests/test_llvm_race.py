@@ -155,10 +155,10 @@ def _compile_fresh(monkeypatch, build, nt, shuffle=False):
     return f
 
 
-def test_static_check_passes_on_the_stress_graphs(monkeypatch):
-    # compile_program runs racecheck on every multi-threaded entry it generates
-    for build, nt in ((issue_graph, 3), (lenet_graph, 2)):
-        assert gllvm.runners(_compile_fresh(monkeypatch, build, nt))[0].nthreads == nt
+def test_static_check_passes_on_the_issue_graph(monkeypatch):
+    # compile_program runs racecheck on every multi-threaded entry it generates (the
+    # stress tests above run it too when their compiles miss the cache)
+    assert gllvm.runners(_compile_fresh(monkeypatch, issue_graph, 3))[0].nthreads == 3
 
 
 def test_static_check_refuses_per_site_workspace_strides(monkeypatch):
