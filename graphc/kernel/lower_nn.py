@@ -15,6 +15,7 @@ import numpy as np
 from . import ir as K
 from .ir import (BOOL, INDEX, Assign, BinOp, Cast, Const, Gemm, Kernel, Load, Local, Loop, Select,
                  Store, UnOp, Var, affine, idx)
+from .checks import label_checks
 from .lower import _shape, rule
 from .scalar import nan_max
 
@@ -584,15 +585,15 @@ def lower_softmax(lw, n):
 def lower_softmax_xent(lw, n):
     """Per sample: m + log(sum exp(x - m)) - x[label] (label smoothing and ignore_index too).
 
-    A label outside [0, C) reads a clamped (valid) address and yields NaN; the
-    NumPy reference raises instead.
+    A check kernel first scans the labels (the call then raises as the reference
+    does); the loss kernel itself reads a clamped (valid) address for a bad label
+    and yields NaN there.
     """
     x, y = n.inputs
     X, L, OUT = lw.buf(x), lw.buf(y), lw.buf(n)
     cax = 1 if x.ndim >= 2 else 0
     outer, C, inner = _rows(_shape(x), cax)
-    if n.attrs["ignore_index"] is None:
-        lw.prog.index_checks.append((L, C, n.op.name, n.loc))
+    checks = label_checks(lw, n, y, C)
     d = n.dtype
     o, i, r = Var("o"), Var("i"), Var("r")
     stats, m, s, at = _row_stats(X, o, i, C, inner, d)
@@ -612,11 +613,11 @@ def lower_softmax_xent(lw, n):
                      BinOp("mul", Const(eps, d), mean_logp))
     ii = n.attrs["ignore_index"]
     if ii is not None:
-        valid = BinOp("ne", Load(L, affine([o, i], [inner, 1])), Const(ii, L.dtype))
+        valid = BinOp("ne", lab, Const(ii, INDEX))
         ok = BinOp("or", ok, UnOp("not", valid))
         loss = Select(valid, loss, Const(0.0, d))
     loss = Select(ok, loss, Const(float("nan"), d))
     body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
-    return [Kernel("softmax_cross_entropy", [OUT, X, L],
+    return checks + [Kernel("softmax_cross_entropy", [OUT, X, L],
                    [Loop(o, outer, [Loop(i, inner, body)], "parallel")],
                    flops=4 * prod(_shape(x)))]

@@ -21,6 +21,7 @@ from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
 from . import objgen, pool, server
 from .layout import plan_arena
+from ...kernel.checks import first_error, initial_record
 
 _libc = {}
 
@@ -205,11 +206,18 @@ class Runner:
             pool.get(nthreads)      # start the workers now, not in the first call
 
     def _call(self):
-        """One run of the entry on every thread."""
+        """One run of the entry on every thread, then the index checks' verdict."""
+        rec = self._check_rec
+        if rec is not None:
+            np.copyto(rec, self._check_init)
         if self.nthreads > 1:
             pool.get(self.nthreads).run(self._addr, self._table_addr, self.nthreads)
         else:
             self._fn(self._table_addr, 0)
+        if rec is not None:
+            err = first_error(self.prog.checks, rec)
+            if err is not None:
+                raise err
 
     def _view(self, buf):
         off = self.offsets[id(buf)] + self._shift
@@ -221,6 +229,7 @@ class Runner:
         arrays behind parameters/constants, the index checks on inputs, and where each
         output is read from (a fixed view of the arena, or an external array)."""
         prog = self.prog
+        self._check_rec = None
         self._in_slots = []                      # (slot, buffer, input position)
         self._state_slots = []                   # (slot, buffer, kind, node or array)
         slot_of = {}
@@ -228,11 +237,14 @@ class Runner:
             slot_of[id(buf)] = slot
             if kind == "input":
                 self._in_slots.append((slot, buf, what))
+            elif kind == "check":
+                # the index checks' records (kernel/checks.py): ours, reset every call
+                self._check_rec = initial_record(buf.size)
+                self._check_init = self._check_rec.copy()
+                self.table[slot] = self._check_rec.ctypes.data
             else:
                 self._state_slots.append((slot, buf, kind, what))
         self._slot_of = slot_of
-        self._checks = [(slot_of[id(buf)], n, op, loc) for buf, n, op, loc in prog.index_checks
-                        if id(buf) in slot_of]
         self._out_src = []                       # (slot or None, arena view or None, shape)
         for buf, shape in zip(prog.outputs, self._out_shapes):
             if id(buf) in slot_of:
@@ -283,14 +295,6 @@ class Runner:
         for slot, buf, pos in self._in_slots:
             cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
         self._bind_states(cur)
-        for slot, n, op, loc in self._checks:
-            a = cur[slot]
-            if a.size:
-                lo, hi = a.min(), a.max()
-                if lo < 0 or hi >= n:
-                    raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                     f"found values from {int(lo)} to {int(hi)}\n"
-                                     f"  node built at {loc}")
         return cur
 
     def _run(self):
@@ -320,8 +324,7 @@ class Runner:
             fast = self.__dict__.get("_fast")
             if fast is None:
                 fast = self._fast = []
-                ok = (not self._checks and not self.debug_bounds
-                      and len(self._in_slots) == self.n_inputs)
+                ok = not self.debug_bounds and len(self._in_slots) == self.n_inputs
                 for slot, buf, pos in self._in_slots if ok else ():
                     if buf.size == 0 or buf.size > 4096:
                         ok = False
@@ -539,8 +542,10 @@ def _access_ranges(prog, calls, n_ext, nthreads):
         where = {}
         for buf, (slot, off) in zip(kern.buffers, args):
             n = buf.size * buf.dtype.itemsize * (nthreads if buf.scope == "thread" else 1)
-            # (external arrays may alias one another: one range for all of them)
-            where[id(buf)] = (slot, off, off + n) if slot == n_ext else (-1, 0, 1 << 62)
+            # (external arrays may alias one another: one range for all of them, except
+            # the index checks' records, which the runner owns)
+            where[id(buf)] = ((slot, off, off + n) if slot == n_ext else
+                              (slot, 0, n) if buf is prog.check_buf else (-1, 0, 1 << 62))
         reads, writes = set(), set()
 
         def walk(node):
