@@ -319,8 +319,19 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=N
             return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, first)]
         return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, idx(0)),
                 Assign(found, Const(False, BOOL))]
+    # wv["found"]: whether the window holds a real element (None: every window does).
+    # With dilation a window can lie entirely in the padding: its maximum is -inf and
+    # it has no argmax (the reference routes nothing from it).
     return _windows(x_shape, out_hw, attrs, dil, body, pre,
-                    lambda out_pos, wv: finish(out_pos, best, bpos, wv), zero_buf)
+                    lambda out_pos, wv: finish(out_pos, best, bpos,
+                                               dict(wv, found=None if inside else found)),
+                    zero_buf)
+
+
+def _if_found(wv, v):
+    """v where the window holds a real element, else 0 (a window all in padding)."""
+    f = wv["found"]
+    return v if f is None else Select(f, v, Const(0, v.dtype))
 
 
 def _tiles(x_shape, out_hw, attrs, dil) -> bool:
@@ -468,7 +479,8 @@ def lower_max_pool2d_grad(lw, n):
                               zero_buf=None if covered else DX)
         return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos, wv: [
-        Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))], zero_buf=DX)
+        Store(DX, bpos, BinOp("add", Load(DX, bpos), _if_found(wv, Load(Gb, op))))],
+        zero_buf=DX)
     return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
 
 
@@ -479,7 +491,8 @@ def lower_max_pool2d_gather(lw, n):
     _same_dtype(lw, n, [X, Hb])
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
-                          lambda op, best, bpos, wv: [Store(Y, op, Load(Hb, bpos))])
+                          lambda op, best, bpos, wv: [
+                              Store(Y, op, _if_found(wv, Load(Hb, bpos)))])
     return [Kernel("max_pool2d_gather", [Y, X, Hb], body)]
 
 
