@@ -344,3 +344,28 @@ def test_cuda_generated_code_checks_computed_indices():
         assert errs[0] == errs[1] and "label 4 at position (1,)" in errs[0]
     finally:
         C.set_options(emulate=None)
+
+
+def test_training_graph_checks_its_labels_once():
+    """With the loss in the graph, the gradient's index_check is redundant (the loss
+    kernel checks the same labels the same way): the optimizer drops it."""
+    from graphc.ir.graph import Graph
+    from graphc.kernel.lower import lower_graph
+    from graphc.passes import optimize
+    x = gc.input("x", (3, 4))
+    y = gc.input("y", (3,), "int64")
+    loss = gc.cross_entropy(x, y, ignore_index=-100)
+    gx, = gc.grad(loss, [x])
+    g = Graph([loss, gx], [x, y])
+    checks = lambda gr: sorted(k.name for k in lower_graph(gr).kernels if k.name.startswith("check"))
+    assert checks(g) == ["check_softmax_cross_entropy"] * 2
+    for level in (1, 2):
+        og, rep = optimize(g, level)
+        assert not any(n.op.name == "index_check" for n in og.nodes)
+        assert any("already checked" in c for r in rep.passes for c in r.changes)
+        assert checks(og) == ["check_softmax_cross_entropy"]
+    og, _ = optimize(Graph([gx], [x, y]), 2)          # the gradient alone keeps its check
+    assert checks(og) == ["check_softmax_cross_entropy"]
+    got = outcomes([x, y], [loss, gx], [LOGITS, np.array([0, 9, -100])])
+    assert_same_error(got, r"^softmax_cross_entropy: label out of range: label 9 at position "
+                           r"\(1,\)")

@@ -64,6 +64,24 @@ def record_buffer(prog, n_fields) -> tuple:
     return buf, off
 
 
+def checks_mark(prog) -> tuple:
+    """Where the program's checks end now (for checks_rollback)."""
+    return len(prog.checks), 0 if prog.check_buf is None else prog.check_buf.size
+
+
+def checks_rollback(prog, mark):
+    """Forget the checks added since `mark`: a lowering that made check kernels and
+    then gave up (another lowering of the same node will make its own)."""
+    n, size = mark
+    del prog.checks[n:]
+    buf = prog.check_buf
+    if buf is not None:
+        buf.size = size
+        if size == 0:            # made during the attempt: no buffer at all
+            prog.externals[:] = [e for e in prog.externals if e[0] is not buf]
+            prog.check_buf = None
+
+
 def _imin(a, b):
     return BinOp("min", a, b)
 
