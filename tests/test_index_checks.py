@@ -369,3 +369,44 @@ def test_training_graph_checks_its_labels_once():
     got = outcomes([x, y], [loss, gx], [LOGITS, np.array([0, 9, -100])])
     assert_same_error(got, r"^softmax_cross_entropy: label out of range: label 9 at position "
                            r"\(1,\)")
+
+
+@pytest.mark.parametrize("backend", ["llvm", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAVE_CXX, reason="the CUDA emulator needs a host C++ compiler"))])
+def test_checks_inside_a_native_time_loop(backend):
+    """Embedding and cross-entropy inside gc.scan (kernels run once per step on views
+    of the inputs): the first failing step is reported, as by the reference."""
+    from graphc.backends import cuda as C
+    T, B = 4, 3
+    w = gc.input("w", (6, 5))
+    ids = gc.input("ids", (T, B), "int64")
+    lab = gc.input("lab", (T, B), "int64")
+
+    def step(h, xt):
+        i, lb = xt
+        h2 = gc.tanh(h + gc.embedding(i + 1, w))
+        return h2, gc.cross_entropy(h2, lb, reduction="none", ignore_index=-1)
+    _, ys = gc.scan(step, gc.constant(np.zeros((B, 5), np.float32)), (ids, lab))
+    loss = gc.sum(ys)
+    gw, = gc.grad(loss, [w])
+    wv = RNG.standard_normal((6, 5)).astype(np.float32)
+    iv = RNG.integers(0, 5, (T, B))
+    lv = RNG.integers(0, 5, (T, B))
+    lv[1, 1] = -1
+    bad_i = iv.copy()
+    bad_i[2, 1], bad_i[3, 0], bad_i[3, 2] = 5, -2, 5      # steps 2 and 3
+    bad_l = lv.copy()
+    bad_l[3, 0] = 7
+    C.set_options(emulate=True)
+    try:
+        got = outcomes([w, ids, lab], [loss, gw], [wv, iv, lv], ("numpy", backend))
+        for a, b in zip(got[backend], got["numpy"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        got = outcomes([w, ids, lab], [loss, gw], [wv, bad_i, lv], ("numpy", backend))
+        assert_same_error(got, r"^take: index out of range: index 6 at position \(1,\) .*; 1 of "
+                               r"the 3 indices is out of range \(values from 6 to 6\)")
+        got = outcomes([w, ids, lab], [loss, gw], [wv, iv, bad_l], ("numpy", backend))
+        assert_same_error(got, r"^softmax_cross_entropy: label out of range: label 7 at "
+                               r"position \(0,\)")
+    finally:
+        C.set_options(emulate=None)
