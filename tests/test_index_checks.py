@@ -69,6 +69,11 @@ def test_take_of_computed_indices_raises_like_the_reference():
                            r"\(values from 10 to 10\)\n  node built at .*test_index_checks")
     good = outcomes([t, i], [y], [TABLE, np.array([8, 0])])
     assert_same_values(good, [TABLE[[9, 1]]])
+    f = gc.compile([t, i], y, backend="llvm")   # repeated calls (the small-input fast path)
+    for _ in range(3):
+        with pytest.raises(IndexOutOfRangeError, match="index 10 at position"):
+            f(TABLE, np.array([9, 0]))
+        np.testing.assert_array_equal(f(TABLE, np.array([3, 0])), TABLE[[4, 1]])
 
 
 @pytest.mark.parametrize("make, feed, bad", [
