@@ -415,3 +415,11 @@ def test_checks_inside_a_native_time_loop(backend):
                                r"position \(0,\)")
     finally:
         C.set_options(emulate=None)
+
+
+def test_ignore_index_must_fit_int64():
+    x = gc.input("x", (2, 3))
+    y = gc.input("y", (2,), "int64")
+    with pytest.raises(gc.GraphBuildError, match=r"ignore_index 1180591620717411303424 does not "
+                                                 r"fit in int64(.|\n)*test_index_checks"):
+        gc.cross_entropy(x, y, ignore_index=2 ** 70)

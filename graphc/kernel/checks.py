@@ -99,8 +99,6 @@ def check_kernels(lw, node, src: Buffer, size: int, shape, *, op=None, kind="ind
     m = src.size
     if m == 0:
         return []
-    if ignore is not None and not I64_MIN <= ignore <= I64_MAX:
-        ignore = None            # (no int64 value equals it)
     bs = min(BLOCK, m)
     blocks = -(-m // bs)
     R, off = record_buffer(lw.prog, blocks * REC)
@@ -114,7 +112,7 @@ def check_kernels(lw, node, src: Buffer, size: int, shape, *, op=None, kind="ind
         p = BinOp("add", BinOp("mul", b, idx(bs)), j)
         v = Cast(Load(src, _imin(p, idx(m - 1)) if ragged else p), INDEX)
         bad = BinOp("or", BinOp("lt", v, idx(0)), BinOp("ge", v, idx(size)))
-        if ignore is not None:
+        if ignore is not None:          # (an int64: the ops' check() makes sure)
             bad = BinOp("and", bad, BinOp("ne", v, idx(ignore)))
         if ragged:
             bad = BinOp("and", bad, BinOp("lt", p, idx(m)))

@@ -711,6 +711,8 @@ class IndexCheckOp(Op):
             raise ValueError(f"kind must be 'index' or 'label', got {kind!r}")
         if ignore is not None and not _is_int(ignore):
             raise TypeError(f"ignore must be an int or None, got {ignore!r}")
+        if ignore is not None and not -2 ** 63 <= ignore < 2 ** 63:
+            raise ValueError(f"ignore {ignore} does not fit in int64")
         return {"size": int(size), "for_op": str(for_op), "kind": kind, "what": str(what),
                 "ignore": None if ignore is None else int(ignore)}
 

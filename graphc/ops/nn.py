@@ -226,6 +226,8 @@ class _LabelLossOp(Op):
             if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
                 raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
             ignore_index = int(ignore_index)
+            if not -2 ** 63 <= ignore_index < 2 ** 63:
+                raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
         label_smoothing = float(label_smoothing)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
