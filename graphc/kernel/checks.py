@@ -24,8 +24,8 @@ fits one block), which is why the runtime resets the records before each call.
 """
 from __future__ import annotations
 
-from .ir import (INDEX, Assign, BinOp, Buffer, Cast, Const, If, Kernel, Load, Local, Loop, Select,
-                 Store, Var, idx)
+from .ir import (INDEX, Assign, BinOp, Buffer, Cast, If, Kernel, Load, Local, Loop, Select, Store,
+                 Var, idx)
 
 BLOCK = 4096          # index positions per record
 REC = 5               # fields per record
