@@ -312,6 +312,37 @@ def test_onnx_gather_indices_are_checked():
     assert onnx is not None
 
 
+def test_onnx_one_hot_targets_are_checked():
+    """NegativeLogLikelihoodLoss and GatherElements import as one-hot products: a bad
+    label or index gave a zero row (a silently wrong loss or value)."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def model(node, ins, out):
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info(*i) for i in ins],
+                              [helper.make_tensor_value_info(*out)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return gc.onnx.load(m)
+    F, I = TensorProto.FLOAT, TensorProto.INT64
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nll = model(helper.make_node("NegativeLogLikelihoodLoss", ["x", "t"], ["y"],
+                                 reduction="none", ignore_index=-1),
+                [("x", F, [2, 3]), ("t", I, [2])], ("y", F, [2]))
+    ge = model(helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1),
+               [("x", F, [2, 3]), ("i", I, [2, 2])], ("y", F, [2, 2]))
+    for be in ("numpy", "llvm"):
+        f = nll.compile(backend=be)
+        np.testing.assert_array_equal(f(x, np.array([2, -1]))[0], [-2.0, 0.0])
+        with pytest.raises(IndexOutOfRangeError, match=r"index 3 at position \(0,\) is not in "
+                                                       r"\[0, 3\) \(num_classes=3\)"):
+            f(x, np.array([3, -1]))
+        g = ge.compile(backend=be)
+        np.testing.assert_array_equal(g(x, np.array([[0, -1], [2, 1]]))[0], [[0, 2], [5, 4]])
+        with pytest.raises(IndexOutOfRangeError, match=r"index -1 at position \(1, 0\)"):
+            g(x, np.array([[0, 1], [-4, 1]]))      # -4 + 3 is still negative
+
+
 # ------------------------------------------------------------------ CUDA (emulated)
 @pytest.mark.skipif(not HAVE_CXX, reason="the CUDA emulator needs a host C++ compiler")
 def test_cuda_generated_code_checks_computed_indices():
