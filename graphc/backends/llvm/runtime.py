@@ -3,10 +3,12 @@
 `compile_program(prog)` generates one LLVM module (every kernel plus
 `entry(ptr table)`), optimizes it at O3 for the host CPU, JIT-compiles it with
 MCJIT and returns a `Runner`.  The table holds one pointer per external buffer
-(inputs, parameters, constants), then the arena base, then the error record.
-Calling the runner validates every array, fills the table with current
-pointers (parameters may have been replaced), and crosses into native code
-once through ctypes, which releases the GIL for the call.
+(inputs, parameters, constants, the index checks' records), then the arena
+base, then the error record.  Calling the runner validates every array, fills
+the table with current pointers (parameters may have been replaced), resets the
+index checks' records, crosses into native code once through ctypes, which
+releases the GIL for the call, and raises the error of a bad index a check
+kernel recorded (kernel/checks.py) before handing anything back.
 """
 from __future__ import annotations
 
@@ -226,7 +228,7 @@ class Runner:
 
     def _prepare(self):
         """Per-call tables, built once: which table slot each input fills, the external
-        arrays behind parameters/constants, the index checks on inputs, and where each
+        arrays behind parameters/constants, the index checks' records, and where each
         output is read from (a fixed view of the arena, or an external array)."""
         prog = self.prog
         self._check_rec = None
