@@ -268,6 +268,7 @@ def test_failed_step_leaves_parameters_unchanged():
 
 
 # ------------------------------------------------------------------ fed integers
+@pytest.mark.filterwarnings("ignore::graphc.InputCastWarning")  # a cast on purpose
 def test_uint64_labels_keep_their_value():
     x = gc.input("x", (2, 4))
     y = gc.input("y", (2,), "int64")
@@ -279,6 +280,7 @@ def test_uint64_labels_keep_their_value():
         assert np.isfinite(f(np.zeros((2, 4), np.float32), np.array([0, 3], np.uint64)))
 
 
+@pytest.mark.filterwarnings("ignore::graphc.InputCastWarning")  # a cast on purpose
 def test_int64_into_int32_input_does_not_wrap():
     t = gc.input("t", (10, 3))
     i = gc.input("i", (2,), "int32")
