@@ -88,6 +88,18 @@ def test_whole_array_reduction_is_one_block():
     assert la.grid == (1, 1, 1) and la.block == (256, 1, 1)
 
 
+def test_few_long_rows_reduce_in_two_launches_that_fill_the_gpu():
+    # a bias gradient: 6 rows of 256*28*28; a block per row would leave 126 of 132
+    # SMs idle: each row is split over many blocks (partials), then combined
+    x = gc.input("x", (256, 6, 28, 28))
+    cp = gen([x], [gc.sum(x, axis=(0, 2, 3))], optimize=0)
+    first, second = cp.launches
+    assert first.grid[0] >= 132 and first.grid[0] % 6 == 0 and first.mapping["split"] > 1
+    assert second.grid == (6, 1, 1)
+    (part,) = cp.extra_buffers
+    assert part.size == first.grid[0] and part.name in kernel_text(cp, second.name)
+
+
 def test_short_rows_reduce_in_one_thread_each():
     x = gc.input("x", (300, 10))
     cp = gen([x], [gc.softmax(x, axis=1)], optimize=0)

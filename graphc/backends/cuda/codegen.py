@@ -15,6 +15,12 @@ barrier, which the IR's "zero-fill, then accumulate" kernels need):
   block per parallel iteration, its threads striding over inner loops,
   reductions combined through shared memory (a tree with `__syncthreads`),
   scalar stores done by thread 0;
+* a top-level "parallel" loop with per-iteration ("thread"-scope) scratch
+  becomes a block kernel, one block per iteration, the scratch in shared
+  memory (or, when it is too big, privatized in global memory and the loop
+  split per statement group);
+* a block kernel with fewer blocks than SMs and one long reduction is split:
+  partial results over many blocks, then the kernel combining them;
 * `Gemm` becomes a **tiled GEMM kernel** (16x16 tiles of A and B staged in
   shared memory, one output element per thread); loops around a Gemm map to
   `blockIdx.z` when their C tiles are disjoint, else they stay on the host
@@ -44,6 +50,12 @@ THREADS = 256          # threads per block of thread kernels
 MAX_GRID_YZ = 65535    # CUDA's limit on gridDim.y and gridDim.z
 MIN_BLOCK_REDUCTION = 64   # reductions at least this long get a block each
 FEW_THREADS = 4096         # fewer parallel iterations than this: a block each, if that helps
+# per-iteration scratch up to this size lives in the shared memory of a block per
+# iteration (several such blocks fit an SM's 228 KiB; the static limit is 48 KiB)
+SHARED_SCRATCH_BYTES = 16 * 1024
+TARGET_SMS = 132           # H100/H200: a launch with enough work should give each SM a block
+SPLIT_MIN_PER_THREAD = 8   # a split reduction's part gives each thread at least this many
+SPLIT_MIN_ROW = 64 * THREADS   # rows shorter than this are not split
 RESERVED = ["gid", "f", "rem", "part", "s", "tx", "ty", "row", "col", "a0", "b0", "c0", "acc",
             "k0", "ka", "kb", "kk", "out", "As", "Bs", "e", "t", "m0", "n0"]
 # (the GEMM kernels' inner-block names may shadow loop variables: nothing reads those there)
@@ -188,6 +200,10 @@ class Generator:
             elif A.contains_gemm(seg):
                 raise NotLoweredError(f"cuda backend: a Gemm shares scalars with other statements "
                                       f"in kernel {self.kern.name}")
+            elif (len(seg) == 1 and isinstance(s0, K.Loop) and top and s0.kind == "parallel"
+                  and T.scratch_written(s0.body)
+                  and (got := self.plan_private_scratch(s0, host, ranges, fixed)) is not None):
+                steps += got
             elif len(seg) == 1 and isinstance(s0, K.Loop):
                 chain, inner = A.loop_chain(s0)
                 par = A.choose_parallel(chain, inner, ranges, fixed, top)
@@ -196,15 +212,41 @@ class Generator:
                     blk = block_plan(inner, ranges, chain, fixed)
                 if blk is not None and (blk.max_reduction >= MIN_BLOCK_REDUCTION or (
                         par.extent < FEW_THREADS and blk.max_distributed >= 32)):
-                    steps.append(self.block_kernel(chain, inner, blk, host))
+                    steps += self.block_or_split(chain, inner, blk, host, ranges, fixed)
                 else:
                     steps.append(self.thread_kernel(par, inner, host))
             else:
                 blk = block_plan(seg, ranges, [], fixed)
                 if blk is not None:
-                    steps.append(self.block_kernel([], seg, blk, host))
+                    steps += self.block_or_split([], seg, blk, host, ranges, fixed)
                 else:
                     steps.append(self.thread_kernel(A.Parallel([], [], set()), seg, host))
+        return steps
+
+    def plan_private_scratch(self, loop, host, ranges, fixed):
+        """A top-level parallel loop whose iterations each use their own scratch (the
+        IR's "thread" scope: private to an iteration, as max-pool's row maxima): one
+        block per iteration with the scratch in the block's shared memory, its threads
+        sharing out each loop of the iteration, a barrier between them.  Where the
+        scratch does not fit (or a block cannot run the body), one copy per iteration
+        in global memory (transform.privatize) and a kernel per statement group
+        (loop fission), each a grid over the loop and the loops inside.  None when
+        neither applies (the copies would be too big)."""
+        scratch = T.scratch_written(loop.body)
+        nbytes = sum(b.size * b.dtype.itemsize for b in scratch)
+        if nbytes <= SHARED_SCRATCH_BYTES and not A.contains_gemm(loop.body):
+            blk = block_plan(loop.body, ranges, [loop], fixed)
+            if blk is not None:
+                return [self.block_kernel([loop], loop.body, blk, host, private=scratch)]
+        got = T.privatize(loop)
+        if got is None:
+            return None
+        loop2, new = got
+        self.extra_buffers += new
+        steps = []
+        for seg in segments(loop2.body):
+            steps += self.plan([K.Loop(loop2.var, loop2.extent, seg, "parallel")], host,
+                               ranges, fixed, top=True)
         return steps
 
     def plan_gemm_loop(self, loop, host, ranges, fixed, top):
@@ -288,8 +330,9 @@ class Generator:
         return steps
 
     # ------------------------------------------------------------ kernel scaffolding
-    def _begin(self, body_stmts, extra_exprs, host, what):
-        """Name, namer, parameter list and signature for a kernel over these statements."""
+    def _begin(self, body_stmts, extra_exprs, host, what, private=()):
+        """Name, namer, parameter list and signature for a kernel over these statements
+        (`private`: scratch buffers the kernel declares itself, not parameters)."""
         name = f"k{self.kidx}_{self.kern.name}" + (f"_{self.part}" if self.part else "")
         self.part += 1
         bufs_read, bufs_written = [], []
@@ -315,9 +358,11 @@ class Generator:
                 if isinstance(x, K.Var):
                     used_vars.add(id(x))
         order = {id(b): k for k, b in enumerate(self.kern.buffers)}
-        bufs = sorted(bufs_written + bufs_read, key=lambda b: order.get(id(b), len(order)))
+        pids = {id(b) for b in private}
+        bufs = sorted((b for b in bufs_written + bufs_read if id(b) not in pids),
+                      key=lambda b: order.get(id(b), len(order)))
         written = {id(b) for b in bufs_written}
-        namer = Namer(reserved=[b.name for b in bufs] + RESERVED)
+        namer = Namer(reserved=[b.name for b in bufs] + [b.name for b in private] + RESERVED)
         ew = ExprWriter(namer, lambda b: b.name)
         hvars = [l.var for l in host if id(l.var) in used_vars]
         # views (time-loop slices) of one buffer may overlap: no __restrict__ for them
@@ -407,7 +452,8 @@ class Generator:
         return la
 
     # ------------------------------------------------------------ block kernels
-    def block_kernel(self, chain, body, blk, host):
+    def block_kernel(self, chain, body, blk, host, private=()):
+        """private: per-iteration scratch, in the block's shared memory."""
         nblocks = prod(l.extent for l in chain) if chain else 1
         if self.in_time_loop:    # a fused time step runs every part with THREADS threads
             blk.threads = THREADS
@@ -416,10 +462,14 @@ class Generator:
                 f"{threads} threads" if chain else f"one block of {threads} threads")
         if blk.reductions:
             what += "; block reduction"
-        name, namer, ew, sig, params, head = self._begin(body, [], host, what)
+        if private:
+            what += "; scratch " + ", ".join(b.name for b in private) + " in shared memory"
+        name, namer, ew, sig, params, head = self._begin(body, [], host, what, private)
         lines = []
         for dt in sorted({str(r[0].dtype) for r in blk.reductions}):
             lines.append(f"  __shared__ {ctype(dt)} gc_red_{dt}[{threads}];")
+        for b in private:   # one copy per block = per iteration of the parallel loop
+            lines.append(f"  __shared__ {ctype(b.dtype)} {b.name}[{max(b.size, 1)}];")
         lines += self._decompose(namer, chain, "(long long)blockIdx.x", 1)
         lines += self._locals_decl(body, namer)
         for s, (kind, info) in zip(body, blk.kinds):
@@ -429,7 +479,9 @@ class Generator:
                     self.node, what)
         la.smem = sum(threads * np.dtype(r[0].dtype).itemsize for r in
                       {str(r[0].dtype): r for r in blk.reductions}.values())
+        la.smem += sum(b.size * b.dtype.itemsize for b in private)
         la.mapping = dict(blocks=list(chain), body=list(body), host=list(host),
+                          private={id(b) for b in private}, kinds=list(blk.kinds),
                           inner=[(s, info) for s, (kind, info) in zip(body, blk.kinds)
                                  if kind == "distribute"])
         self.launches.append(la)
@@ -457,7 +509,17 @@ class Generator:
             sw.stmts(body, 2)
             return lines + sw.lines + ["  }", "  __syncthreads();"]
         # reduce: acc = E(acc, v) over the chain, combined across the block
-        acc, E, v, ident = info
+        accn = ew.emit(info[0])
+        return self._reduce_lines(s, info, ew, namer) + [
+            f"    {accn} = gc_red_{info[0].dtype}[0];", "    __syncthreads();", "  }"]
+
+    def _reduce_lines(self, s, info, ew, namer, span=None):
+        """A block's threads reduce `s` (acc = E(acc, v) over its loop chain) into
+        gc_red_<dtype>[0].  span: (first, end) C expressions of the flat range of
+        the chain this block covers (a split reduction's part), starting from the
+        identity instead of acc.  The caller closes the opened brace."""
+        acc, E, v, ident = info[:4]
+        prelude = info[4] if len(info) > 4 else []
         chain, _ = A.loop_chain(s)
         total = prod(l.extent for l in chain)
         dt = str(acc.dtype)
@@ -465,11 +527,19 @@ class Generator:
         accn = ew.emit(acc)
         part = namer.fresh("part")
         f = namer.fresh("f")
-        lines = [f"  {{  // block reduction of {accn} over {total} elements",
-                 f"    {ctype(acc.dtype)} {part} = threadIdx.x == 0 ? {accn} : "
-                 f"{identity(ident, acc.dtype)};",
-                 f"    for (long long {f} = threadIdx.x; {f} < {total}LL; {f} += blockDim.x) {{"]
+        start = "threadIdx.x" if span is None else f"{span[0]} + threadIdx.x"
+        end = f"{total}LL" if span is None else span[1]
+        first = (f"threadIdx.x == 0 ? {accn} : {identity(ident, acc.dtype)}" if span is None
+                 else identity(ident, acc.dtype))
+        lines = [f"  {{  // block reduction of {accn} over {total} elements"
+                 + ("" if span is None else " (this block's part)"),
+                 f"    {ctype(acc.dtype)} {part} = {first};",
+                 f"    for (long long {f} = {start}; {f} < {end}; {f} += blockDim.x) {{"]
         lines += self._decompose(namer, chain, f, 3)
+        if prelude:           # the iteration's private scalars (reduction_with_prelude)
+            sw = StmtWriter(ew)
+            sw.stmts(prelude, 3)
+            lines += sw.lines
         ew.by_key = {A.key(acc): part}
         for d in ew.prepare([E]):
             lines.append("      " + d)
@@ -481,21 +551,100 @@ class Generator:
         ew.by_key = {A.key(acc): f"{red}[threadIdx.x]", A.key(v): f"{red}[threadIdx.x + s]"}
         lines.append(f"        {red}[threadIdx.x] = {ew.emit(E)};")
         ew.by_key = {}
-        lines += ["      }", "      __syncthreads();", "    }",
-                  f"    {accn} = {red}[0];", "    __syncthreads();", "  }"]
+        lines += ["      }", "      __syncthreads();", "    }"]
         return lines
+
+    # ------------------------------------------------------------ split reductions
+    def block_or_split(self, chain, body, blk, host, ranges, fixed):
+        """A block kernel; or, when its blocks are too few to fill the GPU and it
+        reduces long rows, two: each row's reduction split over S blocks writing
+        partial results, then the kernel itself combining the S partials."""
+        S, k = self._split(chain, body, blk)
+        if S > 1:
+            s = body[k]
+            info = blk.kinds[k][1]
+            acc, E, v = info[:3]
+            nb = prod(l.extent for l in chain) if chain else 1
+            partial = K.Buffer(f"partials_k{self.kidx}_{len(self.extra_buffers)}", acc.dtype,
+                               nb * S)
+            sv, sv2 = K.Var("split"), K.Var("split")
+            vars_ = [l.var for l in chain]
+            strides = [e * S for e in K.contiguous_strides([l.extent for l in chain])] + [1]
+            combine = K.Loop(sv2, S, [K.Assign(acc, A.substitute(
+                E, A.key(v), K.Load(partial, K.affine(vars_ + [sv2], strides))))])
+            body2 = body[:k] + [combine] + body[k + 1:]
+            blk2 = block_plan(body2, ranges, chain, fixed)
+            if blk2 is not None:
+                self.extra_buffers.append(partial)
+                first = self.split_reduction_kernel(chain, K.Loop(sv, S, []), body[:k], s, info,
+                                                    partial, K.affine(vars_ + [sv], strides),
+                                                    host, S)
+                return [first, self.block_kernel(chain, body2, blk2, host)]
+        return [self.block_kernel(chain, body, blk, host)]
+
+    def _split(self, chain, body, blk):
+        """(S, index of the reduction): S > 1 where one long reduction, after only
+        scalar statements, runs on fewer blocks than the GPU has SMs."""
+        nb = prod(l.extent for l in chain) if chain else 1
+        kinds = [kd for kd, _ in blk.kinds]
+        if self.in_time_loop or nb >= TARGET_SMS or kinds.count("reduce") != 1:
+            return 1, None
+        k = kinds.index("reduce")
+        if any(kd != "uniform" for kd in kinds[:k]):
+            return 1, None
+        total = prod(l.extent for l in A.loop_chain(body[k])[0])
+        if total < SPLIT_MIN_ROW:      # one block does it faster than two launches
+            return 1, None
+        S = min(-(-2 * TARGET_SMS // nb), total // (SPLIT_MIN_PER_THREAD * THREADS))
+        return S, k
+
+    def split_reduction_kernel(self, chain, sloop, pre, s, info, partial, flat, host, S):
+        acc = info[0]
+        nb = prod(l.extent for l in chain) if chain else 1
+        total = prod(l.extent for l in A.loop_chain(s)[0])
+        chunk = -(-total // S)
+        threads = THREADS
+        what = (f"block per ({', '.join(l.var.name for l in chain + [sloop])}) of {nb * S}, "
+                f"{threads} threads; block reduction of a {S}th of each row into partials")
+        store = K.Store(partial, flat, K.Const(0, partial.dtype))   # (for _begin: written)
+        name, namer, ew, sig, params, head = self._begin(pre + [s, store], [], host, what)
+        dt = str(acc.dtype)
+        lines = [f"  __shared__ {ctype(dt)} gc_red_{dt}[{threads}];"]
+        lines += self._decompose(namer, chain + [sloop], "(long long)blockIdx.x", 1)
+        lines += self._locals_decl(pre + [s], namer)
+        sw = StmtWriter(ew)
+        sw.stmts(pre, 1)
+        lines += sw.lines
+        sp = namer.of(sloop.var, sloop.var.name)
+        span = (f"{sp} * {chunk}LL", f"(({sp} + 1) * {chunk}LL < {total}LL ? "
+                f"({sp} + 1) * {chunk}LL : {total}LL)")
+        lines += self._reduce_lines(s, info, ew, namer, span)
+        lines += [f"    if (threadIdx.x == 0) {partial.name}[{ew.emit(flat)}] = gc_red_{dt}[0];",
+                  "  }"]
+        self._emit(name, sig, head, lines, threads)
+        la = Launch(name, (nb * S, 1, 1), (threads, 1, 1), params, True, self.node, what)
+        la.smem = threads * np.dtype(dt).itemsize
+        la.mapping = dict(blocks=list(chain) + [sloop], body=list(pre) + [s, store],
+                          host=list(host), private=set(), inner=[], split=S,
+                          kinds=[("uniform", None)] * len(pre) + [("reduce", info),
+                                                                  ("single", None)])
+        self.launches.append(la)
+        return la
 
     # ------------------------------------------------------------ GEMM
     def gemm_kernel(self, g, batch, host, reduce=()):
         """reduce: batch loops whose GEMMs add into the same C (atomicAdd epilogue)."""
-        big = g.M >= BIG and g.N >= BIG and g.K >= TILE
+        nb = prod(l.extent for l in batch) if batch else 1
+        # 64x64 tiles only where there are enough of them to give every SM a block;
+        # otherwise 16x16 tiles (one output per thread) spread the GEMM wider
+        big = (g.M >= BIG and g.N >= BIG and g.K >= TILE
+               and -(-g.M // BIG) * -(-g.N // BIG) * nb >= TARGET_SMS)
         what = (f"{'register-blocked ' if big else ''}tiled GEMM {g.M}x{g.N}x{g.K}"
                 + (" (accumulate)" if g.accumulate else "")
                 + (f", batched over ({', '.join(l.var.name for l in batch)})" if batch else "")
                 + (f", summed over ({', '.join(l.var.name for l in reduce)}) with atomicAdd"
                    if reduce else ""))
         name, namer, ew, sig, params, head = self._begin([g], [], host, what)
-        nb = prod(l.extent for l in batch) if batch else 1
         lines = self._decompose(namer, batch, "(long long)blockIdx.z", 1)
         for nm, e in (("a0", g.a[1]), ("b0", g.b[1]), ("c0", g.c[1])):
             lines.append(f"  const long long {nm} = {ew.emit(e)};")
@@ -589,7 +738,9 @@ def block_plan(body, ranges, chain, fixed=frozenset()):
             continue
         if isinstance(s, K.Loop):
             ch, inner = A.loop_chain(s)
-            red = A.reduction_of(ch, inner)
+            red = A.reduction_of(ch, inner) or A.reduction_with_prelude(ch, inner)
+            if red is not None and len(red) > 4 and A.locals_assigned(red[4]) & later_reads:
+                red = None     # a prelude scalar read after the loop: whose thread's?
             if red is not None and not A.contains_gemm(inner):
                 reductions.append(red)
                 longest = max(longest, prod(l.extent for l in ch))

@@ -3,10 +3,12 @@
 `compile_program(prog)` generates one LLVM module (every kernel plus
 `entry(ptr table)`), optimizes it at O3 for the host CPU, JIT-compiles it with
 MCJIT and returns a `Runner`.  The table holds one pointer per external buffer
-(inputs, parameters, constants), then the arena base, then the error record.
-Calling the runner validates every array, fills the table with current
-pointers (parameters may have been replaced), and crosses into native code
-once through ctypes, which releases the GIL for the call.
+(inputs, parameters, constants, the index checks' records), then the arena
+base, then the error record.  Calling the runner validates every array, fills
+the table with current pointers (parameters may have been replaced), resets the
+index checks' records, crosses into native code once through ctypes, which
+releases the GIL for the call, and raises the error of a bad index a check
+kernel recorded (kernel/checks.py) before handing anything back.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
 from . import objgen, pool, server, stress
 from .layout import plan_arena
+from ...kernel.checks import first_error, initial_record
 
 _libc = {}
 
@@ -208,13 +211,20 @@ class Runner:
             pool.get(nthreads)      # start the workers now, not in the first call
 
     def _call(self):
-        """One run of the entry on every thread."""
+        """One run of the entry on every thread, then the index checks' verdict."""
         if self._stress_rng is not None:
             self.barrier[stress.SEED] = self._stress_rng.integers(1 << 62)
+        rec = self._check_rec
+        if rec is not None:
+            np.copyto(rec, self._check_init)
         if self.nthreads > 1:
             pool.get(self.nthreads).run(self._addr, self._table_addr, self.nthreads)
         else:
             self._fn(self._table_addr, 0)
+        if rec is not None:
+            err = first_error(self.prog.checks, rec)
+            if err is not None:
+                raise err
 
     def _view(self, buf):
         off = self.offsets[id(buf)] + self._shift
@@ -223,9 +233,10 @@ class Runner:
 
     def _prepare(self):
         """Per-call tables, built once: which table slot each input fills, the external
-        arrays behind parameters/constants, the index checks on inputs, and where each
+        arrays behind parameters/constants, the index checks' records, and where each
         output is read from (a fixed view of the arena, or an external array)."""
         prog = self.prog
+        self._check_rec = None
         self._in_slots = []                      # (slot, buffer, input position)
         self._state_slots = []                   # (slot, buffer, kind, node or array)
         slot_of = {}
@@ -233,11 +244,14 @@ class Runner:
             slot_of[id(buf)] = slot
             if kind == "input":
                 self._in_slots.append((slot, buf, what))
+            elif kind == "check":
+                # the index checks' records (kernel/checks.py): ours, reset every call
+                self._check_rec = initial_record(buf.size)
+                self._check_init = self._check_rec.copy()
+                self.table[slot] = self._check_rec.ctypes.data
             else:
                 self._state_slots.append((slot, buf, kind, what))
         self._slot_of = slot_of
-        self._checks = [(slot_of[id(buf)], n, op, loc) for buf, n, op, loc in prog.index_checks
-                        if id(buf) in slot_of]
         self._out_src = []                       # (slot or None, arena view or None, shape)
         for buf, shape in zip(prog.outputs, self._out_shapes):
             if id(buf) in slot_of:
@@ -288,14 +302,6 @@ class Runner:
         for slot, buf, pos in self._in_slots:
             cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
         self._bind_states(cur)
-        for slot, n, op, loc in self._checks:
-            a = cur[slot]
-            if a.size:
-                lo, hi = a.min(), a.max()
-                if lo < 0 or hi >= n:
-                    raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                     f"found values from {int(lo)} to {int(hi)}\n"
-                                     f"  node built at {loc}")
         return cur
 
     def _run(self):
@@ -325,8 +331,7 @@ class Runner:
             fast = self.__dict__.get("_fast")
             if fast is None:
                 fast = self._fast = []
-                ok = (not self._checks and not self.debug_bounds
-                      and len(self._in_slots) == self.n_inputs)
+                ok = not self.debug_bounds and len(self._in_slots) == self.n_inputs
                 for slot, buf, pos in self._in_slots if ok else ():
                     if buf.size == 0 or buf.size > 4096:
                         ok = False
@@ -562,8 +567,10 @@ def _access_ranges(prog, calls, n_ext, nthreads):
         where = {}
         for buf, (slot, off) in zip(kern.buffers, args):
             n = buf.size * buf.dtype.itemsize * (nthreads if buf.scope == "thread" else 1)
-            # (external arrays may alias one another: one range for all of them)
-            where[id(buf)] = (slot, off, off + n) if slot == n_ext else (-1, 0, 1 << 62)
+            # (external arrays may alias one another: one range for all of them, except
+            # the index checks' records, which the runner owns)
+            where[id(buf)] = ((slot, off, off + n) if slot == n_ext else
+                              (slot, 0, n) if buf is prog.check_buf else (-1, 0, 1 << 62))
         reads, writes = set(), set()
 
         def walk(node):
@@ -617,7 +624,10 @@ def check_phases(prog, mb, fns, spmd, nthreads, ranges):
               for gv, size, st in mb.gemm_sites.get(fn.name, ())]
           for k, fn in enumerate(fns)}
     names = {k: f"k{k}_{kern.name}" for k, kern in enumerate(prog.kernels)}
-    found = racecheck.conflicts(racecheck.phases(barrier_plan(ranges, spmd), len(spmd)),
+    before = set()
+    for j, ks in enumerate(entry_parts(len(spmd))):
+        before |= barrier_plan(ranges, spmd, ks) | ({ks.start} if j else set())
+    found = racecheck.conflicts(racecheck.phases(before, len(spmd)),
                                 spmd, nthreads, ranges, ws, names)
     if found:
         lines = [f"  {a} (thread {ta}) and {b} (thread {tb}) both touch {place} "
@@ -656,19 +666,21 @@ def _overlap(xs, ys) -> bool:
     return any(sa == sb and la < hb and lb < ha for sa, la, ha in xs for sb, lb, hb in ys)
 
 
-def entry_prologue(mb, n_ext, nthreads, profile):
+def entry_prologue(mb, n_ext, nthreads, profile, name="entry"):
     """Start `void entry(i8** table, i64 tid)`: load the table's slots, set up the
     barrier, the cycle counter (profiling) and the error flag.  Shared by the
-    straight-line entry (_entry) and the one with native loops (loops.py)."""
+    straight-line entry (_entry), its parts, and the one with native loops (loops.py)."""
     fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
-    fn = ir.Function(mb.module, fnty, name="entry")
+    fn = ir.Function(mb.module, fnty, name=name)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     table, tid = fn.args
     slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
              for s in range(n_ext + N_EXTRA)]
     err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
-    barrier = _barrier_fn(mb) if nthreads > 1 else None
-    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
+    known = mb.module.globals
+    barrier = (known.get("graphc_barrier") or _barrier_fn(mb)) if nthreads > 1 else None
+    rc = (known.get("llvm.readcyclecounter")
+          or ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter")) \
         if profile else None
     if mb.error_fn is not None:
         b.store(err, mb.err_global)
@@ -679,14 +691,30 @@ def entry_prologue(mb, n_ext, nthreads, profile):
     return b, tid, slots, err, bar, prof, barrier, rc, nt, is_main
 
 
-def barrier_plan(ranges, spmd) -> set:
-    """The kernels a barrier goes before: one that touches what a kernel since the last
-    barrier wrote, or writes what one read (ranges: _access_ranges); a kernel all
-    threads run is also ordered after thread 0's single-threaded ones."""
+# Kernels per entry function.  The entry of a graph with thousands of kernels was
+# one function with thousands of calls and branches, on which LLVM's SimplifyCFG
+# gave up ("Iterative simplification didn't converge!": the compile server died on
+# a 5k-node training step).  Above this many kernels the entry calls parts of at
+# most this many kernels each, with a barrier between parts.
+ENTRY_PART_KERNELS = 256
+
+
+def entry_parts(n) -> list:
+    """The kernel ranges of the entry's parts (one part up to ENTRY_PART_KERNELS)."""
+    return [range(s, min(s + ENTRY_PART_KERNELS, n)) for s in range(0, n, ENTRY_PART_KERNELS)]
+
+
+def barrier_plan(ranges, spmd, ks=None) -> set:
+    """The kernels of `ks` (default: all) a barrier goes before: one that touches what a
+    kernel since the last barrier wrote, or writes what one read (ranges:
+    _access_ranges); a kernel all threads run is also ordered after thread 0's
+    single-threaded ones.  The first of `ks` starts with nothing recorded (the entry
+    puts a barrier between parts)."""
     before = set()
     # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
     shared_r, shared_w, main_r, main_w = [], [], [], []
-    for k, par in enumerate(spmd):
+    for k in (range(len(spmd)) if ks is None else ks):
+        par = spmd[k]
         r, w = ranges[k]
         need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
                 or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
@@ -701,14 +729,44 @@ def barrier_plan(ranges, spmd) -> set:
 
 
 def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
-    """The entry: every kernel in order.  With several threads, a barrier goes only
-    before a kernel that touches what a kernel since the last barrier wrote, or writes
-    what one read (ranges: _access_ranges); independent kernels share an interval."""
+    """The entry: every kernel in order (in parts of ENTRY_PART_KERNELS)."""
+    n = len(fns)
+    if n <= ENTRY_PART_KERNELS:
+        _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, range(n), "entry")
+        return
+    parts = []
+    for j, ks in enumerate(entry_parts(n)):
+        fn = _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, ks,
+                         f"entry_part{j}")
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")   # inlined back, the entry would be one function again
+        parts.append(fn)
     b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
         mb, n_ext, nthreads, profile)
+    table = b.function.args[0]
+    for j, part in enumerate(parts):
+        if j and nthreads > 1:
+            # a part starts with no record of what the previous one touched
+            b.call(barrier, [bar, nt])
+        b.call(part, [table, tid])
+        if mb.error_fn is not None:
+            flag = b.load(err, typ=I64)
+            with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
+                b.ret_void()
+    b.ret_void()
+
+
+def _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, ks, name):
+    """A function running kernels `ks` in order.  With several threads, a barrier goes
+    only before a kernel that touches what a kernel since the last barrier wrote, or
+    writes what one read (ranges: _access_ranges); independent kernels share an
+    interval."""
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile, name)
     dirty = False     # thread 0 ran single-threaded kernels since the last barrier
-    before = barrier_plan(ranges, spmd) if ranges is not None and nthreads > 1 else set()
-    for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
+    before = barrier_plan(ranges, spmd, ks) if ranges is not None and nthreads > 1 else set()
+    for k in ks:
+        kfn, args, par = fns[k], calls[k], spmd[k]
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
@@ -739,3 +797,4 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
             with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
                 b.ret_void()
     b.ret_void()
+    return b.function
