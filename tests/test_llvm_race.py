@@ -161,6 +161,17 @@ def test_static_check_passes_on_the_issue_graph(monkeypatch):
     assert gllvm.runners(_compile_fresh(monkeypatch, issue_graph, 3))[0].nthreads == 3
 
 
+def test_entry_in_parts_under_stress(monkeypatch):
+    # A long program's entry is split into parts with a barrier between them
+    # (runtime.ENTRY_PART_KERNELS); the static check must see those phases and the
+    # results stay bit-identical.
+    from graphc.backends.llvm import runtime
+    monkeypatch.setattr(runtime, "ENTRY_PART_KERNELS", 4)
+    monkeypatch.setenv("GRAPHC_CACHE", "0")
+    bad = stress(monkeypatch, issue_graph, (3,), 30)
+    assert not any(bad.values()), bad
+
+
 def test_static_check_refuses_per_site_workspace_strides(monkeypatch):
     """The pre-fix addressing (each GEMM site's thread slices at its own size) on the
     issue graph: thread 1's slice of the conv GEMM lies inside thread 0's slice of the
