@@ -203,3 +203,16 @@ def test_directory_is_owner_only_and_unsafe_ones_are_refused(tmp_path, monkeypat
         assert os.listdir(shared) == []         # nothing written, nothing read
     finally:
         C.set_options(emulate=None)
+
+
+# ------------------------------------------------------------------ install hints
+def test_install_hints_quote_the_extra(monkeypatch):
+    # `pip install graphc[cuda]` unquoted is a glob pattern in zsh ("no matches found")
+    from graphc.backends.cuda import runtime as R
+    monkeypatch.setattr(R, "_driver", lambda: None)
+    ok, why = R.gpu_available()
+    assert not ok and "pip install 'graphc[cuda]'" in why
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: None)
+    monkeypatch.setattr(compiler, "nvcc_path", lambda: None)
+    with pytest.raises(compiler.CudaCompileError, match=r"pip install 'graphc\[cuda\]'"):
+        compiler.compile_cuda(kernel(2))
