@@ -23,7 +23,7 @@ import numpy as np
 from ...ir.errors import GraphcError
 from ...kernel.checks import first_error, initial_record
 from .codegen import HostLoop, TimeLoop
-from .compiler import build_emulator, compile_cuda
+from .compiler import build_emulator, compile_cuda, load_library
 
 
 class CudaRuntimeError(GraphcError):
@@ -97,12 +97,12 @@ class EmulatorRuntime(Runtime):
 
     def load(self, cprog):
         stubs = emulator_stubs(cprog.launches)
-        path = build_emulator(cprog.source, stubs)
+        # The library's bytes (a cache entry only if it verified: compiler.py), loaded
+        # from a private copy, so what runs is exactly what was verified.
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:            # a damaged cache entry: rebuild it
-            os.remove(path)
-            lib = ctypes.CDLL(build_emulator(cprog.source, stubs))
+            lib = load_library(build_emulator(cprog.source, stubs))
+        except OSError:            # an entry that verifies but does not load: rebuild it
+            lib = load_library(build_emulator(cprog.source, stubs, reuse=False))
         self._lib = lib   # keep loaded
         fns = {}
         for la in cprog.launches:
@@ -156,7 +156,7 @@ def gpu_available() -> tuple:
     """(True, description) if a CUDA device and driver are usable, else (False, why)."""
     cu = _driver()
     if cu is None:
-        return False, "cuda-bindings is not installed (pip install graphc[cuda])"
+        return False, "cuda-bindings is not installed (pip install 'graphc[cuda]')"
     try:
         (err,) = cu.cuInit(0)
     except Exception as e:   # libcuda.so missing
