@@ -635,11 +635,13 @@ class Generator:
     def gemm_kernel(self, g, batch, host, reduce=()):
         """reduce: batch loops whose GEMMs add into the same C (atomicAdd epilogue)."""
         nb = prod(l.extent for l in batch) if batch else 1
-        # 64x64 tiles only where there are enough of them to give every SM a block;
-        # otherwise 16x16 tiles (one output per thread) spread the GEMM wider
-        big = (g.M >= BIG and g.N >= BIG and g.K >= TILE
-               and -(-g.M // BIG) * -(-g.N // BIG) * nb >= TARGET_SMS)
-        what = (f"{'register-blocked ' if big else ''}tiled GEMM {g.M}x{g.N}x{g.K}"
+        # the tile (gemm.choose_tile): wide BMxBN tiles, then 64x64, only where there
+        # are enough of them to give every SM a block; else 16x16 tiles spread it wider
+        tile = G.choose_tile(g, nb, TARGET_SMS)
+        wide = isinstance(tile, tuple)
+        kind = (f"{tile[0]}x{tile[1]}-tile register-blocked " if wide else
+                "register-blocked " if tile == BIG else "")
+        what = (f"{kind}tiled GEMM {g.M}x{g.N}x{g.K}"
                 + (" (accumulate)" if g.accumulate else "")
                 + (f", batched over ({', '.join(l.var.name for l in batch)})" if batch else "")
                 + (f", summed over ({', '.join(l.var.name for l in reduce)}) with atomicAdd"
@@ -649,18 +651,28 @@ class Generator:
         for nm, e in (("a0", g.a[1]), ("b0", g.b[1]), ("c0", g.c[1])):
             lines.append(f"  const long long {nm} = {ew.emit(e)};")
         atomic = bool(reduce)
-        lines += G.big_tile_lines(g, atomic) if big else G.small_tile_lines(g, atomic)
-        edge = BIG if big else TILE
-        self._emit(name, sig, head, lines, TILE * TILE)
-        grid = (-(-g.N // edge), -(-g.M // edge), nb)
+        if wide:
+            lines += G.wide_tile_lines(g, tile[0], tile[1], atomic)
+            # no minimum of blocks per SM: asking ptxas for two 128x128 blocks (<= 128
+            # registers) made it spill; it uses ~145 registers, one block per SM
+            bounds = G.WIDE_THREADS
+            edge_m, edge_n = tile
+        else:
+            lines += (G.big_tile_lines(g, atomic) if tile == BIG
+                      else G.small_tile_lines(g, atomic))
+            bounds = TILE * TILE
+            edge_m = edge_n = tile
+        self._emit(name, sig, head, lines, bounds)
+        grid = (-(-g.N // edge_n), -(-g.M // edge_m), nb)
         if grid[1] > MAX_GRID_YZ:
             raise NotLoweredError(f"cuda backend: a GEMM with {g.M} rows needs more than "
                                   f"{MAX_GRID_YZ} row tiles (gridDim.y limit)")
         la = Launch(name, grid, (TILE, TILE, 1), params, True, self.node, what)
-        la.smem = 2 * TILE * ((BIG if big else TILE) + 1) * np.dtype(g.c[0].dtype).itemsize
+        la.smem = (G.wide_tile_smem(*tile) if wide else
+                   2 * TILE * (tile + 1) * np.dtype(g.c[0].dtype).itemsize)
         rids = {id(l) for l in reduce}
         la.mapping = dict(batch=[l for l in batch if id(l) not in rids], gemm=g, host=list(host),
-                          reduce=list(reduce))
+                          reduce=list(reduce), depth=G.WIDE_BK if wide else TILE)
         self.launches.append(la)
         return la
 

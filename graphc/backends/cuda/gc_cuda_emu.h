@@ -29,6 +29,13 @@ struct dim3 {
 };
 typedef dim3 uint3;
 
+// float4 (the wide GEMM tile's vector loads and stores; 16-byte aligned as in CUDA)
+#define __align__(n) __attribute__((aligned(n)))
+struct __align__(16) float4 {
+  float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }

@@ -104,3 +104,234 @@ def big_tile_lines(g, atomic=False):
         "      }",
         "    }",
         "  }"]
+
+
+# ---------------------------------------------------------------- wide tiles
+# Large fp32 GEMMs: BM x BN tiles of C (BM, BN in {64, 128}) per block of 256
+# threads, each thread an (BM/16) x (BN/16) register micro-tile, K in steps of
+# WIDE_BK.  Why it beats the 64x64 tile: per k step a thread reads BM/16 + BN/16
+# values from shared memory as float4s for (BM/16)(BN/16) FMAs (16 loads for 64
+# FMAs at 128x128, against 8 scalar loads for 16 FMAs at 64x64), global loads are
+# float4s where the operand allows, and two shared buffers let the next K-tile's
+# global loads (held in registers) overlap this tile's FMAs with one barrier a step.
+WIDE_BK = 8
+WIDE_THREADS = 256
+WIDE_PAD = 4         # shared rows of BM + 4 floats: 16-byte aligned, and the transposed
+#                      stores of two k-rows four apart land in different banks
+
+
+def wide_tile_ok(g) -> bool:
+    """The wide tile is written for float32 operands with constant strides."""
+    ops = (g.a, g.b, g.c)
+    return (g.K < 2 ** 31 - 2 * WIDE_BK            # int k indices
+            and all(str(op[0].dtype) == "float32" for op in ops)
+            and all(isinstance(s, int) for op in ops for s in op[2:]))
+
+
+def wide_tile_smem(BM, BN) -> int:
+    return 2 * WIDE_BK * (BM + WIDE_PAD + BN + WIDE_PAD) * 4
+
+
+def _operand_loads(name, base, origin, M, K, rs, cs, rows, prefix, reg):
+    """Global -> register loads of one operand's (rows x BK) tile in groups of 4 along
+    its contiguous axis.  Returns (setup lines, load lines, smem store lines, vec flag).
+
+    rows: BM (operand A, indexed [m][k]) or BN (B^T: [n][k]); rs, cs the strides of
+    the row and k axes.  `along_k`: the groups run along k (cs == 1, or neither axis
+    is contiguous); else along the rows (rs == 1).  Each thread's group position in
+    the tile is fixed, so its pointer (`{prefix}p{r}`) and row check are computed
+    once; a K-step only adds kl * cs (few live 64-bit values: no spills)."""
+    BK, T = WIDE_BK, WIDE_THREADS
+    along_k = cs == 1 or rs != 1
+    groups = rows * BK // 4
+    R = -(-groups // T)
+    guard = groups % T != 0                      # BM = 64: half the threads load
+    vec = (cs == 1 and (rs % 4 == 0 or M == 1)) if along_k else (cs % 4 == 0 or K == 1)
+    P = prefix
+    setup, lines, st = [f"float {reg}[{R}][4];"], [], []
+    for r in range(R):
+        e = f"(t + {T * r})"
+        if along_k:
+            rr, kk = f"{e} / {BK // 4}", f"({e} % {BK // 4}) * 4"
+        else:
+            rr, kk = f"({e} % {rows // 4}) * 4", f"{e} / {rows // 4}"
+        # rows of this thread's group that are in range (0..4, all 4 along k)
+        nrow = (f"({origin} + {rr} < {M}LL ? 4 : 0)" if along_k else
+                f"({M}LL - ({origin} + {rr}) >= 4 ? 4 : {M}LL - ({origin} + {rr}) > 0 ? "
+                f"(int)({M}LL - ({origin} + {rr})) : 0)")
+        setup += [f"const int {P}k{r} = {kk};",
+                  f"const int {P}n{r} = {'' if not guard else f'{e} >= {groups} ? 0 : '}{nrow};",
+                  f"const float* {P}p{r} = {name} + {base} + ({P}n{r} ? "
+                  f"({origin} + {rr}) * {rs}LL : 0LL) + {P}k{r} * {cs}LL;"]
+        if along_k:   # 4 consecutive k of one row: in range up to K - gk
+            ok = [f"{P}n{r} && gk + {q} < {K}" for q in range(4)]
+            full = f"{P}n{r} && gk + 3 < {K}"
+            elem = [f"{reg}[{r}][{q}] = {ok[q]} ? p[{q * cs}] : 0.0f;" for q in range(4)]
+        else:         # 4 consecutive rows at one k
+            ok = [f"{P}n{r} > {q} && gk < {K}" for q in range(4)]
+            full = f"{P}n{r} == 4 && gk < {K}"
+            elem = [f"{reg}[{r}][{q}] = {ok[q]} ? p[{q * rs}] : 0.0f;" for q in range(4)]
+        body = [f"const int gk = kl + {P}k{r};",
+                f"const float* p = {P}p{r} + (long long)kl * {cs}LL;"]
+        if vec:
+            body += [f"if ({P}vec && {full}) {{",
+                     "  const float4 v = *(const float4*)p;",
+                     f"  {reg}[{r}][0] = v.x; {reg}[{r}][1] = v.y; "
+                     f"{reg}[{r}][2] = v.z; {reg}[{r}][3] = v.w;",
+                     "} else {"] + ["  " + x for x in elem] + ["}"]
+        else:
+            body += elem
+        lines += ["{"] + ["  " + x for x in body] + ["}"]
+        # register -> shared (buffer `nb`), transposed to [k][row]
+        if along_k:
+            body = [f"const int {P}r = {rr};"] + [
+                f"{P.upper()}s[nb][{P}k{r} + {q}][{P}r] = {reg}[{r}][{q}];" for q in range(4)]
+        else:
+            body = [f"const int {P}r = {rr};",
+                    f"*(float4*)&{P.upper()}s[nb][{P}k{r}][{P}r] = make_float4("
+                    f"{reg}[{r}][0], {reg}[{r}][1], {reg}[{r}][2], {reg}[{r}][3]);"]
+        st += ([f"if ({e} < {groups}) {{"] if guard else ["{"]) + ["  " + x for x in body] + ["}"]
+    return setup, lines, st, vec
+
+
+def wide_tile_lines(g, BM, BN, atomic=False):
+    """BM x BN tile of C per block of 16 x 16 threads (see WIDE_BK above).
+
+    Thread (ty, tx) holds rows c*64 + 4ty + i and columns d*64 + 4tx + j (i, j < 4):
+    its A and B values of one k are float4 reads of shared memory (a warp reads two
+    A addresses, broadcast, and 16 consecutive float4s of B, conflict-free), and
+    its C stores are float4s along rows.  Shared tiles are stored transposed,
+    As[k][m] and Bs[k][n]; elements outside M, N, K load as 0, so every shape is
+    exact.  A float4 global load is used where the operand is contiguous along the
+    group's axis, its other stride a multiple of 4, the group entirely in range and
+    the operand's base 16-byte aligned (checked at run time: buffers in an arena);
+    otherwise four scalar loads."""
+    (Ab, _, ars, acs), (Bb, _, brs, bcs), (Cb, _, crs, ccs) = g.a, g.b, g.c
+    BK, TM, TN = WIDE_BK, BM // 16, BN // 16
+    M, N, Kd = g.M, g.N, g.K
+    # A as rows m, k; B as rows n, k (B^T): one loader for both
+    adecl, aload, astore, avec = _operand_loads(Ab.name, "a0", "am0", M, Kd, ars, acs, BM, "a", "ra")
+    bdecl, bload, bstore, bvec = _operand_loads(Bb.name, "b0", "bm0", N, Kd, bcs, brs, BN, "b", "rb")
+    P = WIDE_PAD
+    lines = [f"  __shared__ __align__(16) float As[2][{BK}][{BM + P}];",
+             f"  __shared__ __align__(16) float Bs[2][{BK}][{BN + P}];",
+             "  const int tx = threadIdx.x, ty = threadIdx.y, t = ty * 16 + tx;",
+             f"  const long long am0 = (long long)blockIdx.y * {BM}, "
+             f"bm0 = (long long)blockIdx.x * {BN};"]
+    if avec:
+        lines.append(f"  const bool avec = (((unsigned long long)({Ab.name} + a0)) & 15ULL) == 0;")
+    if bvec:
+        lines.append(f"  const bool bvec = (((unsigned long long)({Bb.name} + b0)) & 15ULL) == 0;")
+    lines += ["  " + x for x in adecl + bdecl]  # after avec/bvec: none refers to them
+    lines += [f"  float acc[{TM}][{TN}];",
+              "#pragma unroll", f"  for (int i = 0; i < {TM}; ++i)",
+              "#pragma unroll", f"    for (int j = 0; j < {TN}; ++j) acc[i][j] = 0.0f;",
+              "  int nb = 0;", "  {", "    const int kl = 0;"]
+    lines += ["    " + x for x in aload + bload + astore + bstore]
+    lines += ["  }", "  __syncthreads();",
+              f"  for (int k0 = 0; k0 < {Kd}; k0 += {BK}) {{",
+              "    const int cur = nb;",
+              f"    const bool more = k0 + {BK} < {Kd};",
+              "    if (more) {",
+              f"      const int kl = k0 + {BK};"]
+    lines += ["      " + x for x in aload + bload]
+    lines += ["    }",
+              "#pragma unroll",
+              f"    for (int kk = 0; kk < {BK}; ++kk) {{",
+              f"      float a[{TM}], b[{TN}];"]
+    for c in range(TM // 4):
+        lines += [f"      {{ const float4 v = *(const float4*)&As[cur][kk][{64 * c} + 4 * ty];",
+                  f"        a[{4 * c}] = v.x; a[{4 * c + 1}] = v.y; a[{4 * c + 2}] = v.z; "
+                  f"a[{4 * c + 3}] = v.w; }}"]
+    for d in range(TN // 4):
+        lines += [f"      {{ const float4 v = *(const float4*)&Bs[cur][kk][{64 * d} + 4 * tx];",
+                  f"        b[{4 * d}] = v.x; b[{4 * d + 1}] = v.y; b[{4 * d + 2}] = v.z; "
+                  f"b[{4 * d + 3}] = v.w; }}"]
+    lines += ["#pragma unroll", f"      for (int i = 0; i < {TM}; ++i)",
+              "#pragma unroll", f"        for (int j = 0; j < {TN}; ++j) acc[i][j] += a[i] * b[j];",
+              "    }",
+              "    if (more) {", "      nb = cur ^ 1;"]
+    lines += ["      " + x for x in astore + bstore]
+    lines += ["    }", "    __syncthreads();", "  }"]
+    # epilogue
+    cvec = ccs == 1 and crs % 4 == 0 and not atomic
+    if cvec:
+        lines.append(f"  const bool cvec = (((unsigned long long)({Cb.name} + c0)) & 15ULL) == 0;")
+    for i in range(TM):
+        row = f"am0 + {64 * (i // 4) + i % 4} + 4 * ty"
+        for d in range(TN // 4):
+            col = f"bm0 + {64 * d} + 4 * tx"
+            lines += ["  {", f"    const long long row = {row}, col = {col};"]
+            scal = []
+            for q in range(4):
+                v = f"acc[{i}][{4 * d + q}]"
+                scal += [f"      if (row < {M}LL && col + {q} < {N}LL) {{",
+                         f"        float* out = &{Cb.name}[c0 + row * {crs}LL + (col + {q}) * {ccs}LL];",
+                         f"        atomicAdd(out, {v});" if atomic else
+                         f"        *out = {'*out + ' if g.accumulate else ''}{v};", "      }"]
+            if cvec:
+                vals = ", ".join(f"acc[{i}][{4 * d + q}]" for q in range(4))
+                lines += [f"    if (cvec && row < {M}LL && col + 3 < {N}LL) {{",
+                          f"      float4* out = (float4*)&{Cb.name}[c0 + row * {crs}LL + col];"]
+                if g.accumulate:
+                    lines += ["      float4 o = *out;",
+                              f"      o.x += acc[{i}][{4 * d}]; o.y += acc[{i}][{4 * d + 1}]; "
+                              f"o.z += acc[{i}][{4 * d + 2}]; o.w += acc[{i}][{4 * d + 3}];",
+                              "      *out = o;"]
+                else:
+                    lines.append(f"      *out = make_float4({vals});")
+                lines += ["    } else {"] + scal + ["    }"]
+            else:
+                lines += ["    {"] + scal + ["    }"]
+            lines.append("  }")
+    return lines
+
+
+# ---------------------------------------------------------------- choice
+TILE_ENV = "GRAPHC_CUDA_GEMM_TILE"
+
+
+def forced_tile():
+    """GRAPHC_CUDA_GEMM_TILE: auto (default) | 16 | 64 | 128 | BMxBN (64x128, ...):
+    force one GEMM tile for every GEMM (A/B comparisons on a GPU; tests)."""
+    import os
+    v = os.environ.get(TILE_ENV, "auto").strip().lower() or "auto"
+    if v == "auto":
+        return None
+    if v in ("16", "64"):
+        return int(v)
+    parts = v.split("x")
+    try:
+        bm, bn = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        bm = bn = 0
+    if bm in (64, 128) and bn in (64, 128):
+        return (bm, bn)
+    raise ValueError(f"{TILE_ENV}={v!r}: expected auto, 16, 64, 128 or BMxBN with "
+                     "BM, BN in {64, 128} (e.g. 64x128)")
+
+
+def choose_tile(g, nb, target_sms):
+    """16 (one output per thread), 64 (64x64, 4x4 per thread) or (BM, BN) (wide).
+
+    Automatic: the widest tile that still gives every SM a block (a 128-row tile
+    for M <= 64 would be half padding, so BM = 64 there; likewise BN), the wide
+    kernel only for float32 with K >= its depth; otherwise the older rule."""
+    f = forced_tile()
+    if f is not None:
+        if isinstance(f, tuple) and not wide_tile_ok(g):
+            return BIG
+        return f
+    blocks = lambda bm, bn: -(-g.M // bm) * -(-g.N // bn) * nb
+    if wide_tile_ok(g) and g.K >= WIDE_BK:
+        bm, bn = (128 if g.M > 64 else 64), (128 if g.N > 64 else 64)
+        while blocks(bm, bn) < target_sms and (bm, bn) != (64, 64):
+            if bm >= bn:
+                bm //= 2
+            else:
+                bn //= 2
+        if blocks(bm, bn) >= target_sms:
+            return (bm, bn)
+    if g.M >= BIG and g.N >= BIG and g.K >= TILE and blocks(BIG, BIG) >= target_sms:
+        return BIG
+    return TILE
