@@ -132,10 +132,12 @@ def test_tile_choice(monkeypatch):
 
 @pytest.mark.skipif(compiler.ptxas_path() is None or compiler.nvrtc_version() is None,
                     reason="needs NVRTC and ptxas")
-@pytest.mark.parametrize("tile", ["128", "64x128", "128x64", "64x64"])
-def test_wide_tile_ptxas_no_spills(tile, monkeypatch):
+@pytest.mark.parametrize("tile,minblocks", [("128", "2"), ("128", "1"), ("64x128", "2"),
+                                            ("128x64", "2"), ("64x64", "2")])
+def test_wide_tile_ptxas_no_spills(tile, minblocks, monkeypatch):
     # the real sizes (vectorized paths: strides multiple of 4) and an edge shape
     monkeypatch.setenv(gemm.TILE_ENV, tile)
+    monkeypatch.setenv(gemm.MINBLOCKS_ENV, minblocks)
     a, b = gc.input("a", (4096, 4096)), gc.input("b", (4096, 4096))
     c, d = gc.input("c", (130, 257)), gc.input("d", (257, 129))
     x, w = gc.input("x", (32, 64, 56, 56)), gc.input("w", (64, 64, 3, 3))
@@ -149,3 +151,19 @@ def test_wide_tile_ptxas_no_spills(tile, monkeypatch):
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_bytes == 0, r.lines
         assert 0 < r.registers <= 255 and r.barriers >= 1, r.lines
         assert r.shared_bytes == la.smem <= 48 * 1024, r.lines
+        if tile == "128" and minblocks == "2":     # two blocks of 256 threads per SM
+            assert r.registers <= 128, r.lines
+    if tile == "128":
+        bounds = f"__launch_bounds__(256{', 2' if minblocks == '2' else ''})"
+        assert all(f"{bounds} {la.name}(" in cp.source for la in gemms)
+
+
+def test_bench_runs_matmul_per_forced_tile():
+    # the A/B knob of the benchmark: one matmul (and conv) run per tile value
+    from graphc.backends.cuda import bench
+    text = bench.main(["--emulate", "--small", "--repeat", "1", "--only", "matmul,conv",
+                       "--gemm-tiles", "64,128"])
+    assert "matmul 64x64x64 (GEMM tiles: 64x64) [GRAPHC_CUDA_GEMM_TILE=64]" in text
+    assert "matmul 64x64x64 (GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128]" in text
+    assert "(GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128]" in text.split("conv")[-1]
+    assert text.count("graphc device") == 4

@@ -3,6 +3,7 @@
     python -m graphc.backends.cuda.bench [--only matmul,conv,lenet] [--skip resnet32] [--repeat 20]
     python -m graphc.backends.cuda.bench --static            # per-kernel model, no GPU
     python -m graphc.backends.cuda.bench --emulate --small     # a smoke run on the CPU
+    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,auto  # A/B
 
 Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
 (batch 32, 64->64 channels, 56x56), the LeNet-5 training step at batch 256, a
@@ -74,7 +75,7 @@ def bench_matmul(n, repeat, torch):
             ta @ tb
             torch.cuda.synchronize()
         impls["torch"] = tm
-    return f"matmul {n}x{n}x{n}", 2.0 * n ** 3, _median_times(impls, repeat)
+    return f"matmul {n}x{n}x{n} ({_gemm_tiles(r)})", 2.0 * n ** 3, _median_times(impls, repeat)
 
 
 def bench_conv(batch, ch, hw, repeat, torch):
@@ -95,7 +96,8 @@ def bench_conv(batch, ch, hw, repeat, torch):
             torch.cuda.synchronize()
         impls["torch"] = tm
     flops = 2.0 * batch * ch * hw * hw * ch * 9
-    return f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {batch}", flops, _median_times(impls, repeat)
+    return (f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {batch} ({_gemm_tiles(r)})", flops,
+            _median_times(impls, repeat))
 
 
 def bench_lenet(batch, repeat, torch):
@@ -316,6 +318,36 @@ def static_report(only, small) -> str:
     return "\n".join(out)
 
 
+def _gemm_tiles(r) -> str:
+    """The GEMM kernels' tiles in a compiled runner: "16x16", "64x64", "128x128 wide"."""
+    out = []
+    for la in r.cprog.launches:
+        t = (la.mapping or {}).get("tile")
+        name = None if t is None else f"{t[0]}x{t[1]} wide" if isinstance(t, tuple) else f"{t}x{t}"
+        if name and name not in out:
+            out.append(name)
+    return "GEMM tiles: " + (", ".join(out) or "none")
+
+
+def with_gemm_tile(tile, bench, *args):
+    """Run `bench` with GRAPHC_CUDA_GEMM_TILE=tile while it compiles (None: as set)."""
+    import os
+
+    from .gemm import TILE_ENV
+    if tile is None:
+        return bench(*args)
+    old = os.environ.get(TILE_ENV)
+    os.environ[TILE_ENV] = tile
+    try:
+        name, flops, times = bench(*args)
+    finally:
+        if old is None:
+            os.environ.pop(TILE_ENV, None)
+        else:
+            os.environ[TILE_ENV] = old
+    return f"{name} [{TILE_ENV}={tile}]", flops, times
+
+
 def report(name, flops, times) -> str:
     lines = [name]
     base = times.get("graphc device")
@@ -333,6 +365,9 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="workloads to leave out (e.g. resnet32)")
     ap.add_argument("--static", action="store_true",
                     help="no GPU: print the static per-kernel report (report.py) instead")
+    ap.add_argument("--gemm-tiles", default="",
+                    help="comma-separated GRAPHC_CUDA_GEMM_TILE values (auto, 16, 64, 128, "
+                         "64x128, ...): matmul and conv are run once per value (A/B)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--emulate", action="store_true", help="run on the CPU emulator")
     ap.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
@@ -347,10 +382,17 @@ def main(argv=None):
     print(f"graphc CUDA backend on {type(rt).__name__} ({rt.arch}); PyTorch CUDA: "
           f"{'yes' if torch is not None else 'not available'}", flush=True)
     out = []
-    if "matmul" in only:
-        out.append(bench_matmul(64 if args.small else 4096, args.repeat, torch))
-    if "conv" in only:
-        out.append(bench_conv(*((2, 8, 12) if args.small else (32, 64, 56)), args.repeat, torch))
+    tiles = [t for t in args.gemm_tiles.split(",") if t] or [None]
+    for tile in tiles:
+        if "matmul" in only:
+            out.append(with_gemm_tile(tile, bench_matmul, 64 if args.small else 4096,
+                                      args.repeat, torch))
+            print(report(*out[-1]), flush=True)
+        if "conv" in only:
+            out.append(with_gemm_tile(tile, bench_conv,
+                                      *((2, 8, 12) if args.small else (32, 64, 56)),
+                                      args.repeat, torch))
+            print(report(*out[-1]), flush=True)
     if "lenet" in only:
         out.append(bench_lenet(8 if args.small else 256, args.repeat, torch))
         print(report(*out[-1]), flush=True)

@@ -653,9 +653,8 @@ class Generator:
         atomic = bool(reduce)
         if wide:
             lines += G.wide_tile_lines(g, tile[0], tile[1], atomic)
-            # no minimum of blocks per SM: asking ptxas for two 128x128 blocks (<= 128
-            # registers) made it spill; it uses ~145 registers, one block per SM
-            bounds = G.WIDE_THREADS
+            mb = G.wide_min_blocks(*tile)       # 128x128: two blocks per SM (see there)
+            bounds = f"{G.WIDE_THREADS}, {mb}" if mb > 1 else G.WIDE_THREADS
             edge_m, edge_n = tile
         else:
             lines += (G.big_tile_lines(g, atomic) if tile == BIG
@@ -672,7 +671,7 @@ class Generator:
                    2 * TILE * (tile + 1) * np.dtype(g.c[0].dtype).itemsize)
         rids = {id(l) for l in reduce}
         la.mapping = dict(batch=[l for l in batch if id(l) not in rids], gemm=g, host=list(host),
-                          reduce=list(reduce), depth=G.WIDE_BK if wide else TILE)
+                          reduce=list(reduce), depth=G.WIDE_BK if wide else TILE, tile=tile)
         self.launches.append(la)
         return la
 

@@ -194,6 +194,23 @@ def _operand_loads(name, base, origin, M, K, rs, cs, rows, prefix, reg):
     return setup, lines, st, vec
 
 
+def wide_min_blocks(BM, BN) -> int:
+    """Blocks per SM asked of ptxas (`__launch_bounds__(256, n)`) for a wide tile.
+
+    128x128: ptxas wants ~145 registers with the k loop fully unrolled (one block,
+    8 warps, per SM); asked for two blocks (<= 128 registers) it spilled unless the
+    k loop is unrolled by 2 (124 registers, no spills).  Two blocks is the default;
+    GRAPHC_CUDA_GEMM_MINBLOCKS=1 selects the other for an A/B run on a GPU.  The
+    smaller wide tiles use <= 105 registers: two blocks fit without asking."""
+    import os
+    if (BM, BN) != (128, 128):
+        return 1
+    v = os.environ.get(MINBLOCKS_ENV, "2").strip()
+    if v not in ("1", "2"):
+        raise ValueError(f"{MINBLOCKS_ENV}={v!r}: expected 1 or 2")
+    return int(v)
+
+
 def wide_tile_lines(g, BM, BN, atomic=False):
     """BM x BN tile of C per block of 16 x 16 threads (see WIDE_BK above).
 
@@ -236,7 +253,8 @@ def wide_tile_lines(g, BM, BN, atomic=False):
               f"      const int kl = k0 + {BK};"]
     lines += ["      " + x for x in aload + bload]
     lines += ["    }",
-              "#pragma unroll",
+              # two blocks per SM: unrolled by 2 (fully, ptxas spilled under 128 registers)
+              "#pragma unroll" + (" 2" if wide_min_blocks(BM, BN) == 2 else ""),
               f"    for (int kk = 0; kk < {BK}; ++kk) {{",
               f"      float a[{TM}], b[{TN}];"]
     for c in range(TM // 4):
@@ -289,6 +307,7 @@ def wide_tile_lines(g, BM, BN, atomic=False):
 
 # ---------------------------------------------------------------- choice
 TILE_ENV = "GRAPHC_CUDA_GEMM_TILE"
+MINBLOCKS_ENV = "GRAPHC_CUDA_GEMM_MINBLOCKS"
 
 
 def forced_tile():
