@@ -113,10 +113,12 @@ def test_tile_choice(monkeypatch):
             self.a, self.b, self.c = (buf, 0, K, 1), (buf, 0, N, 1), (buf, 0, N, 1)
     assert gemm.choose_tile(G(4096, 4096, 4096), 1, 132) == (128, 128)   # 1024 blocks
     assert gemm.choose_tile(G(64, 3136, 576), 32, 132) == (64, 128)      # the conv: M = 64
-    assert gemm.choose_tile(G(1024, 2048, 64), 1, 132) == (64, 128)      # 128 blocks < 132
+    assert gemm.choose_tile(G(1024, 2048, 64), 1, 132) == (128, 64)      # 128x128: 128 blocks
     assert gemm.choose_tile(G(1024, 1024, 64), 1, 132) == (64, 64)
     assert gemm.choose_tile(G(1024, 1024, 7), 1, 132) == 16              # K < 16: 16x16
     assert gemm.choose_tile(G(6, 25, 200704), 1, 132) == 16              # few outputs
+    assert gemm.choose_tile(G(6, 25, 784), 256, 132) == 16               # LeNet's dW: 6 rows
+    assert gemm.choose_tile(G(150, 100, 16), 256, 132) == (64, 128)      # least padding
     assert gemm.choose_tile(G(4096, 4096, 4096, "float64"), 1, 132) == 64
     monkeypatch.setenv(gemm.TILE_ENV, "64")
     assert gemm.choose_tile(G(4096, 4096, 4096), 1, 132) == 64

@@ -330,27 +330,29 @@ def forced_tile():
                      "BM, BN in {64, 128} (e.g. 64x128)")
 
 
+# relative speed of a wide tile per output (more FMAs per shared load for the larger
+# ones): an unmeasured guess that only breaks ties between the tiles' padding
+WIDE_SPEED = {(128, 128): 1.0, (128, 64): 0.85, (64, 128): 0.85, (64, 64): 0.7}
+
+
 def choose_tile(g, nb, target_sms):
     """16 (one output per thread), 64 (64x64, 4x4 per thread) or (BM, BN) (wide).
 
-    Automatic: the widest tile that still gives every SM a block (a 128-row tile
-    for M <= 64 would be half padding, so BM = 64 there; likewise BN), the wide
-    kernel only for float32 with K >= its depth; otherwise the older rule."""
+    Automatic: a wide tile for float32 GEMMs with M, N >= 32 and K >= its depth, among
+    those that still give every SM a block the one with the least padded work per
+    unit of speed (the padded area ceil(M/BM) BM x ceil(N/BN) BN over WIDE_SPEED: a
+    128-row tile for M = 64 would be half padding); otherwise the older rule (64x64
+    where those fill the SMs, else 16x16)."""
     f = forced_tile()
     if f is not None:
         if isinstance(f, tuple) and not wide_tile_ok(g):
             return BIG
         return f
     blocks = lambda bm, bn: -(-g.M // bm) * -(-g.N // bn) * nb
-    if wide_tile_ok(g) and g.K >= WIDE_BK:
-        bm, bn = (128 if g.M > 64 else 64), (128 if g.N > 64 else 64)
-        while blocks(bm, bn) < target_sms and (bm, bn) != (64, 64):
-            if bm >= bn:
-                bm //= 2
-            else:
-                bn //= 2
-        if blocks(bm, bn) >= target_sms:
-            return (bm, bn)
+    if wide_tile_ok(g) and g.K >= WIDE_BK and g.M >= 32 and g.N >= 32:
+        fits = [t for t in WIDE_SPEED if blocks(*t) >= target_sms]
+        if fits:
+            return min(fits, key=lambda t: (blocks(*t) * t[0] * t[1] / WIDE_SPEED[t], -t[0] * t[1]))
     if g.M >= BIG and g.N >= BIG and g.K >= TILE and blocks(BIG, BIG) >= target_sms:
         return BIG
     return TILE
