@@ -115,6 +115,10 @@ def big_tile_lines(g, atomic=False):
 # float4s where the operand allows, and two shared buffers let the next K-tile's
 # global loads (held in registers) overlap this tile's FMAs with one barrier a step.
 WIDE_BK = 8
+# the wide kernels' function-scope names (codegen reserves them: a batch loop variable
+# of the same name would clash)
+WIDE_NAMES = ["am0", "bm0", "avec", "bvec", "cvec", "ra", "rb", "nb", "ak0", "an0", "ap0",
+              "bk0", "bn0", "bp0"]
 WIDE_THREADS = 256
 WIDE_PAD = 4         # shared rows of BM + 4 floats: 16-byte aligned, and the transposed
 #                      stores of two k-rows four apart land in different banks
@@ -175,7 +179,7 @@ def _operand_loads(name, base, origin, M, K, rs, cs, rows, prefix, reg):
                 f"const float* p = {P}p{r} + (long long)kl * {cs}LL;"]
         if vec:
             body += [f"if ({P}vec && {full}) {{",
-                     "  const float4 v = *(const float4*)p;",
+                     "  const float4 v = GC_LD4(p);",
                      f"  {reg}[{r}][0] = v.x; {reg}[{r}][1] = v.y; "
                      f"{reg}[{r}][2] = v.z; {reg}[{r}][3] = v.w;",
                      "} else {"] + ["  " + x for x in elem] + ["}"]
@@ -188,8 +192,8 @@ def _operand_loads(name, base, origin, M, K, rs, cs, rows, prefix, reg):
                 f"{P.upper()}s[nb][{P}k{r} + {q}][{P}r] = {reg}[{r}][{q}];" for q in range(4)]
         else:
             body = [f"const int {P}r = {rr};",
-                    f"*(float4*)&{P.upper()}s[nb][{P}k{r}][{P}r] = make_float4("
-                    f"{reg}[{r}][0], {reg}[{r}][1], {reg}[{r}][2], {reg}[{r}][3]);"]
+                    f"GC_ST4(&{P.upper()}s[nb][{P}k{r}][{P}r], make_float4("
+                    f"{reg}[{r}][0], {reg}[{r}][1], {reg}[{r}][2], {reg}[{r}][3]));"]
         st += ([f"if ({e} < {groups}) {{"] if guard else ["{"]) + ["  " + x for x in body] + ["}"]
     return setup, lines, st, vec
 
@@ -258,11 +262,11 @@ def wide_tile_lines(g, BM, BN, atomic=False):
               f"    for (int kk = 0; kk < {BK}; ++kk) {{",
               f"      float a[{TM}], b[{TN}];"]
     for c in range(TM // 4):
-        lines += [f"      {{ const float4 v = *(const float4*)&As[cur][kk][{64 * c} + 4 * ty];",
+        lines += [f"      {{ const float4 v = GC_LD4(&As[cur][kk][{64 * c} + 4 * ty]);",
                   f"        a[{4 * c}] = v.x; a[{4 * c + 1}] = v.y; a[{4 * c + 2}] = v.z; "
                   f"a[{4 * c + 3}] = v.w; }}"]
     for d in range(TN // 4):
-        lines += [f"      {{ const float4 v = *(const float4*)&Bs[cur][kk][{64 * d} + 4 * tx];",
+        lines += [f"      {{ const float4 v = GC_LD4(&Bs[cur][kk][{64 * d} + 4 * tx]);",
                   f"        b[{4 * d}] = v.x; b[{4 * d + 1}] = v.y; b[{4 * d + 2}] = v.z; "
                   f"b[{4 * d + 3}] = v.w; }}"]
     lines += ["#pragma unroll", f"      for (int i = 0; i < {TM}; ++i)",
@@ -290,14 +294,14 @@ def wide_tile_lines(g, BM, BN, atomic=False):
             if cvec:
                 vals = ", ".join(f"acc[{i}][{4 * d + q}]" for q in range(4))
                 lines += [f"    if (cvec && row < {M}LL && col + 3 < {N}LL) {{",
-                          f"      float4* out = (float4*)&{Cb.name}[c0 + row * {crs}LL + col];"]
+                          f"      float* out = &{Cb.name}[c0 + row * {crs}LL + col];"]
                 if g.accumulate:
-                    lines += ["      float4 o = *out;",
+                    lines += ["      float4 o = GC_LD4(out);",
                               f"      o.x += acc[{i}][{4 * d}]; o.y += acc[{i}][{4 * d + 1}]; "
                               f"o.z += acc[{i}][{4 * d + 2}]; o.w += acc[{i}][{4 * d + 3}];",
-                              "      *out = o;"]
+                              "      GC_ST4(out, o);"]
                 else:
-                    lines.append(f"      *out = make_float4({vals});")
+                    lines.append(f"      GC_ST4(out, make_float4({vals}));")
                 lines += ["    } else {"] + scal + ["    }"]
             else:
                 lines += ["    {"] + scal + ["    }"]
