@@ -42,7 +42,7 @@ SHAPES = [(130, 257, 129), (7, 129, 257), (129, 1, 130), (1, 7, 1), (132, 136, 2
           (257, 12, 4)]
 
 
-@pytest.mark.parametrize("tile", ["128", "64x128", "128x64"])
+@pytest.mark.parametrize("tile", ["128", "64x128", "128x64", "16"])
 def test_wide_tile_matmul_edges(tile, monkeypatch):
     monkeypatch.setenv(gemm.TILE_ENV, tile)
     ins, outs, feeds = [], [], []
@@ -52,12 +52,12 @@ def test_wide_tile_matmul_edges(tile, monkeypatch):
         outs.append(a @ b)
         feeds += [RNG.standard_normal((m, kk)).astype(np.float32),
                   RNG.standard_normal((kk, n)).astype(np.float32)]
-    bm, bn = (128, 128) if tile == "128" else map(int, tile.split("x"))
+    bm, bn = {"128": (128, 128), "16": (16, 16)}.get(tile) or map(int, tile.split("x"))
     cp = C.generate_cuda(gc.Graph(outs, ins))
     gemms = [la for la in cp.launches if "GEMM" in la.what]
     assert len(gemms) == len(SHAPES)
     for la, (m, kk, n) in zip(gemms, SHAPES):
-        assert f"{bm}x{bn}-tile" in la.what and la.block == (16, 16, 1)
+        assert la.mapping["tile"] in ((bm, bn), bm) and la.block == (16, 16, 1)
         assert la.grid[:2] == (-(-n // bn), -(-m // bm))
     got = gc.compile(ins, outs, backend="cuda")(*feeds)
     for k, (m, kk, n) in enumerate(SHAPES):
@@ -77,11 +77,12 @@ def test_wide_tile_batched_matmul(monkeypatch):
         _check(got[i], va[i], vb[i], 68)
 
 
-def test_wide_tile_conv_gradients_transposed_operands_and_atomics(monkeypatch):
+@pytest.mark.parametrize("tile", ["128", "16"])
+def test_forced_tile_conv_gradients_transposed_operands_and_atomics(tile, monkeypatch):
     # conv2d's gradients multiply by transposed (strided) operands, grad_weight sums
     # its images' GEMMs into one result with atomicAdd (and accumulates): every GEMM
-    # here runs the 128x128 tile with A and B read along either axis
-    monkeypatch.setenv(gemm.TILE_ENV, "128")
+    # here runs the forced tile with A and B read along either axis
+    monkeypatch.setenv(gemm.TILE_ENV, tile)
     xs, ws = (3, 5, 9, 8), (7, 5, 3, 2)
     x, w = gc.input("x", xs), gc.input("w", ws)
     ys = gc.conv2d(x, w, padding=((1, 1), (1, 0))).shape
@@ -92,7 +93,11 @@ def test_wide_tile_conv_gradients_transposed_operands_and_atomics(monkeypatch):
     feeds = [RNG.standard_normal(s).astype(np.float32) for s in (xs, ws, ys)]
     cp = C.generate_cuda(gc.Graph(outs, [x, w, g]))
     gemms = [la for la in cp.launches if "GEMM" in la.what]
-    assert len(gemms) >= 3 and all("128x128-tile" in la.what for la in gemms)
+    assert len(gemms) >= 3 and all(la.mapping["tile"] == (128 if tile == "128" else 16)
+                                   or la.mapping["tile"] == (128, 128) for la in gemms)
+    # both operand layouts occur (the loads walk whichever axis is contiguous)
+    assert {g.a[3] == 1 for g in (la.mapping["gemm"] for la in gemms)} == {True, False}
+    assert {g.b[3] == 1 for g in (la.mapping["gemm"] for la in gemms)} == {True, False}
     got = gc.compile([x, w, g], outs, backend="cuda")(*feeds)
     want = gc.compile([x, w, g], outs, backend="numpy")(*feeds)
     absv = gc.compile([x, w, g], outs, backend="numpy")(*[np.abs(f) for f in feeds])

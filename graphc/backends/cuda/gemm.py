@@ -17,17 +17,32 @@ def small_tile_lines(g, atomic=False):
     """16x16 tiles of A and B in shared memory, one element of C per thread."""
     (Ab, _, ars, acs), (Bb, _, brs, bcs), (Cb, _, crs, ccs) = g.a, g.b, g.c
     dt, zero, T = ctype(Cb.dtype), const(0, Cb.dtype), TILE
-    return [f"  __shared__ {dt} As[{T}][{T + 1}];", f"  __shared__ {dt} Bs[{T}][{T + 1}];",
+    lines = [f"  __shared__ {dt} As[{T}][{T + 1}];", f"  __shared__ {dt} Bs[{T}][{T + 1}];",
             "  const int tx = threadIdx.x, ty = threadIdx.y;",
             f"  const long long row = (long long)blockIdx.y * {T} + ty;",
             f"  const long long col = (long long)blockIdx.x * {T} + tx;",
             f"  {dt} acc = {zero};",
-            f"  for (long long k0 = 0; k0 < {g.K}LL; k0 += {T}) {{",
-            "    const long long ka = k0 + tx, kb = k0 + ty;",
-            f"    As[ty][tx] = (row < {g.M}LL && ka < {g.K}LL) ? "
-            f"{Ab.name}[a0 + row * {ars}LL + ka * {acs}LL] : {zero};",
-            f"    Bs[ty][tx] = (kb < {g.K}LL && col < {g.N}LL) ? "
-            f"{Bb.name}[b0 + kb * {brs}LL + col * {bcs}LL] : {zero};",
+            f"  for (long long k0 = 0; k0 < {g.K}LL; k0 += {T}) {{"]
+    # consecutive threads (tx) walk each operand's contiguous axis: A along k unless
+    # only its rows are contiguous (then As[tx][ty] = A[m0 + tx, k0 + ty]), B along n
+    # unless only k is (a transposed operand: conv2d_grad_weight's columns)
+    if acs != 1 and ars == 1:
+        lines += [f"    {{ const long long m = (long long)blockIdx.y * {T} + tx, k = k0 + ty;",
+                  f"      As[tx][ty] = (m < {g.M}LL && k < {g.K}LL) ? "
+                  f"{Ab.name}[a0 + m * {ars}LL + k * {acs}LL] : {zero}; }}"]
+    else:
+        lines += ["    const long long ka = k0 + tx;",
+                  f"    As[ty][tx] = (row < {g.M}LL && ka < {g.K}LL) ? "
+                  f"{Ab.name}[a0 + row * {ars}LL + ka * {acs}LL] : {zero};"]
+    if bcs != 1 and brs == 1:
+        lines += [f"    {{ const long long n = (long long)blockIdx.x * {T} + ty, k = k0 + tx;",
+                  f"      Bs[tx][ty] = (k < {g.K}LL && n < {g.N}LL) ? "
+                  f"{Bb.name}[b0 + k * {brs}LL + n * {bcs}LL] : {zero}; }}"]
+    else:
+        lines += ["    const long long kb = k0 + ty;",
+                  f"    Bs[ty][tx] = (kb < {g.K}LL && col < {g.N}LL) ? "
+                  f"{Bb.name}[b0 + kb * {brs}LL + col * {bcs}LL] : {zero};"]
+    return lines + [
             "    __syncthreads();",
             "#pragma unroll",
             f"    for (int kk = 0; kk < {T}; ++kk) acc += As[ty][kk] * Bs[kk][tx];",
