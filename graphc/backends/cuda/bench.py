@@ -85,11 +85,18 @@ def bench_conv(batch, ch, hw, repeat, torch):
     wv = rng.standard_normal((ch, ch, 3, 3), dtype=np.float32) * 0.05
     x, w = gc.input("x", xv.shape), gc.input("w", wv.shape)
     f = gc.compile([x, w], gc.conv2d(x, w, padding=1), backend="cuda")
-    f(xv, wv)
+    out = f(xv, wv)
     r = _runner(f)
     impls = {"graphc device": r.launch_all, "graphc call": lambda: f(xv, wv)}
     if torch is not None:
         tx, tw = torch.from_numpy(xv).cuda(), torch.from_numpy(wv).cuda()
+        tf32 = torch.backends.cudnn.allow_tf32       # the check is fp32 against fp32; the
+        torch.backends.cudnn.allow_tf32 = False      # timing keeps torch's default
+        try:
+            ref = torch.nn.functional.conv2d(tx, tw, padding=1).cpu().numpy()
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        assert np.allclose(out, ref, rtol=1e-3, atol=1e-3), float(np.abs(out - ref).max())
 
         def tm():
             torch.nn.functional.conv2d(tx, tw, padding=1)
@@ -293,6 +300,14 @@ def static_report(only, small) -> str:
         text = R.format_report(R.estimate(cp, resources=res), title=title)
         print(text, flush=True)
         out.append(text)
+    if "matmul" in only:       # the GEMM tile chosen (GRAPHC_CUDA_GEMM_TILE), its registers
+        n = 64 if small else 4096
+        a, b = gc.input("a", (n, n)), gc.input("b", (n, n))
+        one(f"matmul {n}x{n}x{n}", [a, b], [a @ b])
+    if "conv" in only:
+        B, ch, hw = (2, 8, 12) if small else (32, 64, 56)
+        x, w = gc.input("x", (B, ch, hw, hw)), gc.input("w", (ch, ch, 3, 3))
+        one(f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {B}", [x, w], [gc.conv2d(x, w, padding=1)])
     if "lenet" in only:
         B = 8 if small else 256
         m = models.lenet5(rng=np.random.default_rng(0))
