@@ -165,15 +165,21 @@ def test_wide_tile_ptxas_no_spills(tile, minblocks, monkeypatch):
         assert all(f"{bounds} {la.name}(" in cp.source for la in gemms)
 
 
-def test_bench_runs_matmul_per_forced_tile():
+def test_bench_runs_matmul_per_forced_tile(monkeypatch):
+    monkeypatch.delenv(gemm.TILE_ENV, raising=False)
+    monkeypatch.delenv(gemm.MINBLOCKS_ENV, raising=False)
     # the A/B knob of the benchmark: one matmul (and conv) run per tile value
     from graphc.backends.cuda import bench
     text = bench.main(["--emulate", "--small", "--repeat", "1", "--only", "matmul,conv",
-                       "--gemm-tiles", "64,128"])
+                       "--gemm-tiles", "64,128,128:1"])
     assert "matmul 64x64x64 (GEMM tiles: 64x64) [GRAPHC_CUDA_GEMM_TILE=64]" in text
     assert "matmul 64x64x64 (GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128]" in text
-    assert "(GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128]" in text.split("conv")[-1]
-    assert text.count("graphc device") == 4
+    assert ("matmul 64x64x64 (GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128 "
+            "GRAPHC_CUDA_GEMM_MINBLOCKS=1]") in text
+    assert "batch 2 (GEMM tiles: 128x128 wide) [GRAPHC_CUDA_GEMM_TILE=128]" in text
+    assert text.count("graphc device") == 6
+    import os
+    assert gemm.TILE_ENV not in os.environ and gemm.MINBLOCKS_ENV not in os.environ
 
 
 def test_wide_tile_misaligned_operands_take_scalar_loads(monkeypatch):

@@ -3,7 +3,7 @@
     python -m graphc.backends.cuda.bench [--only matmul,conv,lenet] [--skip resnet32] [--repeat 20]
     python -m graphc.backends.cuda.bench --static            # per-kernel model, no GPU
     python -m graphc.backends.cuda.bench --emulate --small     # a smoke run on the CPU
-    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,auto  # A/B
+    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,128:1,auto
 
 Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
 (batch 32, 64->64 channels, 56x56), the LeNet-5 training step at batch 256, a
@@ -345,22 +345,31 @@ def _gemm_tiles(r) -> str:
 
 
 def with_gemm_tile(tile, bench, *args):
-    """Run `bench` with GRAPHC_CUDA_GEMM_TILE=tile while it compiles (None: as set)."""
+    """Run `bench` with GRAPHC_CUDA_GEMM_TILE set while it compiles: `tile` is a value
+    of it, optionally with `:N` for GRAPHC_CUDA_GEMM_MINBLOCKS (128:1); None: as set."""
     import os
 
-    from .gemm import TILE_ENV
+    from .gemm import MINBLOCKS_ENV, TILE_ENV
     if tile is None:
         return bench(*args)
-    old = os.environ.get(TILE_ENV)
-    os.environ[TILE_ENV] = tile
+    value, _, mb = tile.partition(":")
+    env = {TILE_ENV: value, MINBLOCKS_ENV: mb or None}
+    old = {k: os.environ.get(k) for k in env}
     try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         name, flops, times = bench(*args)
     finally:
-        if old is None:
-            os.environ.pop(TILE_ENV, None)
-        else:
-            os.environ[TILE_ENV] = old
-    return f"{name} [{TILE_ENV}={tile}]", flops, times
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    label = f"{TILE_ENV}={value}" + (f" {MINBLOCKS_ENV}={mb}" if mb else "")
+    return f"{name} [{label}]", flops, times
 
 
 def report(name, flops, times) -> str:
@@ -382,7 +391,8 @@ def main(argv=None):
                     help="no GPU: print the static per-kernel report (report.py) instead")
     ap.add_argument("--gemm-tiles", default="",
                     help="comma-separated GRAPHC_CUDA_GEMM_TILE values (auto, 16, 64, 128, "
-                         "64x128, ...): matmul and conv are run once per value (A/B)")
+                         "64x128, ...; 128:1 also sets GRAPHC_CUDA_GEMM_MINBLOCKS=1): "
+                         "matmul and conv are run once per value (A/B)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--emulate", action="store_true", help="run on the CPU emulator")
     ap.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
