@@ -51,4 +51,24 @@ out = layer(xs)[0]
 l2 = gc.sum(out * out)
 check("lstm fwd+bwd", *both([xs], [l2] + gc.grad(l2, [xs] + list(layer.parameters())),
                             [rng.standard_normal((6, 3, 8)).astype(np.float32)]), 1e-3)
+# GEMMs with ragged edges (the wide tiles' guarded loads and stores), and one big
+# enough for the automatic choice to take a wide tile; GRAPHC_CUDA_GEMM_TILE forces one.
+for (M, K, N) in [(257, 129, 130), (7, 300, 1), (512, 256, 640)]:
+    a, b = gc.input("a", (M, K)), gc.input("b", (K, N))
+    mm = a @ b
+    av = rng.standard_normal((M, K)).astype(np.float32)
+    bv = rng.standard_normal((K, N)).astype(np.float32)
+    got = gc.compile([a, b], [mm] + gc.grad(gc.sum(mm * mm), [a, b]), backend="cuda")(av, bv)
+    c = av.astype(np.float64) @ bv.astype(np.float64)
+    check(f"matmul {M}x{K}x{N} + grads", got, [c, 2 * c @ bv.T.astype(np.float64),
+                                              2 * av.T.astype(np.float64) @ c], 1e-4)
+
+# a computed out-of-range index must raise on the GPU too (never a clamped row)
+t, i = gc.input("t", (10, 4)), gc.input("i", (2,), dtype="int64")
+f = gc.compile([t, i], gc.take(t, i + 1), backend="cuda")
+try:
+    f(np.zeros((10, 4), np.float32), np.array([9, 0]))
+    sys.exit("take(t, i + 1) with i = 9 on 10 rows did not raise on the GPU")
+except gc.IndexOutOfRangeError as e:
+    print("computed index check on the GPU:", str(e).splitlines()[0], flush=True)
 print("sanitizer workload done", flush=True)

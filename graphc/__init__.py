@@ -4,7 +4,8 @@ Define a model with symbolic tensors, differentiate it symbolically, look at
 its graphs, and compile them to a NumPy interpreter or native code.
 """
 from . import ir
-from .ir import Graph, GraphBuildError, GraphcError, Node, TensorType, name_scope
+from .ir import (Graph, GraphBuildError, GraphcError, IndexOutOfRangeError, Node, TensorType,
+                 name_scope)
 from .ir.dtypes import bool_, float32, float64, int32, int64
 from . import ops as _ops
 from .ops import PUBLIC as _PUBLIC
@@ -28,8 +29,8 @@ _LAZY_ATTRS = {"render": ("graphc.viz", "render"), "to_dot": ("graphc.viz", "to_
 # The lazily loaded names are listed too, so tab completion and dir(gc) offer them.
 __all__ = sorted(set(_PUBLIC) | set(_LAZY) | set(_LAZY_ATTRS) | {
     "Parameter", "Tensor", "constant", "input", "grad", "compile", "Function", "check_grad",
-    "Graph", "Node", "TensorType", "GraphBuildError", "GraphcError", "InputCastWarning",
-    "name_scope", "float32", "float64", "int32", "int64", "bool_"})
+    "Graph", "Node", "TensorType", "GraphBuildError", "GraphcError", "IndexOutOfRangeError",
+    "InputCastWarning", "name_scope", "float32", "float64", "int32", "int64", "bool_"})
 
 
 def __dir__():

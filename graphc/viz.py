@@ -540,28 +540,31 @@ class _Builder:
         def fill(sub, key):
             for kind, item in placed.get(key, []):
                 if kind == "node":
-                    if item.op.name == "fused" and isinstance(item.value, Graph):
-                        item = item             # drawn as one node in the overview
                     label, attrs = self.node_attrs(item)
                     sub.node(f"n{item.id}", label, **attrs)
                 else:
                     label, attrs = self._group_attrs(item, members[item], users, group_of)
                     sub.node(gid[item], label, **attrs)
             for ck in sorted(children.get(key, []), key=_scope_sort_key):
-                c = self.gv.Digraph(name="cluster_" + "__".join(_safe(p) for p in ck))
-                part = ck[-1]
-                if part.startswith("~"):
-                    label = "backward (gradients)" if part == "~backward" else "parameter updates"
-                    style = ROLE_STYLE[part[1:]]
-                    c.attr(label=label, style="dashed,rounded", color=style["color"],
-                           fontcolor=style["color"], fontsize="12")
-                else:
-                    c.attr(label=part, style="rounded", color="#999999", fontcolor="#333333",
-                           fontsize="11")
+                c = self._scope_cluster(ck)
                 fill(c, ck)
                 sub.subgraph(c)
 
         fill(g, ())
+
+    def _scope_cluster(self, ck):
+        """The dashed (backward, updates) or grey (module) box of scope `ck`."""
+        c = self.gv.Digraph(name="cluster_" + "__".join(_safe(p) for p in ck))
+        part = ck[-1]
+        if part.startswith("~"):
+            label = "backward (gradients)" if part == "~backward" else "parameter updates"
+            style = ROLE_STYLE[part[1:]]
+            c.attr(label=label, style="dashed,rounded", color=style["color"],
+                   fontcolor=style["color"], fontsize="12")
+        else:
+            c.attr(label=part, style="rounded", color="#999999", fontcolor="#333333",
+                   fontsize="11")
+        return c
 
     def _group_attrs(self, gk, nodes, users, group_of):
         """Label and style of a collapsed box: what it is, its ops, its parameters,
@@ -667,17 +670,7 @@ class _Builder:
                 else:
                     self._emit_fused(sub, n)
             for ck in sorted(children.get(key, []), key=_scope_sort_key):
-                name = "cluster_" + "__".join(_safe(p) for p in ck)
-                c = self.gv.Digraph(name=name)
-                part = ck[-1]
-                if part.startswith("~"):
-                    label = "backward (gradients)" if part == "~backward" else "parameter updates"
-                    style = ROLE_STYLE[part[1:]]
-                    c.attr(label=label, style="dashed,rounded", color=style["color"],
-                           fontcolor=style["color"], fontsize="12")
-                else:
-                    c.attr(label=part, style="rounded", color="#999999", fontcolor="#333333",
-                           fontsize="11")
+                c = self._scope_cluster(ck)
                 fill(c, ck)
                 sub.subgraph(c)
 

@@ -362,7 +362,10 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
     # calls 2..4 ran the step captured as a CUDA graph on call 2: one cuGraphLaunch each
     assert runner.captures == 1 and runner.graph_launches == 3
     graph = next(iter(fake.execs.values()))
-    assert len(graph) == 2 + runner.cprog.launch_count() + 3 + 2   # in, kernels, out, refresh
+    # the label check's record reset, 2 inputs in, the kernels, the record and the 3
+    # outputs (loss, 2 updates) out, the 2 parameters refreshed on the device
+    assert runner.prog.check_buf is not None
+    assert len(graph) == 1 + 2 + runner.cprog.launch_count() + 1 + 3 + 2
     fake.calls.clear()
     fake.real_checked = 0
     f(X, Y)
@@ -391,10 +394,11 @@ def test_driver_path_without_graphs_copies_asynchronously(fake, monkeypatch):
     assert runner.graphs_off_reason == "GRAPHC_CUDA_GRAPHS=0"
     fake.calls.clear()
     f(X, Y)
-    # one step: the 2 inputs in, the kernels in order, the 3 outputs (loss, 2 updates)
-    # out, the parameters refreshed on the device from the update outputs, one synchronize
-    assert fake.calls.count("cuMemcpyHtoDAsync") == 2 and fake.calls.count("cuMemcpyDtoDAsync") == 2
-    assert fake.calls.count("cuMemcpyDtoHAsync") == 3
+    # one step: the label check's record reset and the 2 inputs in, the kernels in order,
+    # the record and the 3 outputs (loss, 2 updates) out, the parameters refreshed on
+    # the device from the update outputs, one synchronize
+    assert fake.calls.count("cuMemcpyHtoDAsync") == 3 and fake.calls.count("cuMemcpyDtoDAsync") == 2
+    assert fake.calls.count("cuMemcpyDtoHAsync") == 4
     assert not {"cuMemcpyHtoD", "cuMemcpyDtoH", "cuMemcpyDtoD"} & set(fake.calls)
     n_launch = fake.calls.count("cuLaunchKernel")
     assert n_launch == runner.cprog.launch_count() > 5
@@ -677,3 +681,27 @@ def test_a_reassigned_parameter_array_is_uploaded_and_updated(fake):
     for g, w in zip(gp, wp):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert next(iter(step.function._cache.values())).graph_launches == 5
+
+
+def test_a_bad_label_in_a_replayed_step_raises_and_changes_nothing(fake):
+    """The label check's record is reset and read back inside the graph: a bad label
+    raises the reference's error, no parameter changes, and later steps are right."""
+    batches = _batches(5)
+    step, params = _sgd_step("cuda")
+    ref, rparams = _sgd_step("numpy")
+    for xb, yb in batches[:3]:
+        step(xb, yb), ref(xb, yb)
+    runner = next(iter(step.function._cache.values()))
+    assert runner._graph is not None and runner.prog.check_buf is not None
+    before = [p.value.copy() for p in params]
+    bad = batches[3][1].copy()
+    bad[4] = 3                                   # 3 classes: labels lie in [0, 3)
+    with pytest.raises(IndexError, match="out of range"):
+        step(batches[3][0], bad)
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.value, b)
+    for xb, yb in batches[3:]:
+        np.testing.assert_allclose(float(step(xb, yb)), float(ref(xb, yb)), rtol=1e-5)
+    for p, q in zip(params, rparams):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+    assert runner.graph_launches == 5            # the failing call was a replay too

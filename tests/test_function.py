@@ -74,7 +74,8 @@ def test_wrong_dtype_names_the_input():
 def test_same_kind_cast_float64_to_float32_accepted():
     x = gc.input("x", (3,), "float32")
     f = gc.compile([x], x + 0.0)
-    out = f(np.array([0.1, 0.2, 0.3]))                   # float64 in
+    with pytest.warns(gc.InputCastWarning, match="input 'x' expects float32, got float64"):
+        out = f(np.array([0.1, 0.2, 0.3]))               # float64 in: warned, cast
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np.array([0.1, 0.2, 0.3], np.float32))
     out = f([1, 2, 3])                                   # a list of ints works too
@@ -296,7 +297,8 @@ def test_float64_input_beyond_float32_range_is_refused(backend):
         f(v)
     big = float(np.finfo(np.float32).max)
     ok = np.array([[big, -big, np.inf], [np.nan, 1e-50, 0.1]])  # rounding is no error
-    got = f(ok)
+    with pytest.warns(gc.InputCastWarning):
+        got = f(ok)
     with np.errstate(over="ignore"):
         want = ok.astype(np.float32) * np.float32(2)
     np.testing.assert_array_equal(got, want)

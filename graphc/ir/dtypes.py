@@ -79,9 +79,30 @@ def check_float_range(src: np.ndarray, cast: np.ndarray, what: str) -> None:
         f"{src.dtype} graph")
 
 
+def check_int_range(src: np.ndarray, dtype, what: str) -> None:
+    """Raise ValueError when `src` holds an integer that `dtype` (an integer dtype)
+    cannot represent: the cast would wrap it (a uint64 label 2**63 becomes a negative
+    int64, an int64 index 2**40 the valid int32 index 0), a wrong answer nobody
+    asked for.  `what` names the value for the message."""
+    dtype = np.dtype(dtype)
+    if not (src.dtype.kind in "iu" and dtype.kind in "iu") or src.size == 0:
+        return
+    info = np.iinfo(dtype)
+    if int(src.min()) >= info.min and int(src.max()) <= info.max:
+        return
+    bad = (src > info.max) if src.dtype.kind == "u" else (src < info.min) | (src > info.max)
+    flat = int(np.flatnonzero(bad)[0])
+    where = tuple(int(i) for i in np.unravel_index(flat, src.shape)) if src.ndim else ()
+    value = int(src.reshape(-1)[flat])
+    raise ValueError(
+        f"{what}: {src.dtype} value {value} at index {where} is outside the {dtype} range "
+        f"({info.min}..{info.max}) and would wrap ({int(bad.sum())} such value(s))")
+
+
 def cast_checked(a: np.ndarray, dtype, what: str) -> np.ndarray:
     """`a` cast to `dtype`, refusing finite values that would overflow to inf
-    (check_float_range)."""
+    (check_float_range) and integers that would wrap (check_int_range)."""
+    check_int_range(a, dtype, what)
     with np.errstate(over="ignore"):
         out = a.astype(dtype)
     check_float_range(a, out, what)

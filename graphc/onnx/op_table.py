@@ -703,8 +703,11 @@ def _softplus(ctx, args, attrs):
 
 # ================================================================ losses
 def _one_hot(t, n, dtype):
-    """t[..., None] == arange(n) as `dtype` (elementwise ops, which every backend lowers;
-    an out-of-range label gives a zero row rather than an error)."""
+    """t[..., None] == arange(n) as `dtype` (elementwise ops, which fuse with their
+    users), t checked first: an index outside [0, n) raises IndexOutOfRangeError
+    when the graph runs, as gc.one_hot's would, rather than giving a zero row."""
+    from ..ops.indexing import index_check
+    t = index_check(t, n, "one_hot", what=f"num_classes={n}")
     classes = gc.constant(np.arange(n, dtype=t.dtype), dtype=t.dtype)
     return gc.cast(gc.equal(gc.unsqueeze(t, -1), classes), dtype)
 

@@ -3,6 +3,7 @@
     python -m graphc.backends.cuda.bench [--only matmul,conv,lenet] [--skip resnet32] [--repeat 20]
     python -m graphc.backends.cuda.bench --static            # per-kernel model, no GPU
     python -m graphc.backends.cuda.bench --emulate --small     # a smoke run on the CPU
+    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,128:1,auto
 
 Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
 (batch 32, 64->64 channels, 56x56), the LeNet-5 training step at batch 256, a
@@ -108,7 +109,7 @@ def bench_matmul(n, repeat, torch):
             ta @ tb
             torch.cuda.synchronize()
         impls["torch"] = tm
-    return f"matmul {n}x{n}x{n}", 2.0 * n ** 3, _median_times(impls, repeat)
+    return f"matmul {n}x{n}x{n} ({_gemm_tiles(r)})", 2.0 * n ** 3, _median_times(impls, repeat)
 
 
 def bench_conv(batch, ch, hw, repeat, torch):
@@ -118,18 +119,26 @@ def bench_conv(batch, ch, hw, repeat, torch):
     wv = rng.standard_normal((ch, ch, 3, 3), dtype=np.float32) * 0.05
     x, w = gc.input("x", xv.shape), gc.input("w", wv.shape)
     f = gc.compile([x, w], gc.conv2d(x, w, padding=1), backend="cuda")
-    f(xv, wv)
+    out = f(xv, wv)
     r = _runner(f)
     impls = _graphc_impls(r, lambda: f(xv, wv))
     if torch is not None:
         tx, tw = torch.from_numpy(xv).cuda(), torch.from_numpy(wv).cuda()
+        tf32 = torch.backends.cudnn.allow_tf32       # the check is fp32 against fp32; the
+        torch.backends.cudnn.allow_tf32 = False      # timing keeps torch's default
+        try:
+            ref = torch.nn.functional.conv2d(tx, tw, padding=1).cpu().numpy()
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        assert np.allclose(out, ref, rtol=1e-3, atol=1e-3), float(np.abs(out - ref).max())
 
         def tm():
             torch.nn.functional.conv2d(tx, tw, padding=1)
             torch.cuda.synchronize()
         impls["torch"] = tm
     flops = 2.0 * batch * ch * hw * hw * ch * 9
-    return f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {batch}", flops, _median_times(impls, repeat)
+    return (f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {batch} ({_gemm_tiles(r)})", flops,
+            _median_times(impls, repeat))
 
 
 def bench_lenet(batch, repeat, torch):
@@ -325,6 +334,14 @@ def static_report(only, small) -> str:
         text = R.format_report(R.estimate(cp, resources=res), title=title)
         print(text, flush=True)
         out.append(text)
+    if "matmul" in only:       # the GEMM tile chosen (GRAPHC_CUDA_GEMM_TILE), its registers
+        n = 64 if small else 4096
+        a, b = gc.input("a", (n, n)), gc.input("b", (n, n))
+        one(f"matmul {n}x{n}x{n}", [a, b], [a @ b])
+    if "conv" in only:
+        B, ch, hw = (2, 8, 12) if small else (32, 64, 56)
+        x, w = gc.input("x", (B, ch, hw, hw)), gc.input("w", (ch, ch, 3, 3))
+        one(f"conv 3x3 {ch}->{ch} {hw}x{hw} batch {B}", [x, w], [gc.conv2d(x, w, padding=1)])
     if "lenet" in only:
         B = 8 if small else 256
         m = models.lenet5(rng=np.random.default_rng(0))
@@ -348,6 +365,45 @@ def static_report(only, small) -> str:
             x, logits = resnet50_graph(b, size)
             one(f"ResNet-50 inference batch {b} {size}x{size}", [x], [logits])
     return "\n".join(out)
+
+
+def _gemm_tiles(r) -> str:
+    """The GEMM kernels' tiles in a compiled runner: "16x16", "64x64", "128x128 wide"."""
+    out = []
+    for la in r.cprog.launches:
+        t = (la.mapping or {}).get("tile")
+        name = None if t is None else f"{t[0]}x{t[1]} wide" if isinstance(t, tuple) else f"{t}x{t}"
+        if name and name not in out:
+            out.append(name)
+    return "GEMM tiles: " + (", ".join(out) or "none")
+
+
+def with_gemm_tile(tile, bench, *args):
+    """Run `bench` with GRAPHC_CUDA_GEMM_TILE set while it compiles: `tile` is a value
+    of it, optionally with `:N` for GRAPHC_CUDA_GEMM_MINBLOCKS (128:1); None: as set."""
+    import os
+
+    from .gemm import MINBLOCKS_ENV, TILE_ENV
+    if tile is None:
+        return bench(*args)
+    value, _, mb = tile.partition(":")
+    env = {TILE_ENV: value, MINBLOCKS_ENV: mb or None}
+    old = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        name, flops, times = bench(*args)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    label = f"{TILE_ENV}={value}" + (f" {MINBLOCKS_ENV}={mb}" if mb else "")
+    return f"{name} [{label}]", flops, times
 
 
 GOAL_BYTES_PER_S = 20e9   # issue 15: call <= device + the bytes moved at 20 GB/s
@@ -378,6 +434,10 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="workloads to leave out (e.g. resnet32)")
     ap.add_argument("--static", action="store_true",
                     help="no GPU: print the static per-kernel report (report.py) instead")
+    ap.add_argument("--gemm-tiles", default="",
+                    help="comma-separated GRAPHC_CUDA_GEMM_TILE values (auto, 16, 64, 128, "
+                         "64x128, ...; 128:1 also sets GRAPHC_CUDA_GEMM_MINBLOCKS=1): "
+                         "matmul and conv are run once per value (A/B)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--emulate", action="store_true", help="run on the CPU emulator")
     ap.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
@@ -394,10 +454,17 @@ def main(argv=None):
     print(f"graphc CUDA backend on {type(rt).__name__} ({rt.arch}); CUDA graphs {graphs}; "
           f"PyTorch CUDA: {'yes' if torch is not None else 'not available'}", flush=True)
     out = []
-    if "matmul" in only:
-        out.append(bench_matmul(64 if args.small else 4096, args.repeat, torch))
-    if "conv" in only:
-        out.append(bench_conv(*((2, 8, 12) if args.small else (32, 64, 56)), args.repeat, torch))
+    tiles = [t for t in args.gemm_tiles.split(",") if t] or [None]
+    for tile in tiles:
+        if "matmul" in only:
+            out.append(with_gemm_tile(tile, bench_matmul, 64 if args.small else 4096,
+                                      args.repeat, torch))
+            print(report(*out[-1]), flush=True)
+        if "conv" in only:
+            out.append(with_gemm_tile(tile, bench_conv,
+                                      *((2, 8, 12) if args.small else (32, 64, 56)),
+                                      args.repeat, torch))
+            print(report(*out[-1]), flush=True)
     if "lenet" in only:
         out.append(bench_lenet(8 if args.small else 256, args.repeat, torch))
         print(report(*out[-1]), flush=True)

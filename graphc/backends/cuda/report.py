@@ -156,9 +156,9 @@ def launch_counts(la: Launch):
         acc = {}
         for op, n in ((g.a, g.M * g.K), (g.b, g.K * g.N), (g.c, g.M * g.N)):
             acc.setdefault(id(op[0]), [op[0], 0])[1] += n * batch
-        # serial: the steps of depth TILE each thread goes through (loads staged in
-        # shared memory, then TILE independent multiply-adds per output it holds)
-        return ceil(g.K / TILE), g.M * g.N * g.K * batch, _bytes(acc), 2.0 * g.M * g.N * g.K * batch
+        # serial: the K-steps each thread goes through (loads staged in shared memory,
+        # then `depth` (16, or 8 for the wide tiles) multiply-adds per output it holds)
+        return ceil(g.K / m.get("depth", TILE)), g.M * g.N * g.K * batch, _bytes(acc), 2.0 * g.M * g.N * g.K * batch
     acc, stats = {}, {"iters": 0, "flops": 0}
     if "blocks" in m:                       # block kernels
         nblocks = prod(l.extent for l in m["blocks"])

@@ -25,8 +25,9 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ...ir.errors import GraphcError
+from ...kernel.checks import first_error, initial_record
 from .codegen import HostLoop, TimeLoop
-from .compiler import build_emulator, compile_cuda
+from .compiler import build_emulator, compile_cuda, load_library
 from .hostcopy import copy_jobs, differ_jobs
 
 
@@ -151,12 +152,12 @@ class EmulatorRuntime(Runtime):
 
     def load(self, cprog):
         stubs = emulator_stubs(cprog.launches)
-        path = build_emulator(cprog.source, stubs)
+        # The library's bytes (a cache entry only if it verified: compiler.py), loaded
+        # from a private copy, so what runs is exactly what was verified.
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:            # a damaged cache entry: rebuild it
-            os.remove(path)
-            lib = ctypes.CDLL(build_emulator(cprog.source, stubs))
+            lib = load_library(build_emulator(cprog.source, stubs))
+        except OSError:            # an entry that verifies but does not load: rebuild it
+            lib = load_library(build_emulator(cprog.source, stubs, reuse=False))
         self._lib = lib   # keep loaded
         fns = {}
         for la in cprog.launches:
@@ -210,7 +211,7 @@ def gpu_available() -> tuple:
     """(True, description) if a CUDA device and driver are usable, else (False, why)."""
     cu = _driver()
     if cu is None:
-        return False, "cuda-bindings is not installed (pip install graphc[cuda])"
+        return False, "cuda-bindings is not installed (pip install 'graphc[cuda]')"
     try:
         (err,) = cu.cuInit(0)
     except Exception as e:   # libcuda.so missing
@@ -496,6 +497,14 @@ class Runner:
         self._out_views = [st[:int(np.prod(shape)) if shape else 1].reshape(shape)
                            for st, shape in zip(self._out_stage, self.out_shapes)]
         self._out_addr = [v.ctypes.data for v in self._out_views]
+        # index-check records (kernel/checks.py): reset from a staged initial record at
+        # the start of every step, read back with the outputs, turned into the
+        # reference's error after the synchronize
+        cb = prog.check_buf
+        if cb is not None:
+            self._check_init = self._stage(cb)
+            self._check_init[:] = initial_record(cb.size)
+            self._check_rec = self._stage(cb)
         # the constants' uploads above went through the legacy stream, which the
         # runner's stream does not wait for: finish them now
         runtime.synchronize()
@@ -624,26 +633,18 @@ class Runner:
                 raise CudaRuntimeError(f"kernel {st.name} (grid {st.grid}, block {st.block}) "
                                        f"failed: {e}\n  node: {_node_comment(st.node)}") from None
 
-    def _check_indices(self, arrays):
-        """Integer index arrays from outside the graph must lie in range (the kernels
-        clamp them; the reference raises): checked on the host before any launch."""
-        for buf, n, op, loc in getattr(self.prog, "index_checks", ()):
-            a = self._host_external(buf, arrays)
-            if a is not None and a.size and (a.min() < 0 or a.max() >= n):
-                raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                 f"found values from {int(a.min())} to {int(a.max())}\n"
-                                 f"  node built at {loc}")
-
-    def _host_external(self, buf, arrays):
-        for b, (kind, what) in self.prog.externals:
-            if b is buf:
-                if kind == "input":
-                    return np.asarray(arrays[what])
-                if kind in ("param", "const"):
-                    return np.asarray(what.value)
-                if kind == "array":
-                    return np.asarray(what)
-        return None
+    def _raise_check_errors(self, refresh):
+        """After the step: a bad index (fed or computed) that a check kernel recorded
+        raises the reference's error (the kernels clamped it: nothing out of bounds).
+        The step's device-side parameter refresh already ran: forget what the device
+        holds, so that the next call uploads the (unchanged) host values again."""
+        if self.prog.check_buf is None:
+            return
+        err = first_error(self.prog.checks, self._check_rec)
+        if err is not None:
+            if refresh:
+                self._valid.clear()
+            raise err
 
     def launch_all(self):
         """Launch every kernel on the data already on the device, then synchronize
@@ -701,10 +702,17 @@ class Runner:
 
     def _enqueue(self, refresh, each=False):
         rt, s = self.rt, self.stream
+        cb = self.prog.check_buf
+        if cb is not None and cb.size:
+            rt.copy_htod_async(self.ptr[id(cb)], self._check_init.ctypes.data,
+                               self._check_init.nbytes, s)
         for (b, _), stage in zip(self._inputs, self._in_stage):
             if stage.nbytes:
                 rt.copy_htod_async(self.ptr[id(b)], stage.ctypes.data, stage.nbytes, s)
         self._run(self.cprog.steps, {}, each)
+        if cb is not None and cb.size:
+            rt.copy_dtoh_async(self._check_rec.ctypes.data, self.ptr[id(cb)],
+                               self._check_rec.nbytes, s)
         # outputs before the refresh: an output that is a parameter's own buffer must
         # show the value this call read, not the update
         for b, stage in zip(self.prog.outputs, self._out_stage):
@@ -792,7 +800,6 @@ class Runner:
                     raise GraphcError(f"input buffer {b.name}: expected {b.size} elements "
                                       f"of {b.dtype}, got {a.dtype}{a.shape}")
                 jobs.append((addr, a.ctypes.data, a.nbytes))
-            self._check_indices(arrays)
             self.rt.activate()
             copy_jobs(jobs)
             keep = []
@@ -803,6 +810,7 @@ class Runner:
             except CudaRuntimeError as e:
                 self._recover(e, params, refresh, keep)
             del keep
+            self._raise_check_errors(refresh)
             n_out = len(self.out_shapes) - (len(params) if params else 0)
             outs, jobs = [], []
             for k in range(n_out):    # new arrays (the staging buffers are the next call's)

@@ -1,8 +1,8 @@
 """Disk cache of compiled object code.
 
 An entry is native code that this process will run, so reading one is a
-matter of trust, not only of speed (docs/architecture.md, "The object-code
-cache", states the model: whoever can write the cache directory can run code
+matter of trust, not only of speed (docs/architecture.md, "The compile
+caches", states the model: whoever can write the cache directory can run code
 in every process that uses it).
 
 Key: SHA-256 of the kernel program (kernel IR text, buffer layout, table
@@ -13,9 +13,11 @@ version.  The kernel IR fully determines the LLVM IR we generate, so a hit
 skips IR generation, optimization and code generation.
 
 Directory: GRAPHC_CACHE_DIR, else ~/.cache/graphc/llvm; GRAPHC_CACHE=0
-disables the cache.  It is created owner-only (0700).  A directory owned by
-another user, or writable by group or others, is not used: one warning, and
-every compile happens in memory.
+disables the cache.  The directory rules, the entry format and the bounded
+read below are graphc/diskcache.py's, shared with the CUDA backend's cache.
+The directory is created owner-only (0700).  One owned by another user, or
+writable by group or others, is not used: one warning, and every compile
+happens in memory.
 
 Entry file `<key[:2]>/<key>.o`: MAGIC, the key (64 hex digits), an HMAC-SHA256
 of the key and the payload under a per-directory secret (`secret.key`, 32
@@ -30,24 +32,17 @@ ignored and rebuilt; it never hangs or crashes the process.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
-import stat
-import tempfile
-import warnings
+
+from ... import diskcache
+from ...diskcache import KEY_LEN, MAC_LEN, SECRET_LEN, SECRET_NAME  # noqa: F401 (re-exported)
 
 MAGIC = b"GRAPHC-OBJ-2\n"
 CODEGEN_VERSION = "4"
-KEY_LEN = 64                      # hex digits of a SHA-256
-MAC_LEN = 32
-HEADER = len(MAGIC) + KEY_LEN + MAC_LEN
+HEADER = diskcache.header_len(MAGIC)
 MAX_ENTRY_BYTES = 256 << 20       # a training step of a large net is a few MB
-SECRET_NAME = "secret.key"
-SECRET_LEN = 32
 
-
-def enabled() -> bool:
-    return os.environ.get("GRAPHC_CACHE", "1") not in ("0", "")
+enabled = diskcache.enabled
 
 
 def cache_dir() -> str:
@@ -117,108 +112,16 @@ def text_key(text: str, target) -> str | None:
 
 
 # ------------------------------------------------------------------ the directory
+# The directory's trust check, its secret, the entry format and the bounded read are
+# shared with the CUDA backend's cache (graphc/diskcache.py).
 _dirs: dict = {}                  # cache dir -> its secret (bytes), or None: not used
-
-
-def _euid():
-    return os.geteuid() if hasattr(os, "geteuid") else None
-
-
-def _untrusted(st, what) -> str | None:
-    """Why a file or directory with stat `st` cannot be trusted, or None."""
-    uid = _euid()
-    if uid is not None and st.st_uid != uid:
-        return f"{what} is owned by user {st.st_uid}, not by this user ({uid})"
-    if st.st_mode & 0o022:
-        return (f"{what} is writable by group or others (mode "
-                f"{oct(stat.S_IMODE(st.st_mode))})")
-    return None
-
-
-def _secret(d) -> bytes:
-    """The directory's HMAC secret, created (atomically) at the first use."""
-    path = os.path.join(d, SECRET_NAME)
-    data = _read_trusted(path, SECRET_LEN)
-    if data is not None and len(data) == SECRET_LEN:
-        return data
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")      # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(SECRET_LEN))
-        if data is not None:         # a damaged secret: replace it (old entries die)
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)   # fails if another process made one meanwhile
-            except FileExistsError:
-                pass
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-    data = _read_trusted(path, SECRET_LEN)
-    if data is None or len(data) != SECRET_LEN:
-        raise OSError(f"cannot read back {path}")
-    return data
 
 
 def _open_dir():
     """(directory, secret), or None when the cache is off or cannot be trusted."""
     if not enabled():
         return None
-    d = os.path.abspath(cache_dir())
-    if d in _dirs:
-        s = _dirs[d]
-        return (d, s) if s is not None else None
-    why = None
-    try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        why = _untrusted(os.stat(d), f"the directory {d}")
-        if why is None and not stat.S_ISDIR(os.stat(d).st_mode):
-            why = f"{d} is not a directory"
-        secret = None if why else _secret(d)
-    except OSError as e:
-        why, secret = f"{d} cannot be used ({e})", None
-    if why is not None:
-        # Whoever can write the cache can run code in this process: refuse it.
-        warnings.warn(f"graphc: not using the LLVM object cache: {why}.  Anyone who can "
-                      f"write there could run code in this process; compiling in memory "
-                      f"instead.  Use a directory only you can write (chmod 700), or set "
-                      f"GRAPHC_CACHE_DIR (GRAPHC_CACHE=0 turns the cache off).",
-                      RuntimeWarning, stacklevel=4)
-    _dirs[d] = secret
-    return (d, secret) if secret is not None else None
-
-
-def _read_trusted(path, limit) -> bytes | None:
-    """The bytes of `path` if it is a regular file (not a link) owned by this user, not
-    writable by others, of at most `limit` bytes; else None.  Never blocks (a FIFO),
-    never reads without bound (a device)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
-        | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit or _untrusted(st, path):
-            return None
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:            # it grew while we read
-            return None
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return diskcache.open_dir(cache_dir(), "the LLVM object cache", _dirs, stacklevel=4)
 
 
 def _path(d, k):
@@ -226,56 +129,31 @@ def _path(d, k):
 
 
 def _mac(secret, k, data) -> bytes:
-    h = hmac.new(secret, MAGIC, hashlib.sha256)
-    h.update(k.encode())
-    h.update(data)
-    return h.digest()
-
-
-def _valid_key(k) -> bool:
-    return (isinstance(k, str) and len(k) == KEY_LEN
-            and all(c in "0123456789abcdef" for c in k))
+    return diskcache.mac(secret, MAGIC, k, data)
 
 
 # ------------------------------------------------------------------ entries
 def store(k, data: bytes) -> None:
-    if k is None or not _valid_key(k) or len(data) + HEADER > MAX_ENTRY_BYTES:
+    if k is None or not diskcache.valid_key(k) or len(data) + HEADER > MAX_ENTRY_BYTES:
         return
     where = _open_dir()
     if where is None:
         return
     d, secret = where
-    path = _path(d, k)
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")   # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + k.encode() + _mac(secret, k, data) + data)
-            os.replace(tmp, path)     # atomic: readers see the old entry or the new one
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass                          # a read-only or full disk only costs speed
+    diskcache.store(_path(d, k), MAGIC, k, secret, data, MAX_ENTRY_BYTES)
 
 
 def read(k) -> bytes | None:
     """The object code stored under `k`, or None (no entry, or one that is not exactly
     what this user's graphc stored under this key, or not a sound ELF object)."""
-    if k is None or not _valid_key(k):
+    if k is None or not diskcache.valid_key(k):
         return None
     where = _open_dir()
     if where is None:
         return None
     d, secret = where
-    raw = _read_trusted(_path(d, k), MAX_ENTRY_BYTES)
-    if raw is None or len(raw) <= HEADER or not raw.startswith(MAGIC):
-        return None
-    if raw[len(MAGIC):len(MAGIC) + KEY_LEN] != k.encode():
-        return None                   # an entry of another key, copied here
-    data = raw[HEADER:]
-    if not hmac.compare_digest(raw[len(MAGIC) + KEY_LEN:HEADER], _mac(secret, k, data)):
+    data = diskcache.read(_path(d, k), MAGIC, k, secret, MAX_ENTRY_BYTES)
+    if data is None:
         return None
     from .elfcheck import BadObject, check
     try:

@@ -13,7 +13,7 @@ The check covers what the loader dereferences while it reads the tables:
 the header, every section's extent, section names, symbol names and section
 indices, string-table termination, and relocation symbols and offsets.  It
 does not (cannot) judge the machine code itself: see docs/architecture.md,
-"The object-code cache", for the trust model.
+"The compile caches", for the trust model.
 """
 from __future__ import annotations
 
