@@ -34,7 +34,7 @@ timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_gpu.py tests/tes
 timeout 150 $PY -m graphc.backends.cuda.bench --repeat 20 --only matmul,conv,lenet,rnn,lstm,resnet1,resnet32 2>&1 | tee "$OUT/bench.log"
 
 # 4. GEMM tiles A/B on the matmul and the conv (<= 90 s)
-timeout 90 $PY -m graphc.backends.cuda.bench --repeat 20 --only matmul,conv --gemm-tiles 16,64,128,128:1,64x128,128x64,auto 2>&1 | tee "$OUT/tiles.log"
+timeout 90 $PY -m graphc.backends.cuda.bench --repeat 20 --only matmul,conv --gemm-tiles 16,64,128,128:2,64x128,auto 2>&1 | tee "$OUT/tiles.log"
 
 # 5. per-kernel device times of the LeNet step (first ~70 kernels: one step)
 timeout 40 ncu --csv --metrics gpu__time_duration.sum --launch-count 70 \

@@ -3,7 +3,7 @@
     python -m graphc.backends.cuda.bench [--only matmul,conv,lenet] [--skip resnet32] [--repeat 20]
     python -m graphc.backends.cuda.bench --static            # per-kernel model, no GPU
     python -m graphc.backends.cuda.bench --emulate --small     # a smoke run on the CPU
-    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,128:1,auto
+    python -m graphc.backends.cuda.bench --only matmul,conv --gemm-tiles 64,128,128:2,auto
 
 Workloads (the issue's): a 4096^3 float32 matmul, a ResNet-style 3x3 conv layer
 (batch 32, 64->64 channels, 56x56), the LeNet-5 training step at batch 256, a
@@ -380,7 +380,7 @@ def _gemm_tiles(r) -> str:
 
 def with_gemm_tile(tile, bench, *args):
     """Run `bench` with GRAPHC_CUDA_GEMM_TILE set while it compiles: `tile` is a value
-    of it, optionally with `:N` for GRAPHC_CUDA_GEMM_MINBLOCKS (128:1); None: as set."""
+    of it, optionally with `:N` for GRAPHC_CUDA_GEMM_MINBLOCKS (128:2); None: as set."""
     import os
 
     from .gemm import MINBLOCKS_ENV, TILE_ENV
@@ -436,7 +436,7 @@ def main(argv=None):
                     help="no GPU: print the static per-kernel report (report.py) instead")
     ap.add_argument("--gemm-tiles", default="",
                     help="comma-separated GRAPHC_CUDA_GEMM_TILE values (auto, 16, 64, 128, "
-                         "64x128, ...; 128:1 also sets GRAPHC_CUDA_GEMM_MINBLOCKS=1): "
+                         "64x128, ...; 128:2 also sets GRAPHC_CUDA_GEMM_MINBLOCKS=2): "
                          "matmul and conv are run once per value (A/B)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--emulate", action="store_true", help="run on the CPU emulator")

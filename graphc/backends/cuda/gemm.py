@@ -218,13 +218,15 @@ def wide_min_blocks(BM, BN) -> int:
 
     128x128: ptxas wants ~145 registers with the k loop fully unrolled (one block,
     8 warps, per SM); asked for two blocks (<= 128 registers) it spilled unless the
-    k loop is unrolled by 2 (124 registers, no spills).  Two blocks is the default;
-    GRAPHC_CUDA_GEMM_MINBLOCKS=1 selects the other for an A/B run on a GPU.  The
-    smaller wide tiles use <= 105 registers: two blocks fit without asking."""
+    k loop is unrolled by 2 (124 registers, no spills).  Measured on an H200
+    (2026-12-04, 4096^3, one run each): one block 3.52 ms, two blocks 3.79 ms
+    (cuBLAS 2.98 ms), so one block is the default; GRAPHC_CUDA_GEMM_MINBLOCKS=2
+    selects the other for an A/B run.  The smaller wide tiles use <= 105
+    registers: two blocks fit without asking."""
     import os
     if (BM, BN) != (128, 128):
         return 1
-    v = os.environ.get(MINBLOCKS_ENV, "2").strip()
+    v = os.environ.get(MINBLOCKS_ENV, "1").strip()
     if v not in ("1", "2"):
         raise ValueError(f"{MINBLOCKS_ENV}={v!r}: expected 1 or 2")
     return int(v)

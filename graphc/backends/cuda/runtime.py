@@ -17,6 +17,7 @@ one CUDA graph launch per call where the runtime has graphs (docs/cuda.md,
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import threading
@@ -138,6 +139,15 @@ def emulator_stubs(launches) -> str:
                    f"void** a) {{ return gc_emu_launch(gc_thread_{la.name}, g, b, a, "
                    f"{int(la.sync)}); }}")
     return "\n".join(out) + "\n"
+
+
+# At interpreter exit the objects holding driver resources are collected in no
+# particular order: a Runner's graph or stream destroyed after its DriverRuntime
+# released the context crashed the process in the driver (seen on an H200: the
+# sanitizer workload finished, then SIGSEGV at exit).  The process is ending and
+# the driver reclaims everything, so after this point nothing is freed.
+_EXITING = []
+atexit.register(_EXITING.append, True)
 
 
 _EMU_LOCK = threading.Lock()   # the emulator's CUDA built-ins are process-wide state
@@ -365,7 +375,7 @@ class DriverRuntime(Runtime):
 
     def __del__(self):
         cu = getattr(self, "cu", None)
-        if cu is None:
+        if cu is None or _EXITING:
             return
         try:
             for p in self._allocs.values():
@@ -532,6 +542,8 @@ class Runner:
 
     def __del__(self):
         rt = getattr(self, "rt", None)
+        if _EXITING:
+            return
         try:
             if getattr(self, "_graph", None) is not None:
                 rt.graph_free(self._graph[1])
