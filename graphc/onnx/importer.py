@@ -379,20 +379,44 @@ def _attrs(node) -> dict:
     return out
 
 
-def _check_supported(graph, model):
-    from .op_table import OPS
-    bad: OrderedDict = OrderedDict()
-    for i, n in enumerate(graph.node):
-        if n.domain not in ("", "ai.onnx") or n.op_type not in OPS:
-            key = (n.domain or "ai.onnx", n.op_type)
-            bad.setdefault(key, []).append(n.name or f"#{i}")
-    if bad:
-        lines = [f"  {op} (domain {dom}): {len(names)} node(s): "
-                 + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-                 for (dom, op), names in bad.items()]
-        raise UnsupportedOperatorError(
-            f"the ONNX model uses {len(bad)} operator type(s) graphc cannot import:\n"
-            + "\n".join(lines), dict(bad))
+def _unsupported_error(bad) -> UnsupportedOperatorError:
+    """One error listing every operator type left unsupported (after load-time folding)."""
+    lines = [f"  {op} (domain {dom}): {len(names)} node(s): "
+             + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+             for (dom, op), names in bad.items()]
+    return UnsupportedOperatorError(
+        f"the ONNX model uses {len(bad)} operator type(s) graphc cannot import:\n"
+        + "\n".join(lines), dict(bad))
+
+
+class _Unsupported:
+    """The value of an output of an unsupported node (or of a node that reads one):
+    its consumers are skipped, so the import goes on to list every unsupported node."""
+
+
+_UNSUPPORTED = _Unsupported()
+
+
+def _fold_with_reference(n, args, ctx):
+    """Evaluate an operator graphc has no converter for, whose inputs are all known at
+    load time, with ONNX's own reference implementation (a PyTorch export's Mod of
+    constants, shape arithmetic, ...).  Its outputs are load-time constants."""
+    from onnx.reference import ReferenceEvaluator
+    feeds = {name: np.asarray(a) for name, a in zip(n.input, args) if name}
+    try:
+        outs = ReferenceEvaluator(n, opsets={"": ctx.opset}).run(None, feeds)
+    except Exception as e:  # the reference raises assorted types for bad operands
+        raise ctx.error(f"evaluating it at load time (its inputs are all constants) "
+                        f"failed: {type(e).__name__}: {e}") from None
+    res = []
+    for o in outs:
+        o = np.asarray(o)
+        if o.dtype not in dt.SUPPORTED:
+            raise ctx.error(f"it computes a load-time value of dtype {o.dtype}, which graphc "
+                            "does not hold")
+        ctx.check_size(o.shape, o.dtype, "the value it computes")
+        res.append(o)
+    return res
 
 
 def _shape_value(v):
@@ -478,7 +502,6 @@ def load(source, dims=None, input_shapes=None, batch_dim=None,
     if batch_dim is not None:
         dims[_BATCH] = batch_dim
     model = read_model(source)
-    _check_supported(model.graph, model)
     cache: dict = {}
     try:
         return _build(model, dims, input_shapes, {}, cache)
@@ -494,6 +517,9 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
     from ..tensor import Parameter, input as gc_input
     from .op_table import OPS, SYMBOLIC
     graph = model.graph
+    # Operators graphc has no converter for are evaluated at load time when their
+    # inputs are all known; the rest are collected here and reported together.
+    unsupported: OrderedDict = OrderedDict()
     opset = default_opset(model)
     dims = dict(dims or {})
     input_shapes = dict(input_shapes or {})
@@ -548,14 +574,33 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             else:
                 raise OnnxImportError(f"{ctx.node_desc}: input {name!r} is not produced by any "
                                       "earlier node, initializer or graph input")
-        attrs = _attrs(n)
         present = [a for a in args if a is not None]
-        all_static = bool(present) and not any(isinstance(a, Node) for a in present)
+        all_static = bool(present) and not any(isinstance(a, (Node, _Unsupported))
+                                               for a in present)
         symbolic = all_static and any(np.asarray(a).dtype == object for a in present)
+        known = n.domain in ("", "ai.onnx") and n.op_type in OPS
+        foldable = (all_static and not symbolic and n.domain in ("", "ai.onnx")
+                    and not any(a.type == a.GRAPH for a in n.attribute))
+        if not known and not foldable:
+            unsupported.setdefault((n.domain or "ai.onnx", n.op_type), []).append(
+                n.name or f"#{i}")
+        if (not known and not foldable) or any(a is _UNSUPPORTED for a in present):
+            for name in n.output:
+                values[name] = _UNSUPPORTED
+            continue
+        if unsupported and not all_static:
+            # the import fails anyway: do not build graph nodes, only find the rest
+            for name in n.output:
+                values[name] = _UNSUPPORTED
+            continue
+        attrs = _attrs(n)
         try:
-            if symbolic and n.op_type in SYMBOLIC:
+            if not known:
+                outs = _fold_with_reference(n, args, ctx)
+            elif symbolic and n.op_type in SYMBOLIC:
                 outs = SYMBOLIC[n.op_type](ctx, args, attrs)
-                outs = [_shape_value(o) for o in (outs if isinstance(outs, list) else [outs])]
+                outs = [o if isinstance(o, Node) else _shape_value(o)
+                        for o in (outs if isinstance(outs, list) else [outs])]
             else:
                 outs = OPS[n.op_type](ctx, args, attrs)
                 if not isinstance(outs, (list, tuple)):
@@ -574,6 +619,8 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             if k >= len(outs) or outs[k] is None:
                 raise OnnxImportError(f"{ctx.node_desc}: output {k} ({name!r}) is not supported")
             values[name] = outs[k]
+    if unsupported:
+        raise _unsupported_error(unsupported)
     outputs, names = [], []
     for vi in graph.output:
         if vi.name not in values:
