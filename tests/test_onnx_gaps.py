@@ -299,3 +299,51 @@ def test_symbolic_shape_contradicting_the_input_is_a_clear_error():
     with pytest.raises((ValueError, GraphcError), match="input 'm' has N=3, but another "
                        "input set N=2"):
         f(x, RNG.standard_normal((3, 2)).astype(np.float32))
+
+
+def test_range_and_arithmetic_on_a_symbolic_size_specialize_per_call():
+    # position ids = Range(0, Shape(x)[1], 1) gathered from a table, and a Reshape
+    # whose target multiplies the batch symbol: both need the symbols' sizes, so
+    # the model is built per call from the sizes its inputs give them.
+    table = RNG.standard_normal((16, 3)).astype(np.float32)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["t"], axis=0),
+             helper.make_node("Range", ["zero", "t", "step"], ["pos"], name="positions"),
+             helper.make_node("Gather", ["table", "pos"], ["pe"], axis=0),
+             helper.make_node("Add", ["x", "pe"], ["h"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Mul", ["n", "t"], ["nt"], name="rows"),
+             helper.make_node("Unsqueeze", ["nt", "ax0"], ["nt1"]),
+             helper.make_node("Concat", ["nt1", "three"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    inits = [("zero", np.array(0, np.int64)), ("one", np.array(1, np.int64)),
+             ("step", np.array(1, np.int64)), ("ax0", np.array([0], np.int64)),
+             ("three", np.array([3], np.int64)), ("table", table)]
+    m = _model(nodes, [_vi("x", F32, ["N", "T", 3])], [_vi("y", F32, ["NT", 3])], inits)
+    model = gc.onnx.load(m)
+    assert model.needs_sizes
+    with pytest.raises(OnnxImportError, match="depends on the sizes"):
+        model.graph
+    for backend in ("numpy", "llvm") if _has_llvm() else ("numpy",):
+        f = model.compile(backend)
+        for n, t in ((2, 5), (3, 7), (2, 5)):
+            x = RNG.standard_normal((n, t, 3)).astype(np.float32)
+            (got,) = f(x)
+            (want,) = _ort(m, {"x": x})
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got, (x + table[:t]).reshape(n * t, 3), rtol=1e-6)
+    # a size beyond the table is an error naming the Gather's index range, not garbage
+    with pytest.raises(GraphcError):
+        model(RNG.standard_normal((1, 17, 3)).astype(np.float32))
+
+
+def test_lstm_with_a_symbolic_sequence_length_specializes_per_call():
+    m = _dynamic_lstm()
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "T"
+    model = gc.onnx.load(m, batch_dim="N")
+    f = model.compile()
+    for n, t in ((2, 3), (1, 6)):
+        x = RNG.standard_normal((n, t, IN)).astype(np.float32)
+        (got,) = f(x)
+        (want,) = _ort(m, {"x": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

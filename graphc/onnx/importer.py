@@ -148,14 +148,15 @@ class OnnxModel:
         self.producer = producer
         self._fn = None
 
-    _spec = None  # (model, dims, input_shapes, [names], param cache) when deferred
+    _spec = None  # (model, dims, input_shapes, {names}, param cache, sized) when deferred
 
     @classmethod
-    def deferred(cls, model, dims, input_shapes, names, cache):
-        """A model whose shape-like operands read the values of graph inputs `names`.
+    def deferred(cls, model, dims, input_shapes, names, cache, sized=False):
+        """A model whose shape-like operands read the values of graph inputs `names`
+        or, when `sized`, need the sizes its symbolic dimensions take.
 
-        It has no outputs until those values are known: `specialize(**values)`
-        builds a concrete model; calling or compiling it specializes per call.
+        It has no outputs until those are known: `specialize(**values)` builds a
+        concrete model; calling or compiling it specializes per call.
         """
         from ..tensor import input as gc_input
         inputs = []
@@ -168,7 +169,7 @@ class OnnxModel:
                                                               f"graph input {vi.name!r}")))
         self = cls(inputs, None, list(cache.values()), [o.name for o in model.graph.output],
                    default_opset(model), model.producer_name)
-        self._spec = (model, dims, input_shapes, set(names), cache)
+        self._spec = (model, dims, input_shapes, set(names), cache, sized)
         return self
 
     @property
@@ -176,11 +177,24 @@ class OnnxModel:
         """Graph inputs whose values (not just shapes) the graph's structure depends on."""
         return sorted(self._spec[3]) if self._spec else []
 
-    def specialize(self, **values) -> "OnnxModel":
-        """The model with the given graph inputs fixed to these values (as constants)."""
+    @property
+    def needs_sizes(self) -> bool:
+        """True when the graph's structure depends on the sizes its symbolic dimensions
+        take (a Range up to the batch size, arithmetic on a symbol, ...)."""
+        return bool(self._spec and self._spec[5])
+
+    def specialize(self, _sizes=None, **values) -> "OnnxModel":
+        """The model with the given graph inputs fixed to these values (as constants)
+        and, for a model that `needs_sizes`, its symbols fixed to `_sizes`
+        ({symbol: size}; calling the model passes the sizes of its inputs)."""
         if self._spec is None:
             raise OnnxImportError("this model needs no input values to be built")
-        model, dims, input_shapes, names, cache = self._spec
+        model, dims, input_shapes, names, cache, sized = self._spec
+        dims = dict(dims or {})
+        for sym, size in (_sizes or {}).items():
+            dims[sym] = size
+            if dims.get(_BATCH) == sym:
+                dims[_BATCH] = size
         feeds = {k: np.asarray(v) for k, v in values.items()}
         while True:
             missing = names - set(feeds)
@@ -193,10 +207,16 @@ class OnnxModel:
                 if e.names <= set(feeds):
                     raise OnnxImportError(f"{e.where} cannot be resolved") from None
                 names |= e.names
+            except NeedsSizes as e:
+                raise OnnxImportError(e.message) from None
 
     @property
     def graph(self) -> Graph:
         if self.outputs is None:
+            if self.needs_sizes:
+                raise OnnxImportError("the model's graph depends on the sizes of its symbolic "
+                                      "dimensions; load it with dims={symbol: size} or call "
+                                      "specialize(_sizes={symbol: size}) first")
             raise OnnxImportError(f"the model's graph depends on the values of inputs "
                                   f"{self.needs_values}; call specialize(...) first")
         return Graph(self.outputs, self.inputs)
@@ -225,7 +245,10 @@ class OnnxModel:
 
     def __repr__(self):
         ins = ", ".join(f"{i.name}: {i.type}" for i in self.inputs)
-        outs = ", ".join(f"{n}: {o.type}" for n, o in zip(self.output_names, self.outputs))
+        if self.outputs is None:
+            outs = ", ".join(self.output_names) + "; built per call"
+        else:
+            outs = ", ".join(f"{n}: {o.type}" for n, o in zip(self.output_names, self.outputs))
         return (f"<OnnxModel opset {self.opset} ({ins}) -> ({outs}), "
                 f"{len(self.parameters)} parameters>")
 
@@ -244,6 +267,15 @@ class _SpecializingFunction:
             raise TypeError(f"onnx_model: takes {len(names)} inputs, got {len(args)}")
         vals = dict(zip(names, args))
         vals.update(feeds)
+        sizes = {}
+        if self.model.needs_sizes:
+            # the sizes the inputs give their symbols (contradictions are refused by the
+            # compiled function of the specialization, naming the input)
+            for i in self.model.inputs:
+                if i.name in vals:
+                    for d, n in zip(i.shape, np.shape(vals[i.name])):
+                        if isinstance(d, str):
+                            sizes.setdefault(d, int(n))
         while True:
             key_names = sorted(self.model._spec[3])
             statics = {}
@@ -252,12 +284,12 @@ class _SpecializingFunction:
                     raise TypeError(f"onnx_model: missing input {n!r}")
                 statics[n] = np.asarray(vals[n])
             key = tuple((n, statics[n].dtype.str, statics[n].shape, statics[n].tobytes())
-                        for n in key_names)
+                        for n in key_names) + tuple(sorted(sizes.items()))
             f = self._cache.get(key)
             if f is not None:
                 break
             try:
-                spec = self.model.specialize(**statics)
+                spec = self.model.specialize(_sizes=sizes, **statics)
             except _ValuesNeeded:
                 continue  # specialize widened the set of value inputs; retry with it
             f = self._cache[key] = (spec, spec.compile(self.backend, self.optimize))
@@ -270,6 +302,15 @@ class _ValuesNeeded(OnnxImportError):
     def __init__(self, names, msg):
         super().__init__(msg)
         self.names = names
+
+
+class NeedsSizes(Exception):
+    """Internal: the graph's structure needs the sizes of these symbolic dimensions
+    (load builds a model that specializes on them per call)."""
+
+    def __init__(self, symbols, message):
+        super().__init__(message)
+        self.symbols, self.message = set(symbols), message
 
 
 class NeedsInputValues(Exception):
@@ -318,9 +359,8 @@ class Context:
             raise self.error("a required input is missing")
         arr = np.asarray(v)
         if arr.dtype == object:
-            raise self.error(f"a shape value {list(arr.ravel())} holds symbolic dimensions and "
-                             "is used as data; specialize the model with "
-                             "gc.onnx.load(..., dims={symbol: size})")
+            self.need_sizes(arr.ravel(), f"a shape value {list(arr.ravel())} holds symbolic "
+                            "dimensions and is used as data")
         return constant(arr, dtype=dtype if dtype is not None else arr.dtype)
 
     def static(self, v, what: str, allow_symbols=False) -> np.ndarray:
@@ -342,9 +382,18 @@ class Context:
             raise self.error(f"{what} is missing")
         arr = np.asarray(v)
         if arr.dtype == object and not allow_symbols:
-            raise self.error(f"{what} = {list(arr.ravel())} holds symbolic dimensions; specialize "
-                             "the model with gc.onnx.load(..., dims={symbol: size})")
+            self.need_sizes(arr.ravel(), f"{what} = {list(arr.ravel())} holds symbolic "
+                            "dimensions")
         return arr
+
+    def need_sizes(self, dims, what: str) -> None:
+        """Raise NeedsSizes when `dims` holds symbols: the model is then built per call,
+        with the sizes the inputs give them (or with load's dims=)."""
+        syms = {d for d in dims if isinstance(d, str)}
+        if syms:
+            raise NeedsSizes(syms, f"{self.node_desc}: {what}; specialize the model with "
+                                   "gc.onnx.load(..., dims={symbol: size}) or call it (it "
+                                   "specializes on the sizes of its inputs)")
 
     def ints(self, v, what: str, allow_symbols=False) -> list:
         arr = self.static(v, what, allow_symbols)
@@ -506,9 +555,13 @@ def load(source, dims=None, input_shapes=None, batch_dim=None,
     try:
         return _build(model, dims, input_shapes, {}, cache)
     except NeedsInputValues as e:
-        deferred = set(e.names)
-    # Shape-like operands read graph inputs' values: specialize on them per call.
-    return OnnxModel.deferred(model, dims, input_shapes, deferred, cache)
+        # Shape-like operands read graph inputs' values: specialize on them per call.
+        return OnnxModel.deferred(model, dims, input_shapes, set(e.names), cache)
+    except NeedsSizes:
+        # The structure needs the sizes of symbolic dimensions (Range up to the batch
+        # size, arithmetic on a symbol, a symbolic sequence length): per call, on the
+        # sizes the inputs give the symbols.
+        return OnnxModel.deferred(model, dims, input_shapes, set(), cache, sized=True)
 
 
 def _build(model, dims, input_shapes, static_feeds, param_cache):
@@ -607,7 +660,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
                     outs = [outs]
                 if all_static or (not present and n.op_type != "RandomNormal"):
                     outs = _fold(outs, ctx)
-        except (OnnxImportError, NeedsInputValues):
+        except (OnnxImportError, NeedsInputValues, NeedsSizes):
             raise
         except (GraphcError, ValueError, TypeError, IndexError, KeyError) as e:
             raise OnnxImportError(f"{ctx.node_desc}: {e}") from e

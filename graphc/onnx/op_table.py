@@ -53,9 +53,7 @@ def _shape(v):
 
 
 def _concrete(ctx, shape, what):
-    if any(isinstance(d, str) for d in shape):
-        raise ctx.error(f"{what} needs concrete sizes, got {shape}; specialize the model with "
-                        "gc.onnx.load(..., dims={symbol: size})")
+    ctx.need_sizes(shape, f"{what} needs concrete sizes, got {tuple(shape)}")
     return tuple(shape)
 
 
