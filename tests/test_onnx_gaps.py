@@ -347,3 +347,26 @@ def test_lstm_with_a_symbolic_sequence_length_specializes_per_call():
         (got,) = f(x)
         (want,) = _ort(m, {"x": x})
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_float_mod_at_run_time_edge_values():
+    # C's fmod and NumPy's mod on infinities, NaNs and zero divisors, and a quotient
+    # beyond int64 (no overflowing cast)
+    a = np.array([3.5, -3.5, np.inf, 1.0, np.nan, 1.0, 1e30, -7.0], np.float64)
+    b = np.array([np.inf, -np.inf, 2.0, 0.0, 2.0, np.nan, 3.0, 1e-300], np.float64)
+    for fmod in (0, 1):
+        m = _model([helper.make_node("Mod", ["a", "b"], ["y"], fmod=fmod)],
+                   [_vi("a", TensorProto.DOUBLE, [8]), _vi("b", TensorProto.DOUBLE, [8])],
+                   [_vi("y", TensorProto.DOUBLE, [8])])
+        with np.errstate(all="ignore"):
+            want = np.fmod(a, b) if fmod else np.mod(a, b)
+        (got,) = gc.onnx.load(m)(a, b)
+        ok = ~np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got), ~ok)
+        # 1e30 mod 3 and -7 mod 1e-300: quotients beyond 2**52 are already integers in
+        # float64, and the remainder is off by up to a's rounding (documented)
+        with np.errstate(all="ignore"):
+            close = ok & (np.abs(a / b) < 2.0 ** 52)
+        np.testing.assert_allclose(got[close], want[close], rtol=1e-12)
+        assert abs(got[6] - want[6]) <= np.spacing(1e30) * 4
+        assert abs(got[7] - want[7]) <= np.spacing(7.0) * 4

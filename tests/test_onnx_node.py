@@ -65,15 +65,10 @@ _ARGMAX = "MaxPool's Indices output is not supported"
 _RANDOM = "Dropout in training mode draws a random mask (the reference seeds NumPy's RNG)"
 _NOT_TENSOR = "sequence and optional types are not supported"
 
-_MOD_EDGES = ("run-time float Mod is built from division (a - trunc(a / b) * b): an infinite "
-              "divisor, a NaN or a signed zero do not give C's fmod results")
-
 EXCLUDED = {
     "test_mod_float16_mixed_sign_fmod_0": _dtype("FLOAT16"),
     "test_mod_mixed_sign_float16": _dtype("FLOAT16"),
     "test_mod_float_edge_cases_fmod_0_float16": _dtype("FLOAT16"),
-    "test_mod_float_edge_cases_fmod_0_float32": _MOD_EDGES,
-    "test_mod_float_edge_cases_fmod_0_float64": _MOD_EDGES,
     "test_mod_mixed_sign_int8": _dtype("INT8"),
     "test_mod_mixed_sign_int16": _dtype("INT16"),
     "test_mod_uint8": _dtype("UINT8"),

@@ -98,13 +98,25 @@ op("Div")(_binary(_trunc_div))
 
 
 def _fmod_nodes(a, b):
-    """C's fmod (the sign of a): a - trunc(a / b) * b.  For integers the quotient
-    truncates exactly; for floats trunc goes through int64 (exact for |a / b| < 2**63,
-    the result rounded as a - q * b is, not exactly as C's fmod)."""
+    """C's fmod (the sign of a): a - trunc(a / b) * b.
+
+    Integers: the quotient truncates exactly.  Floats: trunc goes through int64 where
+    |a / b| < 2**mantissa (above, the float quotient is already an integer); the
+    result is rounded as a - q * b is, not exact as C's fmod, and a quotient that
+    rounds up to an integer gives a remainder off by b.  fmod(a, ±inf) = a;
+    fmod(±inf, b), fmod(a, 0) and NaN operands give NaN, as in C."""
     if a.dtype.kind != "f":
         return a - _trunc_div(a, b) * b
-    q = gc.cast(gc.cast(a / b, dt.int64), a.dtype)
-    return a - q * b
+    q = a / b
+    exact = _const_like(2.0 ** (52 if a.dtype == dt.float64 else 23), a)
+    small = gc.less(gc.abs(q), exact)
+    qt = gc.where(small, gc.cast(gc.cast(gc.where(small, q, _const_like(0, a)), dt.int64),
+                                 a.dtype), q)
+    r = a - qt * b
+    inf, nan = _const_like(np.inf, a), _const_like(np.nan, a)
+    r = gc.where(gc.equal(gc.abs(b), inf), a, r)
+    r = gc.where(gc.equal(b, _const_like(0, a)), nan, r)
+    return gc.where(gc.equal(gc.abs(a), inf), nan, r)
 
 
 @op("Mod")
