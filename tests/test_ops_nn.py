@@ -682,3 +682,33 @@ def test_local_response_norm_rejects_bad_attributes(kwargs, match):
         gc.local_response_norm(x, **kwargs)
     with pytest.raises(GraphcError, match="rank >= 2"):
         gc.local_response_norm(gc.input("v", (4,)), 3)
+
+
+def test_local_response_norm_and_gradient_on_llvm_and_the_cuda_emulator():
+    # a composite of existing ops: every backend runs it, forward and backward
+    import shutil
+    x = gc.input("x", (2, 5, 3, 3))
+    y = gc.local_response_norm(x, 4, alpha=0.5, beta=0.75, bias=1.5)
+    (g,) = gc.grad(gc.sum(gc.square(y)), [x])
+    v = RNG.standard_normal((2, 5, 3, 3)).astype(np.float32)
+    want = gc.compile([x], [y, g], backend="numpy")(v)
+    np.testing.assert_allclose(want[0], ref_lrn(v, 4, 0.5, 0.75, 1.5), rtol=2e-6, atol=1e-6)
+    backends = []
+    try:
+        import graphc.backends.llvm  # noqa: F401
+        backends.append("llvm")
+    except Exception:
+        pass
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        backends.append("cuda")
+    if not backends:
+        pytest.skip("neither the llvm backend nor a host C++ compiler is available")
+    from graphc.backends import cuda as C
+    for backend in backends:
+        C.set_options(emulate=True if backend == "cuda" else None)
+        try:
+            got = gc.compile([x], [y, g], backend=backend)(v)
+        finally:
+            C.set_options(emulate=None)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=backend)
