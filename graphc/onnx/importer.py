@@ -6,7 +6,12 @@ only from those) or a graphc node.  Operators whose inputs are all known are
 evaluated right away (with graphc's own NumPy reference), which resolves the
 Shape → Gather → Concat → Reshape chains exporters emit.  Shapes with symbolic
 dimensions are known too, as object arrays holding ints and symbol names; only
-a few shape-arithmetic operators handle those (see `op_table.SYMBOLIC`).
+a few shape-arithmetic operators handle those (see `op_table.SYMBOLIC`), and
+ConstantOfShape of such a shape becomes a broadcast node.  When the structure
+needs a symbol's size (NeedsSizes), the model is built per call on the sizes
+the inputs give the symbols.  Operators without a converter are folded with
+ONNX's reference evaluator when their inputs are all known; the ones left are
+reported together as an UnsupportedOperatorError.
 
 Float initializers become `gc.Parameter`s (so an imported model can be
 fine-tuned with gc.grad); integer and boolean initializers are constants.
