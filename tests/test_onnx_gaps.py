@@ -181,6 +181,14 @@ def test_unconverted_operator_of_constants_folds_before_the_scan():
         gc.onnx.load(m)
     assert "ReduceProd (domain ai.onnx): 1 node(s): rp" in str(ei.value)
     assert "Hardmax (domain ai.onnx): 1 node(s): hm" in str(ei.value)
+    # a random operator is never folded into a constant, even of known inputs
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Cast", ["s"], ["sf"], to=F32),
+             helper.make_node("RandomUniformLike", ["sf"], ["r"], name="noise"),
+             helper.make_node("Add", ["x", "r"], ["y"])]
+    m = _model(nodes, [_vi("x", F32, [2])], [_vi("y", F32, [2])])
+    with pytest.raises(UnsupportedOperatorError, match="RandomUniformLike.*noise"):
+        gc.onnx.load(m)
 
 
 @pytest.mark.parametrize("fmod", [0, 1])

@@ -443,6 +443,11 @@ def _unsupported_error(bad) -> UnsupportedOperatorError:
         + "\n".join(lines), dict(bad))
 
 
+# Operators whose value differs per run: never folded into a constant at load time.
+_RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal",
+                         "RandomNormalLike", "Multinomial", "Bernoulli"})
+
+
 class _Unsupported:
     """The value of an output of an unsupported node (or of a node that reads one):
     its consumers are skipped, so the import goes on to list every unsupported node."""
@@ -638,6 +643,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
         symbolic = all_static and any(np.asarray(a).dtype == object for a in present)
         known = n.domain in ("", "ai.onnx") and n.op_type in OPS
         foldable = (all_static and not symbolic and n.domain in ("", "ai.onnx")
+                    and n.op_type not in _RANDOM_OPS
                     and not any(a.type == a.GRAPH for a in n.attribute))
         if not known and not foldable:
             unsupported.setdefault((n.domain or "ai.onnx", n.op_type), []).append(
