@@ -377,3 +377,22 @@ def test_float_mod_at_run_time_edge_values():
         np.testing.assert_allclose(got[close], want[close], rtol=1e-12)
         assert abs(got[6] - want[6]) <= np.spacing(1e30) * 4
         assert abs(got[7] - want[7]) <= np.spacing(7.0) * 4
+
+
+def test_unsupported_operator_after_a_symbol_sized_node_is_reported_at_load():
+    # Range over a symbolic size makes the model build per call; an unsupported
+    # operator on run-time data is still reported when the model is loaded
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+             helper.make_node("Cast", ["r"], ["rf"], to=F32),
+             helper.make_node("Add", ["x", "rf"], ["h"]),
+             helper.make_node("Hardmax", ["h"], ["y"], name="hm")]
+    inits = [("zero", np.array(0, np.int64)), ("one", np.array(1, np.int64))]
+    m = _model(nodes, [_vi("x", F32, ["N"])], [_vi("y", F32, ["N"])], inits)
+    with pytest.raises(UnsupportedOperatorError, match="Hardmax.*hm"):
+        gc.onnx.load(m)
+    # without the Hardmax, it loads and runs per size
+    m = _model(nodes[:-1], [_vi("x", F32, ["N"])], [_vi("h", F32, ["N"])], inits)
+    x = RNG.standard_normal(4).astype(np.float32)
+    np.testing.assert_allclose(gc.onnx.load(m)(x)[0], x + np.arange(4))

@@ -566,16 +566,22 @@ def load(source, dims=None, input_shapes=None, batch_dim=None,
         return _build(model, dims, input_shapes, {}, cache)
     except NeedsInputValues as e:
         # Shape-like operands read graph inputs' values: specialize on them per call.
+        _build(model, dims, input_shapes, {}, cache, scan_only=True)
         return OnnxModel.deferred(model, dims, input_shapes, set(e.names), cache)
     except NeedsSizes:
         # The structure needs the sizes of symbolic dimensions (Range up to the batch
         # size, arithmetic on a symbol, a symbolic sequence length): per call, on the
         # sizes the inputs give the symbols.
+        _build(model, dims, input_shapes, {}, cache, scan_only=True)
         return OnnxModel.deferred(model, dims, input_shapes, set(), cache, sized=True)
 
 
-def _build(model, dims, input_shapes, static_feeds, param_cache):
-    """Build graphc nodes for `model`; inputs named in static_feeds take those values."""
+def _build(model, dims, input_shapes, static_feeds, param_cache, scan_only=False):
+    """Build graphc nodes for `model`; inputs named in static_feeds take those values.
+
+    scan_only: only look for unsupported operators (raising UnsupportedOperatorError),
+    passing over the nodes that need input values or symbol sizes, so that a model
+    built per call still reports an unsupported operator when it is loaded."""
     from onnx import numpy_helper
     from ..tensor import Parameter, input as gc_input
     from .op_table import OPS, SYMBOLIC
@@ -652,7 +658,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             for name in n.output:
                 values[name] = _UNSUPPORTED
             continue
-        if unsupported and not all_static:
+        if unsupported and (not all_static or symbolic):
             # the import fails anyway: do not build graph nodes, only find the rest
             for name in n.output:
                 values[name] = _UNSUPPORTED
@@ -671,7 +677,13 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
                     outs = [outs]
                 if all_static or (not present and n.op_type != "RandomNormal"):
                     outs = _fold(outs, ctx)
-        except (OnnxImportError, NeedsInputValues, NeedsSizes):
+        except (NeedsInputValues, NeedsSizes):
+            if not scan_only:
+                raise
+            for name in n.output:   # unknown until specialized; its users are passed over
+                values[name] = _UNSUPPORTED
+            continue
+        except OnnxImportError:
             raise
         except (GraphcError, ValueError, TypeError, IndexError, KeyError) as e:
             raise OnnxImportError(f"{ctx.node_desc}: {e}") from e
@@ -685,6 +697,8 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             values[name] = outs[k]
     if unsupported:
         raise _unsupported_error(unsupported)
+    if scan_only:
+        return None
     outputs, names = [], []
     for vi in graph.output:
         if vi.name not in values:
