@@ -396,3 +396,21 @@ def test_unsupported_operator_after_a_symbol_sized_node_is_reported_at_load():
     m = _model(nodes[:-1], [_vi("x", F32, ["N"])], [_vi("h", F32, ["N"])], inits)
     x = RNG.standard_normal(4).astype(np.float32)
     np.testing.assert_allclose(gc.onnx.load(m)(x)[0], x + np.arange(4))
+
+
+def test_imported_alexnet_like_model_trains():
+    # LRN's gradient in a whole AlexNet-style network: a few SGD steps on the
+    # imported parameters lower the loss on a fixed batch
+    from graphc.onnx.zoo import alexnet_like
+    model = gc.onnx.load(alexnet_like(), dims={"N": 4})
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    labels = gc.input("labels", (4,), dtype="int64")
+    loss = gc.cross_entropy(gc.log(model.outputs[0]), labels)   # the model ends in Softmax
+    params = [p for p in model.parameters if p.value.ndim > 1]
+    grads = gc.grad(loss, params)
+    step = gc.compile(model.inputs + [labels], loss,
+                      updates={p: p - 0.05 * g for p, g in zip(params, grads)})
+    y = np.array([1, 3, 5, 7])
+    losses = [float(step(x, y)) for _ in range(4)]
+    assert losses[-1] < losses[0] * 0.9, losses
