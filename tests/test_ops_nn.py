@@ -624,3 +624,91 @@ def test_against_torch_when_installed():
     np.testing.assert_allclose(got[0], want.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got[1], trm.numpy(), rtol=1e-12)
     np.testing.assert_allclose(got[2], trv.numpy(), rtol=1e-12)
+
+
+# ------------------------------------------------------------------ local response norm
+def ref_lrn(x, size, alpha, beta, bias):
+    """ONNX LRN by explicit loops in float64: for every (n, c, pixel) sum the squares of
+    the channels c - floor((size-1)/2) .. c + ceil((size-1)/2) that exist."""
+    x = np.asarray(x, np.float64)
+    n_, c_ = x.shape[:2]
+    flat = x.reshape(n_, c_, -1)
+    out = np.empty_like(flat)
+    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+    for n in range(n_):
+        for c in range(c_):
+            for p in range(flat.shape[2]):
+                s = 0.0
+                for j in range(c - lo, c + hi + 1):
+                    if 0 <= j < c_:
+                        s += flat[n, j, p] ** 2
+                out[n, c, p] = flat[n, c, p] / (bias + alpha / size * s) ** beta
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("size,shape", [(5, (2, 7, 3, 3)), (3, (1, 4, 2, 5)), (1, (2, 3, 2, 2)),
+                                        (4, (2, 6, 3, 2)), (9, (1, 3, 2, 2)), (2, (2, 5, 4))])
+def test_local_response_norm_matches_loop_reference(size, shape):
+    # even sizes (4, 2): the extra channel comes after c, as ONNX specifies; 9 > C
+    x = RNG.standard_normal(shape).astype(np.float32) * 3
+    got = run(lambda a: gc.local_response_norm(a, size, alpha=0.3, beta=0.75, bias=2.0), x)
+    np.testing.assert_allclose(got, ref_lrn(x, size, 0.3, 0.75, 2.0), rtol=2e-6, atol=1e-6)
+
+
+def test_local_response_norm_gradient_matches_finite_differences():
+    x = RNG.standard_normal((2, 6, 2, 3))
+    gc.check_grad(lambda a: gc.local_response_norm(a, 3, alpha=0.5, beta=0.75, bias=1.5), [x])
+    gc.check_grad(lambda a: gc.local_response_norm(a, 4, alpha=2.0, beta=0.6, bias=1.0), [x])
+
+
+def test_local_response_norm_module_and_symbolic_batch():
+    m = gc.nn.LocalResponseNorm(5, alpha=1e-3, beta=0.75, k=2.0)
+    x = gc.input("x", ("N", 6, 3, 3))
+    f = gc.compile([x], m(x))
+    for n in (1, 3):
+        v = RNG.standard_normal((n, 6, 3, 3)).astype(np.float32)
+        np.testing.assert_allclose(f(v), ref_lrn(v, 5, 1e-3, 0.75, 2.0), rtol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(size=0), "size must be a positive int"),
+    (dict(size=-3), "size must be a positive int"),
+    (dict(size=2.5), "size must be a positive int"),
+    (dict(size=3, beta=float("nan")), "beta must be a finite number"),
+])
+def test_local_response_norm_rejects_bad_attributes(kwargs, match):
+    x = gc.input("x", (1, 4, 2, 2))
+    with pytest.raises(GraphcError, match=match):
+        gc.local_response_norm(x, **kwargs)
+    with pytest.raises(GraphcError, match="rank >= 2"):
+        gc.local_response_norm(gc.input("v", (4,)), 3)
+
+
+def test_local_response_norm_and_gradient_on_llvm_and_the_cuda_emulator():
+    # a composite of existing ops: every backend runs it, forward and backward
+    import shutil
+    x = gc.input("x", (2, 5, 3, 3))
+    y = gc.local_response_norm(x, 4, alpha=0.5, beta=0.75, bias=1.5)
+    (g,) = gc.grad(gc.sum(gc.square(y)), [x])
+    v = RNG.standard_normal((2, 5, 3, 3)).astype(np.float32)
+    want = gc.compile([x], [y, g], backend="numpy")(v)
+    np.testing.assert_allclose(want[0], ref_lrn(v, 4, 0.5, 0.75, 1.5), rtol=2e-6, atol=1e-6)
+    backends = []
+    try:
+        import graphc.backends.llvm  # noqa: F401
+        backends.append("llvm")
+    except Exception:
+        pass
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        backends.append("cuda")
+    if not backends:
+        pytest.skip("neither the llvm backend nor a host C++ compiler is available")
+    from graphc.backends import cuda as C
+    for backend in backends:
+        C.set_options(emulate=True if backend == "cuda" else None)
+        try:
+            got = gc.compile([x], [y, g], backend=backend)(v)
+        finally:
+            C.set_options(emulate=None)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=backend)

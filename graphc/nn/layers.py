@@ -33,6 +33,7 @@ from .module import Module, auto_named
 __all__ = ["Identity", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm1d",
            "BatchNorm2d", "Dropout", "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",
            "ELU", "SiLU", "Softplus", "Softmax", "LogSoftmax", "Embedding", "LayerNorm",
+           "LocalResponseNorm",
            "Sequential", "ModuleList"]
 
 
@@ -280,6 +281,20 @@ class Flatten(Module):
 
 
 # ------------------------------------------------------------------ activations
+class LocalResponseNorm(Module):
+    """Local response normalization across channels (see gc.local_response_norm)."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x):
+        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+
+    def extra_repr(self):
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
 class ReLU(Module):
     def forward(self, x):
         return A.relu(x)

@@ -6,7 +6,12 @@ only from those) or a graphc node.  Operators whose inputs are all known are
 evaluated right away (with graphc's own NumPy reference), which resolves the
 Shape → Gather → Concat → Reshape chains exporters emit.  Shapes with symbolic
 dimensions are known too, as object arrays holding ints and symbol names; only
-a few shape-arithmetic operators handle those (see `op_table.SYMBOLIC`).
+a few shape-arithmetic operators handle those (see `op_table.SYMBOLIC`), and
+ConstantOfShape of such a shape becomes a broadcast node.  When the structure
+needs a symbol's size (NeedsSizes), the model is built per call on the sizes
+the inputs give the symbols.  Operators without a converter are folded with
+ONNX's reference evaluator when their inputs are all known; the ones left are
+reported together as an UnsupportedOperatorError.
 
 Float initializers become `gc.Parameter`s (so an imported model can be
 fine-tuned with gc.grad); integer and boolean initializers are constants.
@@ -148,14 +153,15 @@ class OnnxModel:
         self.producer = producer
         self._fn = None
 
-    _spec = None  # (model, dims, input_shapes, [names], param cache) when deferred
+    _spec = None  # (model, dims, input_shapes, {names}, param cache, sized) when deferred
 
     @classmethod
-    def deferred(cls, model, dims, input_shapes, names, cache):
-        """A model whose shape-like operands read the values of graph inputs `names`.
+    def deferred(cls, model, dims, input_shapes, names, cache, sized=False):
+        """A model whose shape-like operands read the values of graph inputs `names`
+        or, when `sized`, need the sizes its symbolic dimensions take.
 
-        It has no outputs until those values are known: `specialize(**values)`
-        builds a concrete model; calling or compiling it specializes per call.
+        It has no outputs until those are known: `specialize(**values)` builds a
+        concrete model; calling or compiling it specializes per call.
         """
         from ..tensor import input as gc_input
         inputs = []
@@ -168,7 +174,7 @@ class OnnxModel:
                                                               f"graph input {vi.name!r}")))
         self = cls(inputs, None, list(cache.values()), [o.name for o in model.graph.output],
                    default_opset(model), model.producer_name)
-        self._spec = (model, dims, input_shapes, set(names), cache)
+        self._spec = (model, dims, input_shapes, set(names), cache, sized)
         return self
 
     @property
@@ -176,11 +182,24 @@ class OnnxModel:
         """Graph inputs whose values (not just shapes) the graph's structure depends on."""
         return sorted(self._spec[3]) if self._spec else []
 
-    def specialize(self, **values) -> "OnnxModel":
-        """The model with the given graph inputs fixed to these values (as constants)."""
+    @property
+    def needs_sizes(self) -> bool:
+        """True when the graph's structure depends on the sizes its symbolic dimensions
+        take (a Range up to the batch size, arithmetic on a symbol, ...)."""
+        return bool(self._spec and self._spec[5])
+
+    def specialize(self, _sizes=None, **values) -> "OnnxModel":
+        """The model with the given graph inputs fixed to these values (as constants)
+        and, for a model that `needs_sizes`, its symbols fixed to `_sizes`
+        ({symbol: size}; calling the model passes the sizes of its inputs)."""
         if self._spec is None:
             raise OnnxImportError("this model needs no input values to be built")
-        model, dims, input_shapes, names, cache = self._spec
+        model, dims, input_shapes, names, cache, sized = self._spec
+        dims = dict(dims or {})
+        for sym, size in (_sizes or {}).items():
+            dims[sym] = size
+            if dims.get(_BATCH) == sym:
+                dims[_BATCH] = size
         feeds = {k: np.asarray(v) for k, v in values.items()}
         while True:
             missing = names - set(feeds)
@@ -193,10 +212,16 @@ class OnnxModel:
                 if e.names <= set(feeds):
                     raise OnnxImportError(f"{e.where} cannot be resolved") from None
                 names |= e.names
+            except NeedsSizes as e:
+                raise OnnxImportError(e.message) from None
 
     @property
     def graph(self) -> Graph:
         if self.outputs is None:
+            if self.needs_sizes:
+                raise OnnxImportError("the model's graph depends on the sizes of its symbolic "
+                                      "dimensions; load it with dims={symbol: size} or call "
+                                      "specialize(_sizes={symbol: size}) first")
             raise OnnxImportError(f"the model's graph depends on the values of inputs "
                                   f"{self.needs_values}; call specialize(...) first")
         return Graph(self.outputs, self.inputs)
@@ -225,7 +250,10 @@ class OnnxModel:
 
     def __repr__(self):
         ins = ", ".join(f"{i.name}: {i.type}" for i in self.inputs)
-        outs = ", ".join(f"{n}: {o.type}" for n, o in zip(self.output_names, self.outputs))
+        if self.outputs is None:
+            outs = ", ".join(self.output_names) + "; built per call"
+        else:
+            outs = ", ".join(f"{n}: {o.type}" for n, o in zip(self.output_names, self.outputs))
         return (f"<OnnxModel opset {self.opset} ({ins}) -> ({outs}), "
                 f"{len(self.parameters)} parameters>")
 
@@ -244,6 +272,15 @@ class _SpecializingFunction:
             raise TypeError(f"onnx_model: takes {len(names)} inputs, got {len(args)}")
         vals = dict(zip(names, args))
         vals.update(feeds)
+        sizes = {}
+        if self.model.needs_sizes:
+            # the sizes the inputs give their symbols (contradictions are refused by the
+            # compiled function of the specialization, naming the input)
+            for i in self.model.inputs:
+                if i.name in vals:
+                    for d, n in zip(i.shape, np.shape(vals[i.name])):
+                        if isinstance(d, str):
+                            sizes.setdefault(d, int(n))
         while True:
             key_names = sorted(self.model._spec[3])
             statics = {}
@@ -252,12 +289,12 @@ class _SpecializingFunction:
                     raise TypeError(f"onnx_model: missing input {n!r}")
                 statics[n] = np.asarray(vals[n])
             key = tuple((n, statics[n].dtype.str, statics[n].shape, statics[n].tobytes())
-                        for n in key_names)
+                        for n in key_names) + tuple(sorted(sizes.items()))
             f = self._cache.get(key)
             if f is not None:
                 break
             try:
-                spec = self.model.specialize(**statics)
+                spec = self.model.specialize(_sizes=sizes, **statics)
             except _ValuesNeeded:
                 continue  # specialize widened the set of value inputs; retry with it
             f = self._cache[key] = (spec, spec.compile(self.backend, self.optimize))
@@ -270,6 +307,15 @@ class _ValuesNeeded(OnnxImportError):
     def __init__(self, names, msg):
         super().__init__(msg)
         self.names = names
+
+
+class NeedsSizes(Exception):
+    """Internal: the graph's structure needs the sizes of these symbolic dimensions
+    (load builds a model that specializes on them per call)."""
+
+    def __init__(self, symbols, message):
+        super().__init__(message)
+        self.symbols, self.message = set(symbols), message
 
 
 class NeedsInputValues(Exception):
@@ -318,9 +364,8 @@ class Context:
             raise self.error("a required input is missing")
         arr = np.asarray(v)
         if arr.dtype == object:
-            raise self.error(f"a shape value {list(arr.ravel())} holds symbolic dimensions and "
-                             "is used as data; specialize the model with "
-                             "gc.onnx.load(..., dims={symbol: size})")
+            self.need_sizes(arr.ravel(), f"a shape value {list(arr.ravel())} holds symbolic "
+                            "dimensions and is used as data")
         return constant(arr, dtype=dtype if dtype is not None else arr.dtype)
 
     def static(self, v, what: str, allow_symbols=False) -> np.ndarray:
@@ -342,9 +387,18 @@ class Context:
             raise self.error(f"{what} is missing")
         arr = np.asarray(v)
         if arr.dtype == object and not allow_symbols:
-            raise self.error(f"{what} = {list(arr.ravel())} holds symbolic dimensions; specialize "
-                             "the model with gc.onnx.load(..., dims={symbol: size})")
+            self.need_sizes(arr.ravel(), f"{what} = {list(arr.ravel())} holds symbolic "
+                            "dimensions")
         return arr
+
+    def need_sizes(self, dims, what: str) -> None:
+        """Raise NeedsSizes when `dims` holds symbols: the model is then built per call,
+        with the sizes the inputs give them (or with load's dims=)."""
+        syms = {d for d in dims if isinstance(d, str)}
+        if syms:
+            raise NeedsSizes(syms, f"{self.node_desc}: {what}; specialize the model with "
+                                   "gc.onnx.load(..., dims={symbol: size}) or call it (it "
+                                   "specializes on the sizes of its inputs)")
 
     def ints(self, v, what: str, allow_symbols=False) -> list:
         arr = self.static(v, what, allow_symbols)
@@ -379,20 +433,49 @@ def _attrs(node) -> dict:
     return out
 
 
-def _check_supported(graph, model):
-    from .op_table import OPS
-    bad: OrderedDict = OrderedDict()
-    for i, n in enumerate(graph.node):
-        if n.domain not in ("", "ai.onnx") or n.op_type not in OPS:
-            key = (n.domain or "ai.onnx", n.op_type)
-            bad.setdefault(key, []).append(n.name or f"#{i}")
-    if bad:
-        lines = [f"  {op} (domain {dom}): {len(names)} node(s): "
-                 + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-                 for (dom, op), names in bad.items()]
-        raise UnsupportedOperatorError(
-            f"the ONNX model uses {len(bad)} operator type(s) graphc cannot import:\n"
-            + "\n".join(lines), dict(bad))
+def _unsupported_error(bad) -> UnsupportedOperatorError:
+    """One error listing every operator type left unsupported (after load-time folding)."""
+    lines = [f"  {op} (domain {dom}): {len(names)} node(s): "
+             + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+             for (dom, op), names in bad.items()]
+    return UnsupportedOperatorError(
+        f"the ONNX model uses {len(bad)} operator type(s) graphc cannot import:\n"
+        + "\n".join(lines), dict(bad))
+
+
+# Operators whose value differs per run: never folded into a constant at load time.
+_RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal",
+                         "RandomNormalLike", "Multinomial", "Bernoulli"})
+
+
+class _Unsupported:
+    """The value of an output of an unsupported node (or of a node that reads one):
+    its consumers are skipped, so the import goes on to list every unsupported node."""
+
+
+_UNSUPPORTED = _Unsupported()
+
+
+def _fold_with_reference(n, args, ctx):
+    """Evaluate an operator graphc has no converter for, whose inputs are all known at
+    load time, with ONNX's own reference implementation (a PyTorch export's Mod of
+    constants, shape arithmetic, ...).  Its outputs are load-time constants."""
+    from onnx.reference import ReferenceEvaluator
+    feeds = {name: np.asarray(a) for name, a in zip(n.input, args) if name}
+    try:
+        outs = ReferenceEvaluator(n, opsets={"": ctx.opset}).run(None, feeds)
+    except Exception as e:  # the reference raises assorted types for bad operands
+        raise ctx.error(f"evaluating it at load time (its inputs are all constants) "
+                        f"failed: {type(e).__name__}: {e}") from None
+    res = []
+    for o in outs:
+        o = np.asarray(o)
+        if o.dtype not in dt.SUPPORTED:
+            raise ctx.error(f"it computes a load-time value of dtype {o.dtype}, which graphc "
+                            "does not hold")
+        ctx.check_size(o.shape, o.dtype, "the value it computes")
+        res.append(o)
+    return res
 
 
 def _shape_value(v):
@@ -478,22 +561,34 @@ def load(source, dims=None, input_shapes=None, batch_dim=None,
     if batch_dim is not None:
         dims[_BATCH] = batch_dim
     model = read_model(source)
-    _check_supported(model.graph, model)
     cache: dict = {}
     try:
         return _build(model, dims, input_shapes, {}, cache)
     except NeedsInputValues as e:
-        deferred = set(e.names)
-    # Shape-like operands read graph inputs' values: specialize on them per call.
-    return OnnxModel.deferred(model, dims, input_shapes, deferred, cache)
+        # Shape-like operands read graph inputs' values: specialize on them per call.
+        _build(model, dims, input_shapes, {}, cache, scan_only=True)
+        return OnnxModel.deferred(model, dims, input_shapes, set(e.names), cache)
+    except NeedsSizes:
+        # The structure needs the sizes of symbolic dimensions (Range up to the batch
+        # size, arithmetic on a symbol, a symbolic sequence length): per call, on the
+        # sizes the inputs give the symbols.
+        _build(model, dims, input_shapes, {}, cache, scan_only=True)
+        return OnnxModel.deferred(model, dims, input_shapes, set(), cache, sized=True)
 
 
-def _build(model, dims, input_shapes, static_feeds, param_cache):
-    """Build graphc nodes for `model`; inputs named in static_feeds take those values."""
+def _build(model, dims, input_shapes, static_feeds, param_cache, scan_only=False):
+    """Build graphc nodes for `model`; inputs named in static_feeds take those values.
+
+    scan_only: only look for unsupported operators (raising UnsupportedOperatorError),
+    passing over the nodes that need input values or symbol sizes, so that a model
+    built per call still reports an unsupported operator when it is loaded."""
     from onnx import numpy_helper
     from ..tensor import Parameter, input as gc_input
     from .op_table import OPS, SYMBOLIC
     graph = model.graph
+    # Operators graphc has no converter for are evaluated at load time when their
+    # inputs are all known; the rest are collected here and reported together.
+    unsupported: OrderedDict = OrderedDict()
     opset = default_opset(model)
     dims = dict(dims or {})
     input_shapes = dict(input_shapes or {})
@@ -548,21 +643,47 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             else:
                 raise OnnxImportError(f"{ctx.node_desc}: input {name!r} is not produced by any "
                                       "earlier node, initializer or graph input")
-        attrs = _attrs(n)
         present = [a for a in args if a is not None]
-        all_static = bool(present) and not any(isinstance(a, Node) for a in present)
+        all_static = bool(present) and not any(isinstance(a, (Node, _Unsupported))
+                                               for a in present)
         symbolic = all_static and any(np.asarray(a).dtype == object for a in present)
+        known = n.domain in ("", "ai.onnx") and n.op_type in OPS
+        foldable = (all_static and not symbolic and n.domain in ("", "ai.onnx")
+                    and n.op_type not in _RANDOM_OPS
+                    and not any(a.type == a.GRAPH for a in n.attribute))
+        if not known and not foldable:
+            unsupported.setdefault((n.domain or "ai.onnx", n.op_type), []).append(
+                n.name or f"#{i}")
+        if (not known and not foldable) or any(a is _UNSUPPORTED for a in present):
+            for name in n.output:
+                values[name] = _UNSUPPORTED
+            continue
+        if unsupported and (not all_static or symbolic):
+            # the import fails anyway: do not build graph nodes, only find the rest
+            for name in n.output:
+                values[name] = _UNSUPPORTED
+            continue
+        attrs = _attrs(n)
         try:
-            if symbolic and n.op_type in SYMBOLIC:
+            if not known:
+                outs = _fold_with_reference(n, args, ctx)
+            elif symbolic and n.op_type in SYMBOLIC:
                 outs = SYMBOLIC[n.op_type](ctx, args, attrs)
-                outs = [_shape_value(o) for o in (outs if isinstance(outs, list) else [outs])]
+                outs = [o if isinstance(o, Node) else _shape_value(o)
+                        for o in (outs if isinstance(outs, list) else [outs])]
             else:
                 outs = OPS[n.op_type](ctx, args, attrs)
                 if not isinstance(outs, (list, tuple)):
                     outs = [outs]
                 if all_static or (not present and n.op_type != "RandomNormal"):
                     outs = _fold(outs, ctx)
-        except (OnnxImportError, NeedsInputValues):
+        except (NeedsInputValues, NeedsSizes):
+            if not scan_only:
+                raise
+            for name in n.output:   # unknown until specialized; its users are passed over
+                values[name] = _UNSUPPORTED
+            continue
+        except OnnxImportError:
             raise
         except (GraphcError, ValueError, TypeError, IndexError, KeyError) as e:
             raise OnnxImportError(f"{ctx.node_desc}: {e}") from e
@@ -574,6 +695,10 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             if k >= len(outs) or outs[k] is None:
                 raise OnnxImportError(f"{ctx.node_desc}: output {k} ({name!r}) is not supported")
             values[name] = outs[k]
+    if unsupported:
+        raise _unsupported_error(unsupported)
+    if scan_only:
+        return None
     outputs, names = [], []
     for vi in graph.output:
         if vi.name not in values:

@@ -53,9 +53,7 @@ def _shape(v):
 
 
 def _concrete(ctx, shape, what):
-    if any(isinstance(d, str) for d in shape):
-        raise ctx.error(f"{what} needs concrete sizes, got {shape}; specialize the model with "
-                        "gc.onnx.load(..., dims={symbol: size})")
+    ctx.need_sizes(shape, f"{what} needs concrete sizes, got {tuple(shape)}")
     return tuple(shape)
 
 
@@ -97,6 +95,59 @@ def _trunc_div(a, b):
 
 
 op("Div")(_binary(_trunc_div))
+
+
+def _fmod_nodes(a, b):
+    """C's fmod (the sign of a): a - trunc(a / b) * b.
+
+    Integers: the quotient truncates exactly.  Floats: trunc goes through int64 where
+    |a / b| < 2**mantissa (above, the float quotient is already an integer); the
+    result is rounded as a - q * b is, not exact as C's fmod, and a quotient that
+    rounds up to an integer gives a remainder off by b.  fmod(a, ±inf) = a;
+    fmod(±inf, b), fmod(a, 0) and NaN operands give NaN, as in C."""
+    if a.dtype.kind != "f":
+        return a - _trunc_div(a, b) * b
+    q = a / b
+    exact = _const_like(2.0 ** (52 if a.dtype == dt.float64 else 23), a)
+    small = gc.less(gc.abs(q), exact)
+    qt = gc.where(small, gc.cast(gc.cast(gc.where(small, q, _const_like(0, a)), dt.int64),
+                                 a.dtype), q)
+    r = a - qt * b
+    inf, nan = _const_like(np.inf, a), _const_like(np.nan, a)
+    r = gc.where(gc.equal(gc.abs(b), inf), a, r)
+    r = gc.where(gc.equal(b, _const_like(0, a)), nan, r)
+    return gc.where(gc.equal(gc.abs(a), inf), nan, r)
+
+
+@op("Mod")
+def _mod(ctx, args, attrs):
+    fmod = int(attrs.get("fmod", 0))
+    if fmod not in (0, 1):
+        raise ctx.error(f"Mod's fmod must be 0 or 1, got {fmod}")
+    a, b = args[0], args[1]
+    if not isinstance(a, Node) and not isinstance(b, Node):
+        a, b = ctx.static(a, "Mod's dividend"), ctx.static(b, "Mod's divisor")
+        if a.dtype != b.dtype:
+            raise ctx.error(f"Mod's inputs have different types {a.dtype} and {b.dtype}")
+        if a.dtype.kind in "iu" and (b == 0).any():
+            raise ctx.error(f"integer Mod by zero (divisor {b.tolist()})")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (np.fmod(a, b) if fmod else np.mod(a, b)).astype(a.dtype)
+    if not isinstance(b, Node):
+        bv = ctx.static(b, "Mod's divisor")
+        if bv.dtype.kind in "iu" and (bv == 0).any():
+            raise ctx.error(f"integer Mod by zero (divisor {bv.tolist()})")
+    a, b = ctx.node(a), ctx.node(b)
+    if a.dtype != b.dtype:
+        raise ctx.error(f"Mod's inputs have different types {a.dtype} and {b.dtype}")
+    r = _fmod_nodes(a, b)
+    if fmod:
+        return r
+    # Python's mod (the sign of b): shift a nonzero remainder whose sign differs from b's
+    fix = gc.cast(gc.not_equal(r, 0), dt.int32) * \
+        gc.cast(gc.not_equal(gc.less(r, 0), gc.less(b, 0)), dt.int32)
+    fix = gc.not_equal(fix, 0)
+    return gc.where(fix, r + b, r)
 
 
 @op("Pow")
@@ -262,6 +313,21 @@ def _constant_of_shape(ctx, args, attrs):
     return np.full(shape, val[0], dtype=val.dtype)
 
 
+@sym("ConstantOfShape")
+def _constant_of_shape_sym(ctx, args, attrs):
+    # A shape computed from a symbolic dimension (Shape -> Gather -> Concat under a
+    # dynamic batch): a scalar broadcast to the symbolic shape, sized when called.
+    shape = ctx.ints(args[0], "ConstantOfShape's shape", allow_symbols=True)
+    val = np.asarray(attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
+    if val.dtype not in dt.SUPPORTED:
+        raise ctx.error(f"value of dtype {val.dtype} is not supported by graphc")
+    if any(not isinstance(d, str) and d < 0 for d in shape):
+        raise ctx.error(f"ConstantOfShape's shape {shape} has a negative dimension")
+    ctx.check_size([d for d in shape if not isinstance(d, str)], val.dtype,
+                   "ConstantOfShape's output")
+    return gc.broadcast_to(gc.constant(val[:1].reshape(()), dtype=val.dtype), tuple(shape))
+
+
 @op("Range")
 def _range(ctx, args, attrs):
     s, l, d = (ctx.static(a, "Range's bounds") for a in args)
@@ -365,6 +431,21 @@ def _dropout(ctx, args, attrs):
             raise ctx.error("Dropout in training mode is random; graphc imports it only for "
                             "inference (training_mode false)")
     return [x, gc.ones_like(x, dtype="bool")]
+
+
+@op("LRN")
+def _lrn(ctx, args, attrs):
+    x = ctx.node(args[0])
+    if "size" not in attrs:
+        raise ctx.error("LRN needs its 'size' attribute")
+    size = attrs["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ctx.error(f"LRN's size must be a positive int, got {size!r}")
+    if x.ndim < 3:
+        raise ctx.error(f"LRN's input must be (N, C, D1, ...), got shape {x.shape}")
+    return gc.local_response_norm(x, size, alpha=float(attrs.get("alpha", 1e-4)),
+                                  beta=float(attrs.get("beta", 0.75)),
+                                  bias=float(attrs.get("bias", 1.0)))
 
 
 # ================================================================ shape manipulation

@@ -68,8 +68,8 @@ def _recurrence(ctx, kind, args, attrs):
         if c0 is not None:
             c0 = gc.transpose(ctx.node(c0), (1, 0, 2))
     t_len = x.shape[0]
-    if isinstance(t_len, str):
-        raise ctx.error("the sequence length must be concrete; specialize the model")
+    ctx.need_sizes([t_len], f"the sequence length {t_len!r} must be concrete (the loop is "
+                   "unrolled into a scan of that many steps)")
     mask = None
     if seq_lens is not None:
         if isinstance(seq_lens, Node):

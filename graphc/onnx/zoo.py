@@ -6,7 +6,7 @@ He-initialized random weights, in the operator patterns torch.onnx emits
 (Conv without bias + BatchNormalization + Relu, residual Add, MaxPool,
 GlobalAveragePool, the Shape/Gather/Unsqueeze/Concat/Reshape flatten chain,
 Gemm).  The other builders are scaled-down ResNet-, VGG-, Inception-,
-DenseNet- and SqueezeNet-style graphs.  Each returns an onnx.ModelProto whose
+DenseNet-, SqueezeNet- and AlexNet-style (LRN) graphs.  Each returns an onnx.ModelProto whose
 single input "x" has a symbolic batch "N".
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from .errors import require_onnx
 
 __all__ = ["Builder", "resnet50", "resnet_like", "vgg_like", "inception_like",
-           "densenet_like", "squeezenet_like", "MODELS"]
+           "densenet_like", "squeezenet_like", "alexnet_like", "MODELS"]
 
 
 class Builder:
@@ -166,8 +166,24 @@ def squeezenet_like():
     return b.model(["N", 3, 40, 40], b.op("Softmax", [x], axis=1), opset=18)
 
 
+def alexnet_like():
+    """AlexNet's pattern (as in the ONNX model zoo's bvlc_alexnet): Conv, Relu, LRN
+    (size 5, alpha 1e-4, beta 0.75, bias 1) and MaxPool twice, then Gemm layers."""
+    b = Builder(5)
+    x = b.op("Relu", [b.conv("x", 3, 16, 5, 2, pad=2)])
+    x = b.op("LRN", [x], size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    x = b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
+    x = b.op("Relu", [b.conv(x, 16, 24, 3, group=2)])
+    x = b.op("LRN", [x], size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    x = b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
+    x = b.op("Relu", [b.conv(x, 24, 32, 3)])
+    x = _flatten_chain(b, x)
+    x = b.op("Relu", [b.gemm(x, 32 * 3 * 3, 64)])
+    return b.model(["N", 3, 32, 32], b.op("Softmax", [b.gemm(x, 64, 10)], axis=1), opset=13)
+
+
 MODELS = {"resnet": resnet_like, "vgg": vgg_like, "inception": inception_like,
-          "densenet": densenet_like, "squeezenet": squeezenet_like}
+          "densenet": densenet_like, "squeezenet": squeezenet_like, "alexnet": alexnet_like}
 
 
 def resnet50(num_classes=1000, input_size=224, seed=0):

@@ -10,7 +10,8 @@ Primitives (each with type rule, NumPy reference and gradient rule):
 
 Composites (plain functions of other ops, so autodiff and fusion see through
 them): cross_entropy, nll_loss, mse_loss, l1_loss,
-binary_cross_entropy_with_logits, batch_norm, layer_norm, dropout_mask.
+binary_cross_entropy_with_logits, batch_norm, layer_norm, dropout_mask,
+local_response_norm.
 
 Label checks: a label (that is not `ignore_index`) outside [0, C) raises
 IndexOutOfRangeError naming the op when the graph runs, on every backend, for
@@ -31,11 +32,11 @@ from . import elementwise as E
 from . import reduce as R
 from . import shape as S
 from .base import Op, apply, as_node, constant, register
-from .indexing import check_index_range, index_check
+from .indexing import check_index_range, index_check, pad
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "nll_loss", "mse_loss",
            "l1_loss", "binary_cross_entropy_with_logits", "dropout", "dropout_mask",
-           "batch_norm", "layer_norm"]
+           "batch_norm", "layer_norm", "local_response_norm"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -665,3 +666,56 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + bias
     return y
+
+
+def _positive_int(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise _build_error(f"local_response_norm: {what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _finite_float(v, what):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not math.isfinite(f):
+        raise _build_error(f"local_response_norm: {what} must be a finite number, got {v!r}")
+    return f
+
+
+def local_response_norm(x, size, alpha=1e-4, beta=0.75, bias=1.0):
+    """Local response normalization across channels (ONNX LRN; AlexNet, Inception v1).
+
+    x: (N, C, d1, ...), float.  For each channel c, square_sum sums x**2 over the
+    `size` channels c - floor((size-1)/2) ... c + ceil((size-1)/2) (clipped at the
+    edges), and  y = x / (bias + alpha / size * square_sum) ** beta.
+    (An even size puts the extra channel after c, as ONNX specifies; PyTorch's
+    local_response_norm puts it before.)
+
+    Built from square, pad, slices, adds and pow, so every backend runs it and
+    autodiff differentiates it: the window sum is `size` shifted slices of the
+    zero-padded squares, which fuse into one elementwise kernel.
+    """
+    x = as_node(x)
+    size = _positive_int(size, "size")
+    alpha = _finite_float(alpha, "alpha")
+    beta = _finite_float(beta, "beta")
+    bias = _finite_float(bias, "bias")
+    if x.ndim < 2 or not dt.is_float(x.dtype):
+        raise _build_error(f"local_response_norm: x must be a float tensor of rank >= 2 "
+                           f"(N, C, ...), got {x.dtype} {shape_str(x.shape)}")
+    c = x.shape[1]
+    if isinstance(c, str):
+        raise _build_error(f"local_response_norm: the channel dimension of x "
+                           f"{shape_str(x.shape)} must be a number, got symbol {c!r}")
+    before = (size - 1) // 2
+    after = size - 1 - before
+    sq = E.square(x)
+    padded = pad(sq, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+    square_sum = None
+    for k in range(size):
+        part = padded[(slice(None), slice(k, k + c))]
+        square_sum = part if square_sum is None else square_sum + part
+    base = square_sum * (alpha / size) + bias
+    return x * E.pow(base, constant(np.asarray(-beta, dtype=x.dtype), x.dtype))
