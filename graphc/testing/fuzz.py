@@ -308,9 +308,6 @@ def check_batch(recipes, backends=BACKENDS, stats=None, fd=True):
     """Compile the recipes together on each backend and compare; returns Stats."""
     stats = stats or Stats()
     stats.graphs += len(recipes)
-    for r in recipes:
-        for op, why in r.rejected:
-            stats.rejected[(op, why)] += 1
     oob = [r for r in recipes if r.expect_index_error]
     val = [r for r in recipes if not r.expect_index_error]
     for r in oob:
@@ -318,10 +315,19 @@ def check_batch(recipes, backends=BACKENDS, stats=None, fd=True):
     if not val:
         return stats
     # float64 gradients from graphc's NumPy backend (one graph for the batch)
-    b64 = [build(r, "float64", f"g{j}_") for j, r in enumerate(val)]
-    f64 = gc.compile([i for b in b64 for i in b.inputs],
-                     [o for b in b64 for o in b.outputs + b.grads], backend="numpy")
-    res64 = f64(*[v for r in val for v in feeds(r, "float64")])
+    try:
+        b64 = [build(r, "float64", f"g{j}_") for j, r in enumerate(val)]
+        f64 = gc.compile([i for b in b64 for i in b.inputs],
+                         [o for b in b64 for o in b.outputs + b.grads], backend="numpy")
+        res64 = f64(*[v for r in val for v in feeds(r, "float64")])
+    except Exception as e:
+        if len(val) > 1:        # find the recipe at fault
+            stats.graphs -= len(val)
+            for r in val:
+                check_batch([r], backends, stats, fd)
+        else:
+            stats.findings.append(_error(val[0].seed, "numpy-f64", e))
+        return stats
     per64, pos = [], 0
     for r, b in zip(val, b64):
         n = len(b.outputs) + len(b.grads)
@@ -347,11 +353,12 @@ def check_batch(recipes, backends=BACKENDS, stats=None, fd=True):
         try:
             got = _compile(ins, outs, be)(*args)
             stats.compiles += 1
-        except Exception:
+        except Exception as e:
             if len(val) == 1:
-                raise
-            for r in val:       # find the recipe at fault
-                check_one_backend(r, be, stats)
+                stats.findings.append(_error(val[0].seed, be, e))
+            else:
+                for r in val:       # find the recipe at fault
+                    check_one_backend(r, be, stats)
             continue
         pos = 0
         for r, b, ref64 in zip(val, b32, per64):
@@ -361,14 +368,18 @@ def check_batch(recipes, backends=BACKENDS, stats=None, fd=True):
     return stats
 
 
+def _error(seed, be, e):
+    return Finding(seed, be, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                   if str(e) else type(e).__name__)
+
+
 def check_one_backend(r, be, stats):
     b = build(r, "float32")
     try:
         got = _compile(b.inputs, b.outputs + b.grads, be)(*feeds(r))
         stats.compiles += 1
     except Exception as e:
-        stats.findings.append(Finding(r.seed, be, "error", f"{type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:300]}"))
+        stats.findings.append(_error(r.seed, be, e))
         return
     _compare(r, be, got, _single64(r)(*feeds(r, "float64")), stats)
 
@@ -416,7 +427,7 @@ def run(seeds, backends=BACKENDS, batch=8, fd=True, out_of_range_every=0,
     many (its C++ compiles are the slowest); `out_of_range_every`: one seed in that many
     is an out-of-range recipe instead."""
     stats = Stats()
-    t0 = time.monotonic()
+    t0 = last = time.monotonic()
     seeds = list(seeds)
     for n, start in enumerate(range(0, len(seeds), batch)):
         if time_limit is not None and time.monotonic() - t0 > time_limit:
@@ -425,14 +436,22 @@ def run(seeds, backends=BACKENDS, batch=8, fd=True, out_of_range_every=0,
         recipes = []
         for s in chunk:
             oob = bool(out_of_range_every) and s % out_of_range_every == 0
-            recipes.append(generate(s, out_of_range=oob))
+            try:
+                r = generate(s, out_of_range=oob)
+            except AssertionError as e:     # graphc's shape differs from the reference's
+                stats.findings.append(Finding(s, "builder", "shape", str(e)))
+                continue
+            recipes.append(r)
+            for op, why in r.rejected:
+                stats.rejected[(op, why)] += 1
         bes = [b for b in backends if b != "cuda-emu" or n % emu_every == 0]
         before = len(stats.findings)
         check_batch(recipes, bes, stats, fd=fd)
         if log is not None:
             for f in stats.findings[before:]:
                 print(f.line(), file=log, flush=True)
-            if n % 25 == 0:
+            if time.monotonic() - last > 60:
+                last = time.monotonic()
                 print(f"{stats.graphs} graphs, {len(stats.mismatches)} mismatches, "
                       f"{time.monotonic() - t0:.0f} s", file=log, flush=True)
     stats.seconds = time.monotonic() - t0
@@ -457,11 +476,17 @@ def main(argv=None):
     p.add_argument("--no-fd", action="store_true")
     p.add_argument("--time-limit", type=float, default=None, help="seconds")
     p.add_argument("--json", default=None, help="write a summary here")
+    p.add_argument("--replay", type=int, default=None, metavar="SEED",
+                   help="check one seed alone, print its recipe and what differs")
+    p.add_argument("--minimize", action="store_true",
+                   help="with --replay: shrink a failing recipe to a minimal one")
     a = p.parse_args(argv)
     backends = tuple(b for b in a.backends.split(",") if b)
     for b in backends:
         if b not in BACKENDS:
             p.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if a.replay is not None:
+        return _replay(a.replay, backends, a.minimize)
     st = run(range(a.seed, a.seed + a.graphs), backends, a.batch, not a.no_fd,
              a.out_of_range_every, a.emu_every, a.time_limit, log=sys.stdout)
     summary = {"graphs": st.graphs, "first_seed": a.seed, "backends": list(backends),
@@ -477,6 +502,23 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(summary, fh, indent=1)
+    return 1 if st.mismatches else 0
+
+
+def _replay(seed, backends, minimize):
+    from .fuzzmin import minimize as shrink
+    r = generate(seed)
+    print(r.describe())
+    st = check_batch([r], backends)
+    for f in st.findings:
+        print(f.line())
+    if minimize:
+        for be in sorted({f.backend for f in st.mismatches} - {"numpy-f64"}):
+            small = shrink(r, be)
+            print(f"minimized for {be}:")
+            print(small.describe())
+            for f in check_batch([small], (be,), fd=False).findings:
+                print(f.line())
     return 1 if st.mismatches else 0
 
 
