@@ -180,3 +180,24 @@ def test_reference_pool_output_size_is_pytorchs():
                                   [[[[(0 + 1 + 3 + 4) / 4, (2 + 5) / 2]]]])
     np.testing.assert_array_equal(fuzzref.max_pool2d(x, (1, 2), (1, 2), (0, 1), (1, 1), False),
                                   [[[[0, 2], [3, 5]]]])
+
+
+def test_minimizer_keeps_the_failing_step(monkeypatch):
+    from graphc.testing import fuzzmin
+    seed = next(s for s in range(200) if sum(1 for _, op, _, _ in F.generate(s).steps) >= 6
+                and any(op == "u:tanh" for _, op, _, _ in F.generate(s).steps))
+    monkeypatch.setitem(fuzzref.UNARY, "tanh", lambda x: np.tanh(x) + 1e-2)
+    r = F.generate(seed)
+    small = fuzzmin.minimize(r, "numpy")
+    assert fuzzmin.fails(small, "numpy")
+    assert [op for _, op, _, _ in small.steps] == ["u:tanh"], small.describe()
+    assert len(small.outputs) == 1
+
+
+def test_padding_windows_are_generated_and_can_be_set_apart():
+    from graphc.testing import fuzzmin
+    seeds = [s for s, _, _, _ in seed_list() if s == 5271]
+    r = F.generate(seeds[0])
+    assert any(np.isneginf(r.ref[o]).any() for o in r.outputs)
+    rest = fuzzmin.without_padding_windows(r)
+    assert rest is None or not any(np.isneginf(rest.ref[o]).any() for o in rest.outputs)

@@ -1,9 +1,10 @@
 """Shrink a failing fuzz recipe to the few steps that still show the mismatch.
 
-Delta debugging on the recipe's DAG: keep one failing output, then repeatedly *cut*
-a step — replace its value by a fresh input holding that value (rounded to float32),
-which drops everything upstream of it — and keep the cut when the backend still
-disagrees with the references.  What remains is the smallest chain this greedy
+Delta debugging on the recipe's DAG: keep one failing output, then repeatedly either
+make an argument of the output's step the output, or *cut* a step — replace its value
+by a fresh input holding that value (rounded to float32), which drops everything
+upstream of it — and keep the change when the backend still disagrees with the
+references.  What remains is the smallest chain this greedy
 search finds, printed by `Recipe.describe()`.
 """
 from __future__ import annotations
@@ -63,8 +64,23 @@ def minimize(recipe, backend, max_tries=200):
                 r = one
                 break
     tries, changed = 0, True
+    rng = np.random.default_rng([recipe.seed, 7])
     while changed and tries < max_tries:
         changed = False
+        # an argument of the output step as the output instead (a new projection)
+        (out,) = r.outputs
+        step = next((s for s in r.steps if s[0] == out), None)
+        for a in (step[2] if step else []):
+            if r.ref[a].dtype.kind != "f":
+                continue
+            tries += 1
+            proj = rng.standard_normal(r.ref[a].shape).astype(np.float32)
+            cand = _prune(dataclasses.replace(r, outputs=[a], proj=[proj]))
+            if fails(cand, backend):
+                r, changed = cand, True
+                break
+        if changed:
+            continue
         for vid, *_ in list(reversed(r.steps)):
             if vid in r.outputs:
                 continue
@@ -74,3 +90,14 @@ def minimize(recipe, backend, max_tries=200):
                 r, changed = cand, True
                 break
     return r
+
+
+def without_padding_windows(r):
+    """The recipe without its outputs that hold -inf (max-pool windows lying wholly in
+    padding), or None when every output does.  Re-checking it tells whether a seed's
+    mismatches all come from those windows."""
+    keep = [k for k, o in enumerate(r.outputs) if not np.isneginf(r.ref[o]).any()]
+    if not keep:
+        return None
+    return _prune(dataclasses.replace(r, outputs=[r.outputs[k] for k in keep],
+                                      proj=[r.proj[k] for k in keep]))
