@@ -201,3 +201,14 @@ def test_padding_windows_are_generated_and_can_be_set_apart():
     assert any(np.isneginf(r.ref[o]).any() for o in r.outputs)
     rest = fuzzmin.without_padding_windows(r)
     assert rest is None or not any(np.isneginf(rest.ref[o]).any() for o in rest.outputs)
+
+
+def test_indices_float32_rounding_could_flip_are_not_generated():
+    ok = fuzzgen._index_well_conditioned
+    # tanh(12.24) is 1 - 4e-11 in float64 and exactly 1.0 in float32: the cast differs
+    assert not ok("cast_idx", np.array([np.tanh(12.24)]), {"k": 1.0})
+    assert ok("cast_idx", np.array([0.5, 2.0, -3.0]), {"k": 1.0})
+    assert not ok("cast_idx", np.array([0.5, 0.3333333]), {"k": 3.0})
+    assert not ok("argmax", np.array([[1.0, 1.0 - 1e-9]]), {"axis": 1})
+    assert ok("argmax", np.array([[1.0, 1.0], [0.5, 2.0]]), {"axis": 1})   # exact tie: first
+    assert ok("argmax", np.array([[3.0, 1.0]]), {"axis": 0})
