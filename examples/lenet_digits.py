@@ -2,8 +2,8 @@
 
 conv 6@5x5 -> pool -> conv 16@5x5 -> pool -> 120 -> 84 -> 10.  By default it
 trains on the bundled digits upscaled to 28x28; give a directory of MNIST
-(or Fashion-MNIST) IDX files with --mnist to train on those instead.  Also
-draws the forward and the training graph.
+(or Fashion-MNIST) IDX files with --mnist to train on those instead.  With
+--render DIR it also draws the forward and the training graph into DIR.
 
 Run:  python examples/lenet_digits.py [--epochs 8] [--mnist DIR] [--limit N] [--render DIR]
 """

@@ -1,8 +1,8 @@
 """The `graphc` command line (also `python -m graphc`).
 
-    graphc train lenet|mlp [--epochs N --batch-size B --lr LR --backend numpy|llvm
+    graphc train lenet|mlp [--epochs N --batch-size B --lr LR --backend numpy|llvm|cuda
                             --seed S --data digits|mnist:PATH --out DIR --no-render]
-    graphc render lenet|mlp -o out.png [--backward]
+    graphc render lenet|mlp -o out.png|.svg|.pdf [--backward --detail auto|modules|full]
     graphc bench ...            (forwards to graphc.bench when it is installed)
     graphc docs-ops [-o FILE]   (writes the op reference, docs/ops.md, from the registry)
 
@@ -18,10 +18,11 @@ import sys
 import time
 
 MODELS = ("lenet", "mlp")
-# Defaults chosen so `graphc train lenet` finishes in about a minute on two
-# cores with the NumPy backend and reaches >= 97% on the digits' test split
-# (Adam with a cosine learning-rate schedule; tests/test_train.py checks the
-# same recipe).
+# Defaults chosen so `graphc train lenet` finishes well within a minute on two
+# cores with the NumPy backend (12-15 s of training on a busy machine,
+# docs/performance.md "First use") and reaches >= 97% on the digits' test
+# split (Adam with a cosine learning-rate schedule; tests/test_train.py checks
+# the same recipe).
 DEFAULTS = {
     "lenet": {"epochs": 8, "batch_size": 32, "lr": 5e-3},
     "mlp": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
@@ -168,9 +169,31 @@ def cmd_docs_ops(args) -> int:
     return 0
 
 
+def _check_picture_name(option: str, path: str) -> None:
+    """The format of a picture comes from its file name: say so in CLI terms."""
+    from .viz import FORMATS
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in FORMATS:
+        shown = f".{ext}" if ext else "no extension"
+        raise CLIError(f"{option} {path}: cannot draw {shown}; the picture format comes from "
+                       f"the file name: use a name ending in "
+                       f"{', '.join('.' + f for f in FORMATS[:-1])} or .{FORMATS[-1]}")
+
+
+def _check_backend(name: str) -> None:
+    """Fail before any work when the backend cannot run here (no GPU for cuda, no
+    llvmlite for llvm), not after the progress bar has started."""
+    from .backends import get_backend
+    backend = get_backend(name)            # ValueError: not installed
+    select = getattr(backend, "select_runtime", None)
+    if select is not None:
+        select()                           # GraphcError: no usable GPU
+
+
 def cmd_render(args) -> int:
     import graphc as gc
     from . import viz
+    _check_picture_name("-o", args.output)
     size = 28 if args.model == "lenet" else 8
     model = _build_model(args.model, args.seed, size)
     x = gc.input("x", _model_input_shape(args.model, size))
@@ -181,7 +204,7 @@ def cmd_render(args) -> int:
         y = gc.input("y", (None,), dtype="int64")
         target = training_step(model, x, y, DEFAULTS[args.model]["lr"], "numpy")
         title = f"{args.model}: training graph (forward, backward, Adam update)"
-    path = viz.render(target, args.output, title=title)
+    path = viz.render(target, args.output, title=title, detail=args.detail)
     _say(f"wrote {path}")
     return 0
 
@@ -216,6 +239,7 @@ def cmd_train(args) -> int:
     from . import nn, optim, viz
     from .train import fit
 
+    _check_backend(args.backend)
     cfg = dict(DEFAULTS[args.model])
     for k in ("epochs", "batch_size", "lr"):
         if getattr(args, k) is not None:
@@ -239,7 +263,7 @@ def cmd_train(args) -> int:
     _say(f"  backend {args.backend}, {cfg['epochs']} epochs, batch size {cfg['batch_size']}, "
          f"Adam lr {cfg['lr']:g} (cosine schedule), seed {args.seed}")
     t0 = time.perf_counter()
-    with _small_matrix_blas(), distributed.guard():
+    with distributed.guard():          # (the NumPy backend limits BLAS threads itself)
         history = fit(model, step, distributed.maybe_shard((xtr, ytr), cfg["batch_size"],
                                                            seed=args.seed),
                       epochs=cfg["epochs"], batch_size=cfg["batch_size"],
@@ -288,17 +312,6 @@ def cmd_train(args) -> int:
             if p.label().endswith("weight")))
     _say("wrote " + ", ".join(files))
     return 0
-
-
-def _small_matrix_blas():
-    """One BLAS thread while training: these small matrices spend longer
-    synchronizing threads than computing (threadpoolctl, when installed)."""
-    import contextlib
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def plot_history(history: dict, path: str, title: str = "") -> str | None:
@@ -359,26 +372,37 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train LeNet-5 or an MLP on the bundled digits")
-    t.add_argument("model", choices=MODELS)
+    t.add_argument("model", choices=MODELS, help="lenet (LeNet-5) or mlp (a perceptron with two "
+                   "hidden layers)")
     t.add_argument("--epochs", type=_positive_int, help="passes over the training set "
                    f"(default: lenet {DEFAULTS['lenet']['epochs']}, mlp "
                    f"{DEFAULTS['mlp']['epochs']})")
-    t.add_argument("--batch-size", type=_positive_int, help="default 32")
+    t.add_argument("--batch-size", type=_positive_int, help="samples per training step "
+                   "(default 32)")
     t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: lenet "
                    f"{DEFAULTS['lenet']['lr']:g}, mlp {DEFAULTS['mlp']['lr']:g})")
-    t.add_argument("--backend", default="numpy", choices=("numpy", "llvm", "cuda"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backend", default="numpy", choices=("numpy", "llvm", "cuda"),
+                   help="where the compiled step runs: numpy (the reference interpreter), "
+                   "llvm (native CPU code, GRAPHC_NUM_THREADS threads) or cuda (an NVIDIA "
+                   "GPU; checked before training starts) (default: numpy)")
+    t.add_argument("--seed", type=int, default=0, help="seeds the weight initialization and "
+                   "the batch shuffling: the same seed gives the same run (default 0)")
     t.add_argument("--data", default="digits", help="'digits' (bundled) or 'mnist:PATH' "
                    "(a directory of MNIST IDX files)")
     t.add_argument("--out", help="output directory (default ./runs/MODEL)")
     t.add_argument("--no-render", action="store_true", help="skip drawing the graphs")
 
     r = sub.add_parser("render", help="draw a model's forward or training graph")
-    r.add_argument("model", choices=MODELS)
+    r.add_argument("model", choices=MODELS, help="lenet or mlp (freshly initialized)")
     r.add_argument("-o", "--output", required=True, help="file to write (.png, .svg or .pdf)")
     r.add_argument("--backward", action="store_true",
                    help="draw the whole training graph (forward, backward, update)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seeds the weights drawn into the "
+                   "picture's initial values (default 0)")
+    r.add_argument("--detail", choices=("auto", "modules", "full"), default="auto",
+                   help="modules: one box per module (and one for the optimizer update); "
+                   "full: every op; auto: modules for graphs of more than 80 nodes, such as "
+                   "the training graph (default: auto)")
 
     sub.add_parser("bench", help="benchmarks (graphc.bench); arguments are passed on",
                    add_help=False)

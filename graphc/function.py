@@ -7,8 +7,11 @@ backend, and writes parameter updates after every output has been computed.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from . import input_cast
 from .ir.errors import GraphBuildError
 from .ir.graph import Graph, toposort
 from .ir.node import Node, TensorType, user_location
@@ -55,7 +58,26 @@ def specialize(outputs, bindings: dict, inputs=()):
 
 
 class Function:
-    """A compiled computation.  Call it with arrays (positionally or by name)."""
+    """A compiled computation.  Call it with arrays (positionally or by name).
+
+    Thread safety: a Function may be called from several threads at once, on
+    every backend.
+    - Compiling for a new set of input sizes happens once, under the Function's
+      lock; other threads wait for it rather than compiling the same graph again.
+    - A Function with `updates` runs each call (read the parameters, compute,
+      write the new values) under its lock: calls are serialized, none sees
+      another's half-written parameters and no update is lost (two threads each
+      taking 1,000 steps of `p += 1` leave p = 2,000).
+    - A Function without updates runs calls concurrently on the NumPy backend
+      (NumPy releases the GIL in its kernels).  The LLVM and CUDA backends own
+      one arena per compiled shape, so calls of one shape are serialized there;
+      the LLVM backend's worker threads also serve one multi-threaded call at a
+      time for the whole process.
+    - Separate Functions that share Parameters are not synchronized with each
+      other: a function that reads parameters while another thread's training
+      step writes them may see some old and some new values.  Serialize such
+      calls yourself (one lock around both), as you would for a PyTorch model.
+    """
 
     def __init__(self, inputs, outputs, updates=None, backend="numpy", optimize=2, name=None):
         from .backends import get_backend
@@ -70,6 +92,8 @@ class Function:
         self.updates = self._check_updates(updates, loc)
         self._check_inputs(loc)
         self._cache: dict = {}
+        # Serializes compiles and, for a function with updates, whole calls (see above).
+        self._lock = threading.RLock()
         self._last_sig = None     # ((dtype, shape) per input, executable) of the last call
         self.reports: list = []
         # Parameters a result may alias (an output that is a parameter or a view
@@ -131,11 +155,8 @@ class Function:
         arrays, bindings = [], {}
         for i in self.inputs:
             a = np.asarray(vals[i.name])
-            if a.dtype != i.dtype:
-                if a.dtype.kind not in "biuf" or not np.can_cast(a.dtype, i.dtype, "same_kind"):
-                    raise TypeError(f"{self.name}: input {i.name!r} expects dtype {i.dtype}, "
-                                    f"got {a.dtype}")
-                a = a.astype(i.dtype)
+            if a.dtype != i.dtype:      # the casting rule: graphc/input_cast.py
+                a = input_cast.convert(self.name, i, a, self.__dict__.setdefault("_cast_warned", set()))
             if a.ndim != i.ndim:
                 raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                  f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
@@ -155,6 +176,13 @@ class Function:
     def _executable(self, bindings):
         key = tuple(sorted(bindings.items()))
         ex = self._cache.get(key)
+        if ex is not None:
+            return ex
+        with self._lock:   # (re-entered by a call with updates, which holds it)
+            return self._compile(key, bindings)
+
+    def _compile(self, key, bindings):
+        ex = self._cache.get(key)     # another thread may have compiled it meanwhile
         if ex is None:
             outs = self.outputs + [v for _, v in self.updates]
             inputs = self.inputs
@@ -194,6 +222,13 @@ class Function:
             else:
                 outs = sig[1](args)
                 return outs[0] if self.single else outs
+        if self.updates:
+            # read parameters, compute, write them: one call at a time (no lost update)
+            with self._lock:
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
         fast = None if kwargs else self._fast_bind(args)
         if fast is not None:
             arrays, ex = fast
@@ -211,33 +246,104 @@ class Function:
         results = ex(arrays)
         n = len(self.outputs)
         if not getattr(ex, "FRESH_OUTPUTS", False):  # a backend may promise fresh arrays
-            results = [self._detach(np.asarray(r)) for r in results]
+            shared = _MemoryRanges([p.value for p in self._state])
+            results = [r.copy() if shared.overlaps(r) else r
+                       for r in (np.asarray(r) for r in results)]
         for (p, _), new in zip(self.updates, results[n:]):
             p.set_value(new)  # after every output was computed: all readers saw old values
         outs = results[:n]
         return outs[0] if self.single else outs
 
-    def _detach(self, r):
-        """A copy of `r` if it may share memory with a parameter's storage.
-
-        Otherwise an update (or a later call) would change an output already
-        returned, and simultaneous updates such as a swap would read
-        half-written values.
-        """
-        if any(np.may_share_memory(r, p.value) for p in self._state):
-            return r.copy()
-        return r
-
     def report(self):
         return self.reports[-1] if self.reports else None
 
+    # ------------------------------------------------------------ interactive use
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i.name}: {i.type}" for i in self.inputs)
+        outs = ", ".join(str(o.type) for o in self.outputs)
+        outs = outs if self.single else f"[{outs}]"
+        ups = ""
+        if self.updates:
+            names = [p.label() for p, _ in self.updates]
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            ups = f"; updates {len(names)} parameter{'s' * (len(names) != 1)} ({shown})"
+        return f"<Function {self.name!r} ({ins}) -> {outs}{ups}; backend {self.backend_name}>"
+
+    def _repr_svg_(self):
+        """Jupyter draws the computation (outputs and updates); None without graphviz."""
+        from . import viz
+        return viz.repr_svg(self)
+
+
+class _MemoryRanges:
+    """The byte ranges of some arrays, to ask whether another array may share memory
+    with any of them: the same answer as `np.may_share_memory` (bounds overlap), in
+    O(log n) per question instead of one call per array (a graph with thousands of
+    outputs and parameters spent most of each call in those pairwise checks)."""
+
+    def __init__(self, arrays):
+        spans = sorted(_bounds(a) for a in arrays if a.size)
+        self.lows = [lo for lo, _ in spans]
+        self.max_high = []
+        m = None
+        for _, hi in spans:
+            m = hi if m is None or hi > m else m
+            self.max_high.append(m)
+
+    def overlaps(self, r) -> bool:
+        from bisect import bisect_left
+        if not r.size or not self.lows:
+            return False
+        lo, hi = _bounds(r)
+        k = bisect_left(self.lows, hi)  # the arrays starting before r ends
+        return k > 0 and self.max_high[k - 1] > lo
+
+
+def _bounds(a):
+    try:
+        from numpy.lib.array_utils import byte_bounds   # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        byte_bounds = np.byte_bounds
+    return byte_bounds(a)
+
 
 def compile(inputs, outputs, updates=None, backend="numpy", optimize=2, name=None) -> Function:
-    """Compile `outputs` as a function of `inputs` on a backend.
+    """Compile `outputs` as a function of `inputs`; returns a callable `Function`.
 
-    updates: {Parameter: new value node} written after each call.
-    backend: "numpy" (reference interpreter), "llvm" or "cuda".
-    optimize: 0, 1 or 2 (graph optimizer level).
+    inputs: a gc.input node or a list of them, the arguments in order.  Every
+      input the outputs read must be listed.
+    outputs: a node (the call returns one array) or a list of nodes (the call
+      returns a list of arrays).  Results are NumPy arrays; a scalar output is a
+      0-d array (`float(result)` gives a Python number).
+    updates: {Parameter: new value node}, written into the parameters after
+      every output of a call has been computed (all reads see the old values);
+      this is how a training step is one call.
+    backend: "numpy" (the reference interpreter, always available), "llvm"
+      (native CPU code through llvmlite) or "cuda" (an NVIDIA GPU).
+    optimize: graph optimizer level: 0 none, 1 folding/CSE/simplification,
+      2 also fusion and memory planning (default).
+    name: used in error messages (default "function").
+
+    Calling the Function: pass arrays positionally, by input name, or both:
+    ``f(xb, yb)``, ``f(x=xb, y=yb)``.  Each call checks every array against its
+    input: the number of dimensions and every fixed size must match (a mismatch
+    is a ValueError naming the input, the expected and the given shape), and
+    symbolic sizes (None, "N") must agree between inputs.  The graph is
+    specialized and compiled once per set of symbolic sizes, then cached.
+
+    Dtypes: an array of the input's dtype is used as is.  Another dtype is
+    converted when NumPy calls the cast "safe" (int32 -> int64, uint8 ->
+    float32); a cast within a kind that may lose values (float64 -> float32,
+    int64 -> float32 or int32) is done with a gc.InputCastWarning, once per
+    input, but finite values beyond the input dtype's range (float64 1e39 into
+    float32) are a ValueError; any other cast (float -> int, strings, objects)
+    is a TypeError.  See graphc/input_cast.py.
+
+    Example::
+
+        x = gc.input("x", (None, 4))
+        f = gc.compile([x], gc.sum(x * x, axis=1))
+        f(np.ones((2, 4), np.float32))          # array([4., 4.], dtype=float32)
     """
     return Function(inputs, outputs, updates=updates, backend=backend, optimize=optimize,
                     name=name)

@@ -4,8 +4,11 @@ Every node shows its op, its key attributes and its output type.  Leaves are
 styled by kind (inputs, parameters, constants); computed nodes are coloured
 by role (forward, backward = gradient, update = optimizer); nodes built
 inside `gc.name_scope(...)` / an `nn.Module` are grouped into nested labelled
-clusters so big graphs stay readable; fused nodes (from the optimizer) are
-drawn as a cluster holding their inner graph.
+clusters; fused nodes (from the optimizer) are drawn as a cluster holding
+their inner graph.  Graphs too big for that to be readable (a training step:
+hundreds of ops) are drawn as an overview by default, `detail="modules"`:
+one box per module, one per module's gradient, one for the optimizer update
+(`detail="full"` draws every op).
 
 `grad_values={parameter or name: gradient array}` (from a real training
 step, see `gradient_values`) annotates each parameter and its gradient with
@@ -46,8 +49,20 @@ LEAF_STYLE = {
     "parameter": {"shape": "cylinder", "fillcolor": "#fff3b0", "color": "#a68a00"},
     "constant": {"shape": "note", "fillcolor": "#eeeeee", "color": "#888888"},
 }
+_GROUP_TITLES = {"forward": "a module's ops, collapsed into one box",
+                 "backward": "a module's gradient ops, collapsed",
+                 "update": "the optimizer's update, collapsed"}
 _ROLE_TITLES = {"forward": "forward op", "backward": "backward (gradient) op",
                 "update": "parameter update"}
+# What each leaf is, in the legend (the user's words, not graphviz's shape names).
+_LEAF_TITLES = {"input": "input (data fed to each call)",
+                "parameter": "parameter (weights, trained)",
+                "constant": "constant"}
+# Graphs with more drawable nodes than this are drawn as an overview by default
+# (detail="auto"): LeNet-5's forward graph (36 nodes) in full, its training
+# graph (96) and training step (~420) with one box per module.
+AUTO_OVERVIEW_NODES = 80
+DETAILS = ("auto", "modules", "full")
 # Sequential colormap for gradient magnitudes, cold (tiny) to hot (large).
 _GRAD_STOPS = ("#313695", "#4575b4", "#74add1", "#abd9e9", "#fee090", "#fdae61", "#f46d43",
                "#d73027", "#a50026")
@@ -161,7 +176,8 @@ def _html_label(title: str, lines: list, type_text: str, note: str | None = None
     parts = [f"<B>{e(title)}</B>"]
     for ln in lines:
         parts.append(f'<FONT POINT-SIZE="9">{e(ln)}</FONT>')
-    parts.append(f'<FONT POINT-SIZE="9" COLOR="{type_colour}">{e(type_text)}</FONT>')
+    if type_text:                       # (an empty FONT element is a dot syntax error)
+        parts.append(f'<FONT POINT-SIZE="9" COLOR="{type_colour}">{e(type_text)}</FONT>')
     if note:
         parts.append(f'<FONT POINT-SIZE="9"><I>{e(note)}</I></FONT>')
     return "<" + "<BR/>".join(parts) + ">"
@@ -236,7 +252,8 @@ def _resolve_grad_values(grad_values, nodes, grad_of):
 
 # ------------------------------------------------------------------ the drawing
 class _Builder:
-    def __init__(self, outputs, updates, grad_of, grad_norms, split_roles, show_constants):
+    def __init__(self, outputs, updates, grad_of, grad_norms, split_roles, show_constants,
+                 detail="full"):
         import graphviz
         self.gv = graphviz
         self.outputs = outputs
@@ -252,6 +269,8 @@ class _Builder:
         self.leaves_seen = set()
         self.has_fused = False
         self.has_assign = False
+        self.group_roles_seen = set()
+        self.detail = detail
         self.update_owner = {}
         self.key = {}
         # Where a node's value leaves from (fused nodes: their inner output).
@@ -374,6 +393,15 @@ class _Builder:
             skipped = {n.id for n in self.nodes if n.op.name == "constant"}
 
         self.assign_clusters()
+        detail = self.detail
+        if detail == "auto":
+            drawn = sum(1 for n in self.nodes if n.id not in skipped)
+            detail = "modules" if drawn > AUTO_OVERVIEW_NODES else "full"
+        if detail == "modules":
+            self._build_overview(g, skipped)
+            if legend:
+                self._legend(g)
+            return g
         # Group node statements by cluster key.
         groups = defaultdict(list)
         for n in self.nodes:
@@ -417,6 +445,202 @@ class _Builder:
             self._legend(g)
         return g
 
+    # -- the overview: one box per module, one for the optimizer update --------
+    def _group_of(self, n: Node, extended: set):
+        """The box `n` is collapsed into (a cluster key), or None to draw it alone.
+
+        Module scopes collapse at the root module's children ("LeNet5",
+        "conv1:Conv2d"): everything a child module computes, its parameters
+        included, is one box; a scope with no sub-scopes (a module called on
+        its own) is one box too.  The root module's own ops, inputs and the
+        loss stay single nodes.  Every node of the optimizer update is one box.
+        """
+        if n.op.name == "input":
+            return None
+        key = self.cluster_key(n)
+        if key[:1] == ("~update",):
+            return ("~update",)
+        if key == ("~backward",):               # the gradient of ops outside any module
+            return ("~backward", "~loss")
+        head = key[:1] if key[:1] == ("~backward",) else ()
+        scope = key[len(head):]
+        if len(scope) >= 2:
+            return head + scope[:2]
+        if len(scope) == 1 and key not in extended:
+            return key
+        return None
+
+    def _build_overview(self, g, skipped):
+        extended = set()                        # keys that have sub-scopes
+        for k in set(self.key.values()):
+            for j in range(1, len(k)):
+                extended.add(k[:j])
+        members = defaultdict(list)             # group key -> its nodes, in order
+        group_of = {}
+        for n in self.nodes:
+            if n.id in skipped:
+                continue
+            gk = self._group_of(n, extended)
+            if gk is not None:
+                group_of[n.id] = gk
+                members[gk].append(n)
+        gid = {gk: f"g{k}" for k, gk in enumerate(members)}
+        users = defaultdict(set)
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i.id].add(group_of.get(n.id, n.id))
+        placed = defaultdict(list)              # cluster key -> ("node"/"group", item)
+        for n in self.nodes:
+            if n.id in skipped or n.id in group_of:
+                continue
+            placed[self.cluster_key(n)].append(("node", n))
+            self.tail[n.id] = f"n{n.id}"
+        for gk in members:
+            parent = () if gk == ("~update",) else gk[:-1]
+            placed[parent].append(("group", gk))
+        self._emit_overview_tree(g, placed, members, gid, users, group_of)
+        drawn_edges = set()
+        for n in self.nodes:
+            if n.id in skipped:
+                continue
+            dst = gid[group_of[n.id]] if n.id in group_of else f"n{n.id}"
+            for i in n.inputs:
+                if i.id in skipped:
+                    continue
+                src = gid[group_of[i.id]] if i.id in group_of else f"n{i.id}"
+                if src == dst or (src, dst) in drawn_edges:
+                    continue
+                if n.role == "update" and i.role != "backward" and i.id in group_of:
+                    continue    # a module's parameters read by the optimizer: said in its label
+                drawn_edges.add((src, dst))
+                colour = ROLE_STYLE.get(n.role, ROLE_STYLE["forward"])["color"]
+                colour = colour if n.role != "forward" else "#555555"
+                if n.role == "backward" and i.role == "backward" and i.inputs:
+                    # Gradients flow from the loss back up to the first layer: laid out
+                    # upwards, beside the forward column, so the picture is half as tall.
+                    g.edge(dst, src, dir="back", color=colour)
+                elif n.role != i.role or not i.inputs:
+                    # values read across roles (activations read by the backward pass,
+                    # gradients read by the optimizer), parameters and inputs: drawn, but
+                    # they do not stretch the layout
+                    g.edge(src, dst, color=colour, constraint="false")
+                else:
+                    g.edge(src, dst, color=colour)
+
+    def _emit_overview_tree(self, g, placed, members, gid, users, group_of):
+        keys = set(placed)
+        for k in list(keys):
+            for j in range(1, len(k)):
+                keys.add(k[:j])
+        children = defaultdict(list)
+        for k in keys:
+            if k:
+                children[k[:-1]].append(k)
+
+        def fill(sub, key):
+            for kind, item in placed.get(key, []):
+                if kind == "node":
+                    label, attrs = self.node_attrs(item)
+                    sub.node(f"n{item.id}", label, **attrs)
+                else:
+                    label, attrs = self._group_attrs(item, members[item], users, group_of)
+                    sub.node(gid[item], label, **attrs)
+            for ck in sorted(children.get(key, []), key=_scope_sort_key):
+                c = self._scope_cluster(ck)
+                fill(c, ck)
+                sub.subgraph(c)
+
+        fill(g, ())
+
+    def _scope_cluster(self, ck):
+        """The dashed (backward, updates) or grey (module) box of scope `ck`."""
+        c = self.gv.Digraph(name="cluster_" + "__".join(_safe(p) for p in ck))
+        part = ck[-1]
+        if part.startswith("~"):
+            label = "backward (gradients)" if part == "~backward" else "parameter updates"
+            style = ROLE_STYLE[part[1:]]
+            c.attr(label=label, style="dashed,rounded", color=style["color"],
+                   fontcolor=style["color"], fontsize="12")
+        else:
+            c.attr(label=part, style="rounded", color="#999999", fontcolor="#333333",
+                   fontsize="11")
+        return c
+
+    def _group_attrs(self, gk, nodes, users, group_of):
+        """Label and style of a collapsed box: what it is, its ops, its parameters,
+        the type of the value it hands on, and gradient norms when known."""
+        role = "update" if gk == ("~update",) else ("backward" if gk[0] == "~backward"
+                                                     else "forward")
+        self.group_roles_seen.add(role)
+        ops, params, seen_ops = [], [], set()
+        for n in nodes:
+            if n.op.name == "parameter":
+                params.append(n)
+            elif n.inputs and n.op.name not in seen_ops:
+                seen_ops.add(n.op.name)
+                ops.append(n.op.name)
+        n_ops = sum(1 for n in nodes if n.inputs)
+        if role == "update":
+            trained = [p for p, _ in self.updates if getattr(p, "trainable", True)]
+            state = len(self.updates) - len(trained)
+            title = "optimizer update"
+            names = [p.label() for p in trained]
+            lines = [f"{n_ops} ops: new values of {len(trained)} parameter"
+                     f"{'s' * (len(trained) != 1)} from their gradients"] + \
+                [", ".join(names[k:k + 4]) for k in range(0, min(len(names), 12), 4)]
+            if len(names) > 12:
+                lines[-1] += ", ..."
+            type_text = f"and of {state} optimizer state tensor{'s' * (state != 1)}" \
+                if state else ""
+        else:
+            if gk[-1] == "~loss":
+                title = "gradient of the loss (ops outside modules)"
+            else:
+                name, _, kind = gk[-1].partition(":")
+                title = (f"gradient of {name}" if role == "backward" else name) + \
+                    (f" ({kind})" if kind else "")
+            shown = ops[:4] + (["..."] if len(ops) > 4 else [])
+            lines = [f"{n_ops} op{'s' * (n_ops != 1)}: {', '.join(shown)}"] if ops else []
+            if params:
+                lines.append(", ".join(f"{p.label().rsplit('.', 1)[-1]} {_type_str(p)}"
+                                       for p in params))
+            # the value handed on within the same pass (forward boxes: the activation
+            # the next module reads; what the backward pass saves is not counted)
+            role_of = {m.id: m.role for m in self.nodes}
+            outputs = [n for n in nodes if n.id in self.out_ids]
+            if outputs and role == "backward":
+                shown_out = [self.grad_of[n.id].label().rsplit(".", 1)[-1]
+                             if n.id in self.grad_of else n.label() for n in outputs]
+                lines.append("outputs: gradient of " + ", ".join(shown_out))
+            elif outputs:
+                lines.append("outputs: " + ", ".join(n.label() for n in outputs))
+            out = [n for n in nodes if any(
+                u != gk and (role_of.get(u) if isinstance(u, int) else
+                             ("backward" if u[0] == "~backward" else
+                              "update" if u[0] == "~update" else "forward")) == n.role
+                for u in users[n.id])]
+            types = sorted({_type_str(n) for n in out if n.inputs})
+            type_text = types[0] if len(types) == 1 else (f"{len(types)} outputs" if types
+                                                          else "")
+        attrs = {"shape": "box", "style": "filled,rounded,bold", "penwidth": "2"}
+        attrs.update(ROLE_STYLE[role])
+        note, type_colour = None, "#555555"
+        normed = [(n, self.grad_norms[n.id]) for n in nodes if n.id in self.grad_norms
+                  and (n.op.name == "parameter" or n.id in self.grad_of)]
+        if normed and role != "update":
+            fill = self.scale.colour(max(v for _, v in normed))
+            type_colour = _text_colour(fill)
+            attrs.update(fillcolor=fill, fontcolor=type_colour)
+            parts = []
+            for n, v in normed:
+                p = n if n.op.name == "parameter" else self.grad_of[n.id]
+                parts.append(f"|grad {p.label().rsplit('.', 1)[-1]}| = {v:.3g}")
+            note = ", ".join(parts)
+        if any(n.id in self.out_ids for n in nodes):
+            attrs["peripheries"] = "2"
+        attrs["tooltip"] = f"{title}: {n_ops} ops collapsed; detail='full' draws each"
+        return _html_label(title, lines, type_text, note, type_colour), attrs
+
     def _edge(self, g, src: Node, dst: str, role: str):
         attrs = {}
         if role == "backward":
@@ -446,17 +670,7 @@ class _Builder:
                 else:
                     self._emit_fused(sub, n)
             for ck in sorted(children.get(key, []), key=_scope_sort_key):
-                name = "cluster_" + "__".join(_safe(p) for p in ck)
-                c = self.gv.Digraph(name=name)
-                part = ck[-1]
-                if part.startswith("~"):
-                    label = "backward (gradients)" if part == "~backward" else "parameter updates"
-                    style = ROLE_STYLE[part[1:]]
-                    c.attr(label=label, style="dashed,rounded", color=style["color"],
-                           fontcolor=style["color"], fontsize="12")
-                else:
-                    c.attr(label=part, style="rounded", color="#999999", fontcolor="#333333",
-                           fontsize="11")
+                c = self._scope_cluster(ck)
                 fill(c, ck)
                 sub.subgraph(c)
 
@@ -530,15 +744,18 @@ class _Builder:
         rows = []
         for kind in ("input", "parameter", "constant"):
             if kind in self.leaves_seen:
-                st = LEAF_STYLE[kind]
-                rows.append((st["fillcolor"], f"{kind} ({st['shape']})"))
+                rows.append((LEAF_STYLE[kind]["fillcolor"], _LEAF_TITLES[kind]))
         for role in ("forward", "backward", "update"):
             if role in self.roles_seen:
                 rows.append((ROLE_STYLE[role]["fillcolor"], _ROLE_TITLES[role]))
+        for role in ("forward", "backward", "update"):
+            if role in self.group_roles_seen:
+                rows.append((ROLE_STYLE[role]["fillcolor"], _GROUP_TITLES[role]))
         if self.has_assign:
-            rows.append((LEAF_STYLE["parameter"]["fillcolor"], "p \u2190 new value (dashed)"))
+            rows.append((LEAF_STYLE["parameter"]["fillcolor"],
+                         "p \u2190 new value: written into parameter p after the step"))
         if self.has_fused:
-            rows.append(("#f6f6f6", "fused kernel (cluster)"))
+            rows.append(("#f6f6f6", "fused kernel: ops the optimizer runs as one loop"))
         cells = "".join(f'<TR><TD BGCOLOR="{c}" WIDTH="18"> </TD><TD ALIGN="LEFT">{html.escape(t)}'
                         f'</TD></TR>' for c, t in rows)
         if self.scale is not None:
@@ -595,7 +812,7 @@ def _scope_sort_key(k):
 
 # ------------------------------------------------------------------ public API
 def to_dot(outputs_or_graph, backward: bool = False, title: str | None = None,
-           grad_values: dict | None = None, *, split_roles: bool = True,
+           grad_values: dict | None = None, *, detail: str = "auto", split_roles: bool = True,
            show_constants: bool = True, legend: bool = True, rankdir: str = "TB"):
     """A `graphviz.Digraph` of a graph.
 
@@ -610,13 +827,20 @@ def to_dot(outputs_or_graph, backward: bool = False, title: str | None = None,
     split_roles: group backward/update nodes in their own clusters, each
         nested by module scope like the forward graph.
     show_constants: draw constant leaves (hide them for very large graphs).
+    detail: "full" draws every op; "modules" draws an overview: each module
+        (child of the model) as one box listing its ops, parameters and output
+        type, its gradient ops as one box, and the optimizer update as one box;
+        "auto" (default) draws the overview for graphs of more than
+        AUTO_OVERVIEW_NODES nodes (a training step), the full graph otherwise.
     """
+    if detail not in DETAILS:
+        raise ValueError(f"to_dot: detail must be one of {', '.join(DETAILS)}, got {detail!r}")
     outputs, updates, grad_of = _collect(outputs_or_graph, backward)
     b_nodes = toposort(outputs + [v for _, v in updates])
     for gid, p in _gradients_read_by_updates(updates).items():
         grad_of.setdefault(gid, p)
     norms = _resolve_grad_values(grad_values, b_nodes, grad_of)
-    builder = _Builder(outputs, updates, grad_of, norms, split_roles, show_constants)
+    builder = _Builder(outputs, updates, grad_of, norms, split_roles, show_constants, detail)
     return builder.build(title=title, rankdir=rankdir, legend=legend)
 
 

@@ -8,7 +8,7 @@ on one thread.  Results do not depend on it.
 try:
     from threadpoolctl import threadpool_limits
     _limits = threadpool_limits(limits=1, user_api="blas")
-except ImportError:  # threadpoolctl is in the test extra; without it, nothing changes
+except ImportError:  # threadpoolctl is a dependency of graphc; without it, nothing changes
     _limits = None
 
 import os

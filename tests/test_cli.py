@@ -102,16 +102,65 @@ def test_render_mlp_png(capsys, tmp_path):
 
 def test_render_lenet_training_graph_svg(capsys, tmp_path):
     out = tmp_path / "train.svg"
-    code, _, err = run_main(capsys, "render", "lenet", "-o", str(out), "--backward")
+    code, _, err = run_main(capsys, "render", "lenet", "-o", str(out), "--backward",
+                            "--detail", "full")
     assert code == 0, err
     svg = out.read_text()
     for name in ("conv2d_grad_weight", "conv2d_grad_input", "max_pool2d", "parameter updates"):
         assert name in svg, name
+    # by default: the overview, one box per module and one for the optimizer update
+    code, _, err = run_main(capsys, "render", "lenet", "-o", str(tmp_path / "o.svg"),
+                            "--backward")
+    assert code == 0, err
+    overview = (tmp_path / "o.svg").read_text()
+    for name in ("conv1 (Conv2d)", "gradient of conv2 (Conv2d)", "optimizer update"):
+        assert name in overview, name
+    assert overview.count('class="node"') < svg.count('class="node"') // 5
 
 
-def test_render_bad_extension_is_one_line(capsys, tmp_path):
-    code, _, err = run_main(capsys, "render", "mlp", "-o", str(tmp_path / "x.bmp"))
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "format" in err
+@pytest.mark.parametrize("name", ["lenet.jpg", "x.bmp", "noext"])
+def test_render_bad_extension_is_a_usage_error_with_cli_advice(capsys, tmp_path, name):
+    code, _, err = run_main(capsys, "render", "lenet", "-o", str(tmp_path / name))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "use a name ending in .png, .svg or .pdf" in err
+    assert "format=" not in err                      # Python-API advice has no place here
+    assert not os.listdir(tmp_path)
+
+
+def test_cuda_without_gpu_fails_before_training(capsys, tmp_path, monkeypatch):
+    cuda = pytest.importorskip("graphc.backends.cuda")
+    monkeypatch.delenv("GRAPHC_CUDA_EMULATE", raising=False)
+    monkeypatch.setattr(cuda, "gpu_available", lambda: (False, "no CUDA driver (test)"))
+    started = []
+    def fake_fit(*a, **k):
+        started.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr("graphc.train.fit", fake_fit)
+    code, out, err = run_main(capsys, "train", "mlp", "--backend", "cuda", "--out",
+                              str(tmp_path / "run"))
+    assert code == 1 and not started
+    assert "no usable GPU" in err and "no CUDA driver (test)" in err
+    assert "epoch" not in out + err and "parameters" not in out
+
+
+def test_every_option_has_help_text():
+    import argparse
+    parsers = [cli.make_parser()]
+    for action in parsers[0]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    from graphc import bench
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()) as buf, pytest.raises(SystemExit):
+        bench.main(["--help"])
+    bench_help = buf.getvalue()
+    for p in parsers:
+        for a in p._actions:
+            if a.option_strings and a.dest not in ("help", "version"):
+                assert a.help, f"{p.prog} {a.option_strings} has no help text"
+    for opt in ("--threads", "--repeat", "--conv-batch", "--sizes"):
+        line = bench_help[bench_help.index("  " + opt):].split("\n  -")[0]
+        assert len(line.split()) > 3, f"graphc bench {opt} has no help text"
 
 
 def test_train_mlp_one_epoch_writes_weights_graphs_history(capsys, tmp_path):

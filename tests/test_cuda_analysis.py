@@ -77,11 +77,15 @@ def _flat(env, loops, n):
     return key
 
 
-def check_threads(threads, body, host, atomic, fixed=()):
-    """Distinct `threads` tuples write disjoint elements and read nothing another writes."""
+def check_threads(threads, body, host, atomic, fixed=(), private=()):
+    """Distinct `threads` tuples write disjoint elements and read nothing another writes.
+
+    private: ids of buffers every `threads` tuple has its own copy of (a block's
+    shared-memory scratch), skipped here; the threads inside a block are checked on
+    them separately."""
     per_buf = {}
     for kind, buf, index, loops in accesses(body):
-        if id(buf) in atomic:
+        if id(buf) in atomic or id(buf) in private:
             continue
         dims = list(host) + list(fixed) + list(threads) + list(loops)
         env, n = _space(dims)
@@ -132,7 +136,8 @@ def check_program(cp):
                                m["host"], set())
         elif "blocks" in m:
             n += check_threads(m["blocks"], m["body"], m["host"], set().union(
-                *[par.atomic for _, par in m["inner"]]) if m["inner"] else set())
+                *[par.atomic for _, par in m["inner"]]) if m["inner"] else set(),
+                private=m.get("private", ()))
             for s, par in m["inner"]:
                 inner_body = A.loop_chain(s)[1]
                 for l in reversed(par.serial):
@@ -300,3 +305,85 @@ def test_grouped_weight_gradient_kernels_are_race_free():
     (gemm,) = [la for la in cp.launches if la.mapping and "gemm" in la.mapping]
     assert [l.var.name for l in gemm.mapping["reduce"]] == ["nl"]
     assert check_program(cp) > 1000
+
+
+def test_lenet_step_with_privatized_pool_scratch_is_race_free(monkeypatch):
+    # pool scratch too big for shared memory: copies per plane in global memory and a
+    # kernel per phase (each a grid over planes and the loops inside)
+    from graphc.backends.cuda import codegen
+    monkeypatch.setattr(codegen, "SHARED_SCRATCH_BYTES", 0)
+    ins, outs = _lenet_step(3)
+    cp = program(ins, outs)
+    pools = [la for la in cp.launches if "max_pool2d" in la.name]
+    assert len(pools) > 4 and all(la.grid[0] * la.block[0] > 3 * 6 for la in pools)
+    assert check_program(cp) > 100_000
+
+
+def test_unit_dimension_and_unrolled_stores_are_proved_disjoint():
+    f32 = "float32"
+    v = K.Buffer("v", f32, 8 * 5)
+    d0, d1, i = K.Var("d0"), K.Var("d1"), K.Var("i")
+    # in place: stores v[d0*40 + d1*5 + i], reads v[d1*5 + i] with d0 in 0..1
+    st = K.Store(v, K.affine([d0, d1, i], [40, 5, 1]),
+                 K.BinOp("mul", K.Load(v, K.affine([d1, i], [5, 1])), K.Const(2.0, f32)))
+    nest = K.Loop(d0, 1, [K.Loop(d1, 8, [K.Loop(i, 5, [st])])])
+    chain, body = A.loop_chain(nest)
+    par = A.choose_parallel(chain, body, {})
+    assert par.extent == 40 and [l.var for l in par.serial] == [d0]
+    check_threads(par.pvars, [K.Loop(d0, 1, body)], [], set())
+    # ... but not when d0 really varies (the read would cross threads)
+    nest2 = K.Loop(d0, 2, [K.Loop(d1, 4, [K.Loop(i, 5, [K.Store(
+        v, K.affine([d0, d1, i], [20, 5, 1]), K.Load(v, K.affine([d1, i], [5, 1])))])])])
+    chain, body = A.loop_chain(nest2)
+    par = A.choose_parallel(chain, body, {})
+    assert id(d0) not in {id(l.var) for l in par.pvars}
+    # two stores per iteration, b[2t] and b[2t+1]: disjoint across t
+    b, t = K.Buffer("b", f32, 20), K.Var("t")
+    one = K.Const(1.0, f32)
+    unrolled = K.Loop(t, 10, [K.Store(b, K.mul(t, 2), one), K.Store(b, K.add(K.mul(t, 2), 1), one)])
+    par = A.choose_parallel([unrolled], unrolled.body, {})
+    assert [l.var for l in par.pvars] == [t]
+    check_threads(par.pvars, unrolled.body, [], set())
+    # b[t] and b[t+1] overlap between neighbours: refused
+    overlap = K.Loop(t, 10, [K.Store(b, t, one), K.Store(b, K.add(t, 1), one)])
+    assert A.choose_parallel([overlap], overlap.body, {}).pvars == []
+    with pytest.raises(AssertionError, match="two threads"):
+        check_threads([overlap], overlap.body, [], set())
+
+
+def test_reduction_prelude_must_be_private_to_the_iteration():
+    f32 = "float32"
+    x = K.Buffer("x", f32, 12)
+    o, r = K.Var("o"), K.Var("r")
+    acc, m = K.Local(f32, "acc"), K.Local(f32, "m")
+    row_max = K.Loop(r, 3, [K.Assign(m, K.BinOp("max", m, K.Load(x, K.affine([o, r], [3, 1]))))])
+    red = K.Assign(acc, K.BinOp("add", acc, m))
+    # m reset in every iteration: a reduction of per-row maxima
+    ok = K.Loop(o, 4, [K.Assign(m, K.Const(float("-inf"), f32)), row_max, red])
+    got = A.reduction_with_prelude(*A.loop_chain(ok))
+    assert got is not None and got[0] is acc and len(got[4]) == 2
+    # m carried from one row to the next (a running maximum): not independent
+    carried = K.Loop(o, 4, [row_max, red])
+    assert A.reduction_with_prelude(*A.loop_chain(carried)) is None
+    # a prelude that stores to memory: not a reduction
+    y = K.Buffer("y", f32, 4)
+    stores = K.Loop(o, 4, [K.Assign(m, K.Const(0.0, f32)), K.Loop(r, 1, [K.Store(y, o, m)]), red])
+    assert A.reduction_with_prelude(*A.loop_chain(stores)) is None
+
+
+def test_block_reduction_refuses_a_prelude_scalar_read_afterwards():
+    from graphc.backends.cuda.codegen import block_plan
+    f32 = "float32"
+    x, y = K.Buffer("x", f32, 12), K.Buffer("y", f32, 1)
+    o, r = K.Var("o"), K.Var("r")
+    acc, m = K.Local(f32, "acc"), K.Local(f32, "m")
+    loop = K.Loop(o, 4, [K.Assign(m, K.Const(float("-inf"), f32)),
+                         K.Loop(r, 3, [K.Assign(m, K.BinOp("max", m, K.Load(
+                             x, K.affine([o, r], [3, 1]))))]),
+                         K.Assign(acc, K.BinOp("add", acc, m))])
+    init = K.Assign(acc, K.Const(0.0, f32))
+    fine = block_plan([init, loop, K.Store(y, K.idx(0), acc)], {}, [])
+    assert fine is not None and [k for k, _ in fine.kinds] == ["uniform", "reduce", "single"]
+    # the last row's maximum read after the loop: each thread holds another row's
+    later = block_plan([init, loop, K.Store(y, K.idx(0), K.BinOp("add", acc, m))], {}, [])
+    assert later is None or "reduce" not in [k for k, _ in later.kinds]

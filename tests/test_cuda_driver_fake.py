@@ -208,10 +208,11 @@ def test_driver_path_trains_an_mlp_like_numpy(fake):
     assert runner.uploads == 2                       # parameters sent once, then kept on device
     fake.calls.clear()
     f(X, Y)
-    # one step: the 2 inputs in, the parameters refreshed on the device from the previous
-    # step's update outputs, kernels in order, the 3 outputs (loss, 2 updates) out
-    assert fake.calls.count("cuMemcpyHtoD") == 2 and fake.calls.count("cuMemcpyDtoD") == 2
-    assert fake.calls.count("cuMemcpyDtoH") == 3
+    # one step: the 2 inputs in and the label check's record reset, the parameters
+    # refreshed on the device from the previous step's update outputs, kernels in order,
+    # the record read back, the 3 outputs (loss, 2 updates) out
+    assert fake.calls.count("cuMemcpyHtoD") == 3 and fake.calls.count("cuMemcpyDtoD") == 2
+    assert fake.calls.count("cuMemcpyDtoH") == 4
     n_launch = fake.calls.count("cuLaunchKernel")
     assert n_launch == runner.cprog.launch_count() > 5
     assert fake.calls.index("cuCtxSynchronize") > max(

@@ -214,6 +214,27 @@ def test_reductions():
         pos += n_out
 
 
+def test_split_reductions_of_few_long_rows():
+    # rows of 256*7*13 = 23296 elements, 2 or 3 of them: split over many blocks
+    # (partial results, then a combining kernel), sum, max with NaN, mean, a full sum
+    x = gc.input("x", (256, 3, 7, 13))
+    outs = [gc.sum(x, axis=(0, 2, 3)), gc.max(x, axis=(0, 2, 3)), gc.mean(x * x, axis=(0, 2, 3)),
+            gc.sum(x[:, :2], axis=(0, 2, 3))]
+    cp = C.generate_cuda(gc.Graph(outs, [x]))
+    assert sum(1 for la in cp.launches if la.mapping.get("split")) >= 3
+    v = RNG.standard_normal((256, 3, 7, 13)).astype(np.float32)
+    v[17, 1, 2, 5] = np.nan
+    got, want = both([x], outs, [v])
+    np.testing.assert_array_equal(got[1], want[1])
+    absv = np.abs(v.astype(np.float64))
+    for g, w, bound in ((got[0], want[0], absv.sum(axis=(0, 2, 3))),
+                        (got[2], want[2], (absv ** 2).mean(axis=(0, 2, 3))),
+                        (got[3], want[3], absv[:, :2].sum(axis=(0, 2, 3)))):
+        ok = ~np.isnan(w)
+        assert np.array_equal(np.isnan(g), np.isnan(w))
+        assert np.all(np.abs(g - w)[ok] <= 64 * EPS32 * bound[ok])
+
+
 def test_max_reductions_propagate_nan():
     x = gc.input("x", (4, 200))
     v = RNG.standard_normal((4, 200)).astype(np.float32)
@@ -246,10 +267,14 @@ def test_matmul():
         assert np.all(np.abs(got[k] - want[k]) <= bound + 1e-30), (sa, sb)
 
 
-def test_register_blocked_gemm_with_strided_operands_and_accumulation():
+def test_register_blocked_gemm_with_strided_operands_and_accumulation(monkeypatch):
     # conv2d's gradients multiply by transposed (strided) operands, grad_weight
     # accumulates: with 70 output channels and 8*3*3 = 72 columns both take the
-    # 64x64 register-blocked kernel, reading A and B along either axis
+    # 64x64 register-blocked kernel, reading A and B along either axis (at these
+    # sizes only when a GPU of one SM is the target: 64x64 tiles are kept for GEMMs
+    # with a tile per SM)
+    from graphc.backends.cuda import codegen
+    monkeypatch.setattr(codegen, "TARGET_SMS", 1)
     x, w, g = gc.input("x", (2, 8, 12, 12)), gc.input("w", (70, 8, 3, 3)), \
         gc.input("g", (2, 70, 10, 10))
     outs = [gc.conv2d(x, w), gc.conv2d_grad_input(g, w, (12, 12)),
@@ -324,6 +349,39 @@ def test_pooling_and_gradients(xs, k, s, p, ceil):
     got, want = both([x, gm], [ym, ya, ya2, dx], [v, vg])
     np.testing.assert_array_equal(got[0], want[0])
     close(got[1:], want[1:], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_tiled_max_pool_scratch_per_iteration(shared, monkeypatch):
+    # windows that tile the input (2x2 on 6x8, 3x3 stride 3 on 9x12): the lowering's
+    # per-plane scratch (row maxima, argmax columns) is private to an iteration of
+    # its parallel loop; a block per plane keeps it in shared memory, or, when it
+    # does not fit (shared=False), it is privatized per plane in global memory and
+    # the loop split into a kernel per phase.  Ties and NaN as in NumPy.
+    from graphc.backends.cuda import codegen
+    if not shared:
+        monkeypatch.setattr(codegen, "SHARED_SCRATCH_BYTES", 0)
+    for xs, k in (((3, 5, 6, 8), 2), ((2, 3, 9, 12), 3)):
+        x = gc.input("x", xs)
+        y = gc.max_pool2d(x, k)
+        gy = gc.input("gy", y.shape)
+        dx, = gc.grad(gc.sum(y * gy), [x])
+        cp = C.generate_cuda(gc.Graph([y, dx], [x, gy]))
+        pools = [la for la in cp.launches if "max_pool2d" in la.name]
+        if shared:
+            assert len(pools) == 2 and all("in shared memory" in la.what for la in pools)
+        else:
+            assert len(pools) >= 4 and not any("shared memory" in la.what for la in pools)
+            assert all(la.grid[0] * la.block[0] >= xs[0] * xs[1] for la in pools)
+        v = RNG.standard_normal(xs).astype(np.float32)
+        flat = v.reshape(-1)
+        flat[1] = flat[0]                      # a tie in the first window's row
+        flat[xs[3]] = flat[0]                  # and in its column
+        flat[7 * k] = np.nan                   # a NaN window
+        vg = RNG.standard_normal(y.shape).astype(np.float32)
+        got, want = both([x, gy], [y, dx], [v, vg])
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_shape_ops_numel_and_pool_gather_directly():
@@ -506,7 +564,8 @@ def test_cuda_benchmark_script_runs_on_the_emulator(capsys):
     from graphc.backends.cuda import bench
     text = bench.main(["--emulate", "--small", "--repeat", "1"])
     assert "matmul 64x64x64" in text and "LeNet-5 train step batch 8" in text
-    assert text.count("graphc device") == 3 and "torch" not in text
+    assert "RNN in 4 hidden 8 T=5" in text and "LSTM in 4 hidden 8 T=5" in text
+    assert text.count("graphc device") == 5 and "torch" not in text
 
 
 def test_two_python_threads_share_a_compiled_graph():

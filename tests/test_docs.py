@@ -54,18 +54,96 @@ def python_blocks(text):
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
 
 
+_NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def printed_matches(expected: str, actual: str) -> bool:
+    """Does `actual` (what a print wrote) match the guide's `# expected` comment?
+
+    Whitespace runs are equal; "..." stands for any text, "<your file>" for a
+    file name and "<line>" for a line number; numbers must agree to 1e-3
+    (relative), so a doc that shows a value shows the value the code prints.
+    """
+    parts, numbers = [], []
+    for tok in re.split(rf"(\.\.\.|<your file>|<line>|{_NUMBER}|\s+)", expected.strip()):
+        if not tok:
+            continue
+        if tok == "...":
+            parts.append(".*?")
+        elif tok == "<your file>":
+            parts.append(".+?")
+        elif tok == "<line>":
+            parts.append(r"\d+")
+        elif tok.isspace():
+            parts.append(r"\s+")
+        elif re.fullmatch(_NUMBER, tok):
+            parts.append(f"({_NUMBER})")
+            numbers.append(float(tok))
+        else:
+            parts.append(re.escape(tok))
+    m = re.fullmatch("".join(parts), actual.strip(), flags=re.S)
+    if m is None:
+        return False
+    return all(abs(float(got) - want) <= 1e-3 * abs(want) + 1e-9
+               for got, want in zip(m.groups(), numbers))
+
+
+def expected_prints(block: str) -> dict:
+    """{line number in the block: expected text} of every `print(...)  # text` line
+    (two spaces before the '#'; a comment starting "e.g." is an example, not checked)."""
+    out = {}
+    for n, line in enumerate(block.splitlines(), 1):
+        code, sep, comment = line.partition("  # ")
+        if sep and code.strip().startswith("print(") and not comment.startswith("e.g."):
+            out[n] = comment.strip()
+    return out
+
+
+def test_printed_matches():
+    assert printed_matches("loss 195.000 -> 101.645", "loss 195.000 -> 101.6451")
+    assert not printed_matches("loss 195.000 -> 101.645", "loss 195.000 -> 0.000")
+    assert printed_matches("a: float32(2, 3) ... at <your file>:<line>",
+                           "a: float32(2, 3)\n  more\n  at x.md[block 2]:3")
+    assert not printed_matches("a: float32[2,3]", "a: float32(2, 3)")
+    assert printed_matches("{'w': 120.6, 'b': 12.4}", "{'w': 120.6, 'b': 12.4}")
+    assert not printed_matches("{'w': 120.6, 'b': 12.4}", "{'w': 0.0, 'b': 0.0}")
+
+
 def test_user_guide_code_runs(tmp_path, monkeypatch, capsys):
-    """Every ```python block of docs/user_guide.md runs, in order, in one namespace."""
+    """Every ```python block of docs/user_guide.md runs, in order, in one namespace,
+    and every print whose line carries a `# value` comment prints that value."""
     blocks = python_blocks(read("user_guide.md"))
     assert len(blocks) >= 10
     joined = "\n".join(blocks)
     for topic in ("gc.grad(", "gc.compile(", "gc.render(", "compile_step(", "train.fit("):
         assert topic in joined, topic
     monkeypatch.chdir(tmp_path)            # the guide writes pictures and weights to cwd
-    ns = {"__name__": "user_guide"}
+    import builtins
+    import io
+    import sys
+    printed: dict = {}          # (block name, line) -> texts printed from that line
+
+    def recording_print(*args, **kwargs):
+        buf = io.StringIO()
+        builtins.print(*args, **{**kwargs, "file": buf})
+        caller = sys._getframe(1)
+        printed.setdefault((caller.f_code.co_filename, caller.f_lineno), []).append(
+            buf.getvalue())
+        builtins.print(*args, **kwargs)
+
+    ns = {"__name__": "user_guide", "print": recording_print}
+    checked = 0
     for k, block in enumerate(blocks):
-        code = compile(block, f"user_guide.md[python block {k + 1}]", "exec")
+        name = f"user_guide.md[python block {k + 1}]"
+        code = compile(block, name, "exec")
         exec(code, ns)
+        for line, want in expected_prints(block).items():
+            got = printed.get((name, line))
+            assert got, f"{name}, line {line}: expected a print of {want!r}, none ran"
+            assert printed_matches(want, got[-1]), \
+                f"{name}, line {line}: the guide says it prints {want!r}, it printed {got[-1]!r}"
+            checked += 1
+    assert checked >= 8                      # the guide shows values, and they are checked
     for name in ("forward.png", "training.svg", "step.pdf", "gradients.png", "mlp.npz"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "forward.png").read_bytes()[:4] == b"\x89PNG"
@@ -165,3 +243,20 @@ def test_architecture_import_rules_hold():
             if other.startswith("backends.") and other != b:
                 bad.append(f"{where} (backend) imports another backend graphc.{other}")
     assert not bad, "layering violations (see docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_readme_tour_runs(tmp_path, monkeypatch, recwarn):
+    """The README's Python tour runs as written (one epoch instead of eight, to stay
+    fast), without a dtype-cast warning, and writes what it says it writes."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = python_blocks(f.read())
+    assert len(blocks) == 2 and "epochs=8" in blocks[1]
+    blocks[1] = blocks[1].replace("epochs=8", "epochs=1")
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "readme"}
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"README.md[python block {k + 1}]", "exec"), ns)
+    from graphc.input_cast import InputCastWarning
+    assert not [w for w in recwarn if issubclass(w.category, InputCastWarning)]
+    assert (tmp_path / "train.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "lenet.npz").stat().st_size > 0

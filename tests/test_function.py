@@ -74,7 +74,8 @@ def test_wrong_dtype_names_the_input():
 def test_same_kind_cast_float64_to_float32_accepted():
     x = gc.input("x", (3,), "float32")
     f = gc.compile([x], x + 0.0)
-    out = f(np.array([0.1, 0.2, 0.3]))                   # float64 in
+    with pytest.warns(gc.InputCastWarning, match="input 'x' expects float32, got float64"):
+        out = f(np.array([0.1, 0.2, 0.3]))               # float64 in: warned, cast
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np.array([0.1, 0.2, 0.3], np.float32))
     out = f([1, 2, 3])                                   # a list of ints works too
@@ -234,3 +235,71 @@ def test_parameter_value_checks():
         w.set_value(np.ones(4))
     p = gc.Parameter([1.5, 2.5])
     assert p.dtype == np.float32 and p.value.dtype == np.float32
+
+
+# --------------------------------------------------------------- threads
+def _counter_from_threads(backend, sizes, steps=1000):
+    """Threads (one per size in `sizes`) each call a `p += 1 + sum(x)` step `steps`
+    times with x = zeros(size); returns p."""
+    import sys
+    import threading
+    p = gc.Parameter(np.zeros((), np.float64), name="p")
+    x = gc.input("x", ("n",), "float64")
+    f = gc.compile([x], p * 1.0, updates={p: p + 1.0 + gc.sum(x)}, backend=backend)
+    start = threading.Barrier(len(sizes))
+    errors = []
+
+    def work(n):
+        try:
+            zeros = np.zeros(n)
+            start.wait()
+            for _ in range(steps):
+                f(zeros)
+        except Exception as e:    # reported by the main thread
+            errors.append(e)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as possible: races show up
+    try:
+        threads = [threading.Thread(target=work, args=(n,)) for n in sizes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    return float(p.value)
+
+
+def test_updates_from_two_threads_lose_no_step():
+    # Each call reads p, computes p + 1 and writes it: two threads interleaving those
+    # on the NumPy backend lost updates (p = 1085 after 2 x 1000 steps).
+    assert _counter_from_threads("numpy", [4, 4]) == 2000.0
+    assert _counter_from_threads("numpy", [3, 5]) == 2000.0
+
+
+def test_updates_from_two_threads_of_two_shapes_llvm():
+    # Two input sizes: two native runners, each with its own lock; the Function's
+    # lock serializes the steps across them.
+    assert _counter_from_threads("llvm", [3, 5], steps=2000) == 4000.0
+
+
+# --------------------------------------------------------------- float32 range
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_float64_input_beyond_float32_range_is_refused(backend):
+    # float64 -> float32 used to turn 1e39 into inf silently: refused, naming the input
+    x = gc.input("x", (2, 3), "float32")
+    f = gc.compile([x], x * 2.0, backend=backend, name="double")
+    v = np.zeros((2, 3))
+    v[1, 2] = -1e39
+    with pytest.raises(ValueError, match=r"double: input 'x': float64 value -1e\+39 at index "
+                                         r"\(1, 2\) is beyond the float32 range.*-inf"):
+        f(v)
+    big = float(np.finfo(np.float32).max)
+    ok = np.array([[big, -big, np.inf], [np.nan, 1e-50, 0.1]])  # rounding is no error
+    with pytest.warns(gc.InputCastWarning):
+        got = f(ok)
+    with np.errstate(over="ignore"):
+        want = ok.astype(np.float32) * np.float32(2)
+    np.testing.assert_array_equal(got, want)
+    assert np.isinf(got[0, :2]).all()          # overflow computed in float32 is the graph's

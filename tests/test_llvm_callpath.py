@@ -62,7 +62,8 @@ def test_fast_path_still_validates_and_converts():
     a = np.ones((2, 3), np.float32)
     np.testing.assert_array_equal(f(a), 2 * a)
     np.testing.assert_array_equal(f(a), 2 * a)                        # fast path
-    np.testing.assert_array_equal(f(np.ones((4, 3), np.int32)), np.full((4, 3), 2.0))
+    with pytest.warns(gc.InputCastWarning, match="got int32"):
+        np.testing.assert_array_equal(f(np.ones((4, 3), np.int32)), np.full((4, 3), 2.0))
     np.testing.assert_array_equal(f([[1, 2, 3]]), [[2, 4, 6]])
     nc = np.arange(12, dtype=np.float32).reshape(3, 4)[:, :3]          # not contiguous
     np.testing.assert_array_equal(f(nc), np.arange(12).reshape(3, 4)[:, :3] * 2)

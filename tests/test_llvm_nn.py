@@ -106,6 +106,48 @@ def test_pooling_and_gradients(xs, k, s, p, d, ceil):
         np.testing.assert_allclose(gv, wv, rtol=32 * EPS32, atol=32 * EPS32)
 
 
+@pytest.mark.parametrize("xs,k,s,p,d", [
+    ((1, 1, 1, 2), (2, 1), (2, 1), (1, 0), (2, 1)),     # the issue's case: all padding
+    ((2, 1, 1, 5), (2, 1), (1, 1), (1, 0), (2, 1)),     # all padding, batch 2
+    ((2, 1, 5, 3), (3, 1), (2, 1), (1, 0), (2, 1)),     # dilated, padded, none empty
+])
+def test_max_pool_window_entirely_in_padding(xs, k, s, p, d):
+    """A dilated window can lie entirely in the padding: the reference gives -inf, no
+    gradient from it and 0 for the gather; llvm routed its gradient to a clamped
+    element (2 to x[0] in the first case)."""
+    a = dict(stride=s, padding=p, dilation=d)
+    x = gc.input("x", xs)
+    y = gc.max_pool2d(x, k, **a)
+    g = gc.input("g", y.shape)
+    h = gc.input("h", xs)
+    outs = [y, gc.max_pool2d_grad(x, g, k, **a), gc.max_pool2d_gather(x, h, k, **a)]
+    vx = RNG.standard_normal(xs).astype(np.float32)
+    vg = RNG.standard_normal(y.shape).astype(np.float32) + 3.0
+    vh = RNG.standard_normal(xs).astype(np.float32)
+    # independent reference: rows of each window (dilated, shifted by the padding)
+    H = xs[2]
+    OH = y.shape[2]
+    want_y = np.full(y.shape, -np.inf, np.float32)
+    want_dx = np.zeros(xs, np.float32)
+    want_gather = np.zeros(y.shape, np.float32)
+    for i in range(OH):
+        rows = [i * s[0] - p[0] + t * d[0] for t in range(k[0])]
+        rows = [r for r in rows if 0 <= r < H]
+        if not rows:
+            continue
+        for nn in range(xs[0]):
+            for j in range(xs[3]):
+                col = vx[nn, 0, rows, j]
+                r = rows[int(np.argmax(col))]
+                want_y[nn, 0, i, j] = vx[nn, 0, r, j]
+                want_dx[nn, 0, r, j] += vg[nn, 0, i, j]
+                want_gather[nn, 0, i, j] = vh[nn, 0, r, j]
+    got, ref = run_both([x, g, h], outs, [vx, vg, vh])
+    for gv, rv, wv in zip(got, ref, [want_y, want_dx, want_gather]):
+        np.testing.assert_allclose(rv, wv, rtol=1e-6)
+        np.testing.assert_allclose(gv, wv, rtol=1e-6)
+
+
 def test_softmax_family_and_cross_entropy():
     x = gc.input("x", (5, 11))
     x4 = gc.input("x4", (2, 3, 4, 5))

@@ -43,6 +43,12 @@ def test_results_identical_across_thread_counts(monkeypatch, tmp_path):
             np.testing.assert_array_equal(u, v)   # bitwise: same summation order
 
 
+def _entries(root):
+    """The object files of a cache directory (beside them: its secret.key)."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                  if f.endswith(".o"))
+
+
 def test_disk_cache_hit_and_corrupt_entry(monkeypatch, tmp_path):
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     x = gc.input("x", (33,))
@@ -50,11 +56,11 @@ def test_disk_cache_hit_and_corrupt_entry(monkeypatch, tmp_path):
     v = RNG.standard_normal(33).astype(np.float32)
     want = gc.compile([x], y)(v)
     np.testing.assert_allclose(gc.compile([x], y, backend="llvm")(v), want, rtol=1e-6)
-    entries = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
-    assert len(entries) == 1 and entries[0].endswith(".o")
+    entries = _entries(tmp_path)
+    assert len(entries) == 1
     # a second compile loads the entry (no new file) and computes the same values
     np.testing.assert_allclose(gc.compile([x], y, backend="llvm")(v), want, rtol=1e-6)
-    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == entries
+    assert _entries(tmp_path) == entries
     # corrupt it: ignored, rebuilt, rewritten
     with open(entries[0], "r+b") as fh:
         fh.seek(60)

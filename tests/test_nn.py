@@ -409,3 +409,38 @@ def test_layers_match_torch_when_installed():
     with torch.no_grad():
         want = tmodel(torch.tensor(x)).numpy()
     np.testing.assert_allclose(run(model, x, "float64"), want, rtol=1e-10, atol=1e-12)
+
+
+def test_truncated_npz_is_a_state_dict_error_naming_the_file(tmp_path):
+    model = nn.Linear(3, 2)
+    path = tmp_path / "weights.npz"
+    model.save(path)
+    raw = path.read_bytes()
+    for n in (len(raw) - 10, len(raw) // 2, 40):
+        cut = tmp_path / f"cut{n}.npz"
+        cut.write_bytes(raw[:n])
+        with pytest.raises(nn.StateDictError, match=rf"cut{n}\.npz: .*truncated or damaged"):
+            model.load(cut)
+
+
+def test_float64_state_beyond_float32_range_is_refused(tmp_path):
+    # like a compiled function's inputs: a finite value that would become inf is refused,
+    # naming the file, the key and the index, and nothing is written
+    model = nn.Linear(3, 2)
+    before = model.weight.value.copy()
+    sd = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    sd["weight"][1, 0] = 5e38
+    sd["bias"][:] = 7.0
+    path = tmp_path / "huge.npz"
+    nn.save_npz(path, sd)
+    with pytest.raises(nn.StateDictError, match=r"huge\.npz: state 'weight': float64 value "
+                                                r"5e\+38 at index \(1, 0\) is beyond the "
+                                                r"float32 range"):
+        model.load(path)
+    np.testing.assert_array_equal(model.weight.value, before)
+    assert not (model.bias.value == 7.0).any()
+    with pytest.raises(nn.StateDictError, match="state 'weight'"):
+        model.load_state_dict(sd)
+    sd["weight"][1, 0] = 0.25                  # in range: cast and loaded
+    model.load_state_dict(sd)
+    np.testing.assert_array_equal(model.weight.value, sd["weight"].astype(np.float32))

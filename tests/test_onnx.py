@@ -281,6 +281,165 @@ def test_malformed_and_truncated_files_raise_clear_errors(tmp_path):
         gc.onnx.load(str(tmp_path / "missing.onnx"))
 
 
+def _const(name, arr):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr))
+
+
+def _huge_models():
+    """~200-byte models whose load-time evaluation would allocate 16 GiB .. 8 TiB."""
+    big = np.array([65536, 65536], np.int64)
+    one = np.array([[1.0]], np.float32)
+    yield "ConstantOfShape", _model(
+        [_const("s", big), helper.make_node("ConstantOfShape", ["s"], ["y"], name="cos")],
+        [], [_vi("y", F32, [65536, 65536])])
+    yield "Range", _model(
+        [_const("a", np.array(0, np.int64)), _const("b", np.array(2 ** 40, np.int64)),
+         _const("c", np.array(1, np.int64)),
+         helper.make_node("Range", ["a", "b", "c"], ["y"], name="rng")],
+        [], [_vi("y", I64, [2 ** 40])])
+    yield "Expand", _model(
+        [_const("v", one), _const("s", big), helper.make_node("Expand", ["v", "s"], ["y"])],
+        [], [_vi("y", F32, [65536, 65536])])
+    yield "Tile", _model(
+        [_const("v", one), _const("s", big), helper.make_node("Tile", ["v", "s"], ["y"])],
+        [], [_vi("y", F32, [65536, 65536])])
+    # a constant-folded elementwise op on a folded value
+    yield "Add", _model(
+        [_const("v", one), _const("s", big), helper.make_node("Expand", ["v", "s"], ["e"],
+                                                              name="ex"),
+         helper.make_node("Add", ["e", "e"], ["y"])], [], [_vi("y", F32, [65536, 65536])])
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Range", "Expand", "Tile", "Add"])
+def test_load_time_constants_are_bounded(op):
+    import resource
+    m = dict(_huge_models())[op]
+    assert len(m.SerializeToString()) < 400
+    # under an address-space cap, so a regression fails with MemoryError, not by swapping
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = 6 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY
+                                            else min(cap, hard), hard))
+    try:
+        with pytest.raises(OnnxImportError) as ei:
+            gc.onnx.load(m.SerializeToString())
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    msg = str(ei.value)
+    assert "ONNX node" in msg and ("GiB" in msg or "TiB" in msg)
+    assert "max_constant_bytes" in msg and "256.0 MiB" in msg
+    where = {"ConstantOfShape": "'cos' (ConstantOfShape", "Range": "'rng' (Range",
+             "Expand": "(Expand", "Tile": "(Tile", "Add": "(Expand"}[op]
+    assert where in msg
+
+
+def test_load_time_constant_limit_is_configurable():
+    s = np.array([300, 400], np.int64)
+    m = _model([_const("s", s), helper.make_node("ConstantOfShape", ["s"], ["y"], name="c")],
+               [], [_vi("y", F32, [300, 400])])
+    # 480,000 bytes: fine by default, refused under a 100 kB limit, with the size named
+    y, = gc.onnx.load(m)()
+    np.testing.assert_array_equal(y, np.zeros((300, 400), np.float32))
+    with pytest.raises(OnnxImportError, match=r"'c' \(ConstantOfShape.*\[300, 400\] "
+                                              r"\(120000 elements, 468.8 KiB\)"):
+        gc.onnx.load(m, max_constant_bytes=100_000)
+    y, = gc.onnx.load(m, max_constant_bytes=480_000)()
+    assert y.shape == (300, 400)
+    # Range's size is computed from its bounds before anything is allocated
+    r = _model([_const("a", np.array(10, np.int64)), _const("b", np.array(-5, np.int64)),
+                _const("c", np.array(-4, np.int64)), helper.make_node("Range", ["a", "b", "c"],
+                                                                      ["y"])],
+               [], [_vi("y", I64, [4])])
+    y, = gc.onnx.load(r, max_constant_bytes=32)()
+    np.testing.assert_array_equal(y, [10, 6, 2, -2])
+    with pytest.raises(OnnxImportError, match="Range's output.*4 elements"):
+        gc.onnx.load(r, max_constant_bytes=31)
+    with pytest.raises(TypeError, match="max_constant_bytes"):
+        gc.onnx.load(m, max_constant_bytes=-1)
+
+
+def test_initializers_declaring_more_than_they_hold_are_refused(tmp_path):
+    """A tensor declaring 65536 x 65536 values but holding 8 bytes (inline or in an
+    external file) is refused before anything of the declared size is allocated."""
+    import resource
+    import onnx as onnx_mod
+
+    def model(t, elem):
+        return _model([helper.make_node("Identity", ["w"], ["y"])], [],
+                      [_vi("y", elem, [65536, 65536])], ()), t
+
+    cases = []
+    for elem, field in ((F32, "float_data"), (I64, "int64_data")):
+        t = TensorProto(name="w", data_type=elem, dims=[65536, 65536], raw_data=b"\0" * 8)
+        cases.append(("raw", elem, t))
+        t = TensorProto(name="w", data_type=elem, dims=[65536, 65536])
+        getattr(t, field).append(1)
+        cases.append((field, elem, t))
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    ext = TensorProto(name="w", data_type=F32, dims=[65536, 65536],
+                      data_location=TensorProto.EXTERNAL)
+    ext.external_data.add(key="location", value="w.bin")
+    cases.append(("external", F32, ext))
+    ext2 = TensorProto()
+    ext2.CopyFrom(ext)
+    ext2.external_data.add(key="length", value=str(1 << 40))
+    cases.append(("external length", F32, ext2))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = 6 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY
+                                            else min(cap, hard), hard))
+    try:
+        for what, elem, t in cases:
+            m, _ = model(t, elem)
+            m.graph.initializer.append(t)
+            path = tmp_path / f"{what.replace(' ', '_')}.onnx"
+            onnx_mod.save(m, str(path))
+            with pytest.raises(OnnxImportError, match="too small for the declared shape|"
+                                                      "exceeds available data") as ei:
+                gc.onnx.load(str(path))
+            assert "'w'" in str(ei.value) or "w)" in str(ei.value), (what, str(ei.value))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_edge_pad_builds_in_constant_time():
+    """Edge padding is the edge row broadcast, not one node per padded row: a pad of
+    10^9 rows loads at once (the list of 10^9 copies it built ran out of memory)."""
+    import resource
+    pads = np.array([0, 3, 0, 10 ** 9], np.int64)
+    m = _model([_const("p", pads), helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+               [_vi("x", F32, [2, 3])], [_vi("y", F32, [2, 6 + 10 ** 9 - 3])])
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = 6 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY
+                                            else min(cap, hard), hard))
+    try:
+        model = gc.onnx.load(m)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert model.outputs[0].shape == (2, 3 + 3 + 10 ** 9)
+    # small pads: the values of np.pad(mode="edge")
+    small = _model([_const("p", np.array([1, 2, 0, 3], np.int64)),
+                    helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+                   [_vi("x", F32, [2, 3])], [_vi("y", F32, [3, 8])])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y, = gc.onnx.load(small)(x)
+    np.testing.assert_array_equal(y, np.pad(x, ((1, 0), (2, 3)), mode="edge"))
+
+
+def test_newer_opset_than_implemented_is_refused():
+    from graphc.onnx.importer import MAX_OPSET
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    for v in (1000, MAX_OPSET + 1):
+        m = _model(nodes, [_vi("x", F32, [2])], [_vi("y", F32, [2])], opset=v)
+        with pytest.raises(OnnxImportError, match=f"opset {v}; graphc imports opsets up to "
+                                                  f"{MAX_OPSET}"):
+            gc.onnx.load(m)
+    m = _model(nodes, [_vi("x", F32, [2])], [_vi("y", F32, [2])], opset=MAX_OPSET)
+    y, = gc.onnx.load(m)(np.array([-1.0, 2.0], np.float32))
+    np.testing.assert_array_equal(y, [0.0, 2.0])
+
+
 def test_unsupported_dtype_and_unknown_shape_inputs():
     m = _model([helper.make_node("Identity", ["x"], ["y"])],
                [_vi("x", TensorProto.FLOAT16, [2])], [_vi("y", TensorProto.FLOAT16, [2])])

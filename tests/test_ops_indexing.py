@@ -252,9 +252,11 @@ def test_take_out_of_range_raises_at_run_time(bad):
     x = gc.input("x", (5, 2))
     i = gc.input("i", (2,), "int64")
     f = gc.compile([x, i], gc.take(x, i))
-    with pytest.raises(gc.GraphcError, match=r"take: index out of range.*\[0, 5\)") as e:
+    with pytest.raises(gc.IndexOutOfRangeError, match=r"take: index out of range.*\[0, 5\)") as e:
         f(np.zeros((5, 2), np.float32), bad)
-    assert isinstance(e.value.__cause__, IndexError)
+    assert isinstance(e.value, gc.GraphcError) and isinstance(e.value, IndexError)
+    assert e.value.value == bad[(bad < 0) | (bad >= 5)][0] and e.value.size == 5
+    assert HERE in e.value.loc
 
 
 def test_take_grad_out_of_range_raises_at_run_time():

@@ -317,3 +317,102 @@ def test_all_minus_inf_window_routes_gradient_into_the_input():
     yv, dxv = gc.compile([xi], [y, dx])(x)
     assert np.all(yv == -np.inf)
     np.testing.assert_array_equal(dxv[0, 0], [[1, 1], [1, 1]])
+
+
+# ------------------------------------------------------------------ ceil_mode overhang
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_ceil_mode_window_larger_than_the_input(backend):
+    """ceil_mode keeps a window that starts inside the input even when the kernel is
+    larger than the (padded) input: avg_pool2d(k=2, s=2, ceil_mode=True) on H = 1 gives
+    one row, as PyTorch does (it raised GraphBuildError).  Values written out by hand
+    from PyTorch's rules: windows clipped to the padded extent for the divisor."""
+    if backend == "llvm":
+        pytest.importorskip("llvmlite")
+    v = np.array([1.0, 5.0, 2.0, 4.0])
+    g = np.array([0.5, -2.0, 3.0])
+
+    def run(fn, x, gy=None):
+        xi = gc.input("x", x.shape, "float64")
+        y = fn(xi)
+        outs = [y]
+        if gy is not None:
+            gi = gc.input("g", gy.shape, "float64")
+            outs.append(gc.grad(gc.sum(y * gi), [xi])[0])
+            return gc.compile([xi, gi], outs, backend=backend)(x, gy)
+        return gc.compile([xi], outs, backend=backend)(x)
+
+    # H = 1, W = 3, k = 2, s = 2: rows [0, 2) clipped to [0, 1); columns [0, 2), [2, 4) -> [2, 3)
+    x = np.array([[[[1.0, 2.0, 3.0]]]])
+    y, = run(lambda t: gc.avg_pool2d(t, 2, 2, ceil_mode=True), x)
+    np.testing.assert_array_equal(y, [[[[1.5, 3.0]]]])
+    y, = run(lambda t: gc.max_pool2d(t, 2, 2, ceil_mode=True), x)
+    np.testing.assert_array_equal(y, [[[[2.0, 3.0]]]])
+    # 1x1 input, k = 2, s = 2: one window holding the one element
+    one = np.array([[[[7.0]]]])
+    for pool in (gc.avg_pool2d, gc.max_pool2d):
+        y, dx = run(lambda t: pool(t, 2, 2, ceil_mode=True), one, np.array([[[[3.0]]]]))
+        np.testing.assert_array_equal(y, [[[[7.0]]]])
+        np.testing.assert_array_equal(dx, [[[[3.0]]]])
+
+    # H = 1, W = 4, k = 3, s = 2, p = 1: one row window (rows -1..1; row 1 is padding),
+    # columns -1..1, 1..3, 3..4 (the last clipped to the padded width 5)
+    x = v.reshape(1, 1, 1, 4)
+    gy = g.reshape(1, 1, 1, 3)
+    y, dx = run(lambda t: gc.avg_pool2d(t, 3, 2, 1, ceil_mode=True), x, gy)
+    np.testing.assert_allclose(y[0, 0, 0], [(1 + 5) / 9, (5 + 2 + 4) / 9, 4 / 6], rtol=1e-15)
+    np.testing.assert_allclose(dx[0, 0, 0], [0.5 / 9, 0.5 / 9 - 2 / 9, -2 / 9, -2 / 9 + 3 / 6],
+                               rtol=1e-15)
+    y, dx = run(lambda t: gc.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+                x, gy)
+    np.testing.assert_allclose(y[0, 0, 0], [(1 + 5) / 2, (5 + 2 + 4) / 3, 4.0], rtol=1e-15)
+    np.testing.assert_allclose(dx[0, 0, 0], [0.25, 0.25 - 2 / 3, -2 / 3, -2 / 3 + 3],
+                               rtol=1e-15)
+    y, dx = run(lambda t: gc.max_pool2d(t, 3, 2, 1, ceil_mode=True), x, gy)
+    np.testing.assert_array_equal(y[0, 0, 0], [5.0, 5.0, 4.0])
+    np.testing.assert_array_equal(dx[0, 0, 0], [0.0, 0.5 - 2.0, 0.0, 3.0])
+
+
+def test_ceil_mode_still_refuses_windows_that_start_past_the_input():
+    # k = 3, s = 2 on H = 1 without padding: ceil((1 - 3) / 2) + 1 = 0 windows (PyTorch:
+    # "output size is too small"); k = 3, s = 1: -1 windows
+    for k, s in ((3, 2), (3, 1)):
+        for pool in (gc.max_pool2d, gc.avg_pool2d):
+            with pytest.raises(gc.GraphBuildError, match="larger than the padded input H 1 "
+                                                         r"\(input 1 \+ padding 0\+0\) even "
+                                                         "with ceil_mode"):
+                pool(gc.input("x", (1, 1, 1, 4)), k, s, ceil_mode=True)
+    assert gc.max_pool2d(gc.input("x", (1, 1, 1, 4)), 2, 2, ceil_mode=True).shape == (1, 1, 1, 2)
+
+
+OVERHANG = [((1, 3), 2, 2, 0, 1), ((2, 1), (3, 2), 2, 1, 1), ((1, 1), 3, 3, 1, 1),
+            ((3, 2), (2, 3), (3, 2), 1, (2, 1)), ((1, 5), (2, 3), (2, 2), (1, 1), 1),
+            ((1, 2), (4, 2), 3, (1, 0), 1), ((2, 2), 2, 4, 0, (3, 1))]  # extent > padded
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("hw, k, s, p, d", OVERHANG)
+def test_ceil_mode_overhang_against_loops(backend, hw, k, s, p, d):
+    """Kernels larger than the input along an axis, ceil_mode: forward values and the
+    max-pool gradient against the loop references (PyTorch's rules written out)."""
+    if backend == "llvm":
+        pytest.importorskip("llvmlite")
+    x = distinct((2, 2) + hw, 7)
+    xi = gc.input("x", x.shape, "float64")
+    y = gc.max_pool2d(xi, k, s, p, dilation=d, ceil_mode=True)
+    g = np.random.default_rng(8).standard_normal(y.shape)
+    gi = gc.input("g", g.shape, "float64")
+    dx = gc.grad(y, xi, grad_output=gi)
+    outs = [y, dx]
+    if pair(d) == (1, 1):
+        for inc in (True, False):
+            outs.append(gc.avg_pool2d(xi, k, s, p, ceil_mode=True, count_include_pad=inc))
+    got = gc.compile([xi, gi], outs, backend=backend)(x, g)
+    ref, _ = naive_max_pool(x, pair(k), pair(s), pair(p), pair(d), True)
+    np.testing.assert_array_equal(got[0], ref)
+    np.testing.assert_allclose(got[1], naive_max_pool_grad(x, g, pair(k), pair(s), pair(p),
+                                                           pair(d), True), rtol=1e-14)
+    for out, inc in zip(got[2:], (True, False)):
+        np.testing.assert_allclose(out, naive_avg_pool(x, pair(k), pair(s), pair(p), True, inc),
+                                   rtol=1e-14)
+    if backend == "numpy":
+        gc.check_grad(lambda t: gc.avg_pool2d(t, k, s, p, ceil_mode=True), [x], max_entries=20)

@@ -72,9 +72,9 @@ def test_layer_weights_sit_in_their_layer_cluster():
 
 def test_lenet_training_graph_png_svg_names_gradient_nodes(tmp_path):
     _, _, _, loss = lenet_loss()
-    png = gc.render(loss, tmp_path / "train.png", backward=True)
+    png = gc.render(loss, tmp_path / "train.png", backward=True, detail="full")
     assert open(png, "rb").read(8) == PNG_MAGIC
-    svg = open(gc.render(loss, tmp_path / "train.svg", backward=True)).read()
+    svg = open(gc.render(loss, tmp_path / "train.svg", backward=True, detail="full")).read()
     text = svg_text_of(svg)
     for name in ("conv2d", "conv2d_grad_input", "conv2d_grad_weight", "backward (gradients)"):
         assert name in text, name
@@ -214,11 +214,11 @@ def test_optimized_training_graph_draws_real_fused_kernels(tmp_path):
     graph = step.function.graph                   # after the optimizer (level 2)
     fused = [n for n in graph.nodes if n.op.name == "fused"]
     assert fused, "the optimizer fused nothing in LeNet's training graph"
-    src = gc.to_dot(graph).source
+    src = gc.to_dot(graph, detail="full").source
     for n in fused:
         assert f"cluster_fused_{n.id}" in src
     assert "conv_epilogue conv2d+add+relu" in src
-    svg = open(gc.render(graph, tmp_path / "opt.svg")).read()
+    svg = open(gc.render(graph, tmp_path / "opt.svg", detail="full")).read()
     assert "fused kernel" in svg_text_of(svg)
 
 
@@ -232,8 +232,97 @@ def test_training_step_gradient_nodes_found_and_coloured(opt_name, kwargs):
                                               @ v), x)
     xb = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)
     grads = viz.gradient_values(step.function.outputs[0], [x], [xb], params=[w, v])
-    src = gc.to_dot(step, grad_values=grads).source
+    src = gc.to_dot(step, grad_values=grads, detail="full").source
     assert "grad of w" in src and "grad of v" in src
     for p, g in grads.items():
         # the parameter, its gradient node and its "p <-" node carry the norm
         assert src.count(f"|grad| = {np.linalg.norm(g):.3g}") == 3, p.label()
+
+
+# ------------------------------------------------------------------ the overview of big graphs
+def lenet_training_step():
+    """LeNet-5's compiled training step as `graphc train lenet` draws it, with real
+    gradients of one batch."""
+    from graphc import cli, models
+    model = models.lenet5(rng=np.random.default_rng(0))
+    x = gc.input("x", (None, 1, 28, 28))
+    y = gc.input("y", (None,), dtype="int64")
+    step = cli.training_step(model, x, y, 5e-3, "numpy")
+    loss = gc.cross_entropy(model(x), y)
+    rng = np.random.default_rng(1)
+    grads = viz.gradient_values(loss, [x, y], [rng.standard_normal((4, 1, 28, 28))
+                                               .astype(np.float32), np.arange(4)],
+                                params=model.parameters())
+    return model, step, grads
+
+
+def _boxes(src):
+    """{bold title: dot node id} of the dot source's nodes."""
+    return {t: i for i, t in re.findall(r"^\s+(\w+) \[label=<<B>([^<]*)</B>", src, flags=re.M)}
+
+
+def test_default_lenet_training_step_picture_fits_2000px_with_10px_labels(tmp_path):
+    _, step, grads = lenet_training_step()
+    svg = open(gc.render(step, tmp_path / "step.svg", grad_values=grads)).read()
+    w_pt, h_pt = map(float, re.search(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"',
+                                      svg).groups())
+    scale = float(re.search(r"scale\(([\d.]+)", svg).group(1))
+    px = 96 / 72                                           # graphviz draws PNGs at 96 dpi
+    assert w_pt * px <= 2000 and h_pt * px <= 2000, (w_pt, h_pt)
+    fonts = [float(f) for f in re.findall(r'font-size="([\d.]+)"', svg)]
+    assert fonts and min(fonts) * scale * px >= 10, min(fonts)
+    png = open(gc.render(step, tmp_path / "step.png", grad_values=grads), "rb").read()
+    w, h = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert w <= 2000 and h <= 2000, (w, h)
+    assert svg.count('class="node"') < 45                  # ~420 ops, drawn as ~30 boxes
+
+
+def test_overview_has_one_box_per_module_wired_in_order():
+    model, step, grads = lenet_training_step()
+    src = gc.to_dot(step, grad_values=grads).source
+    boxes = _boxes(src)
+    names = [n for n, _ in model.named_children()]
+    for name in names:
+        kind = type(getattr(model, name)).__name__
+        assert f"{name} ({kind})" in boxes and f"gradient of {name} ({kind})" in boxes, name
+    assert "optimizer update" in boxes
+    for a, b in zip(names, names[1:]):                     # the forward chain, module to module
+        ka, kb = (f"{n} ({type(getattr(model, n)).__name__})" for n in (a, b))
+        assert re.search(rf"^\s+{boxes[ka]} -> {boxes[kb]}\b", src, flags=re.M), (a, b)
+        # the gradient flows back: drawn upwards (dir=back) from b's gradient to a's
+        assert re.search(rf"^\s+{boxes['gradient of ' + ka]} -> {boxes['gradient of ' + kb]} "
+                         r"\[.*dir=back", src, flags=re.M), (a, b)
+    upd = boxes["optimizer update"]
+    assert re.search(rf"^\s+{boxes['gradient of conv1 (Conv2d)']} -> {upd}\b", src, flags=re.M)
+    # each module's gradient norms, from the real batch, on its forward and gradient box
+    for p, g in grads.items():
+        leaf = p.label().rsplit(".", 1)[-1]
+        assert src.count(f"|grad {leaf}| = {np.linalg.norm(g):.3g}") == 2, p.label()
+    assert "new values of 10 parameters" in src and "and of 21 optimizer state" in src
+
+
+def test_full_detail_on_request_and_small_graphs_in_full():
+    _, step, _ = lenet_training_step()
+    full = gc.to_dot(step, detail="full").source
+    assert len(re.findall(r"^\s+n\d+ \[", full, flags=re.M)) > 300
+    assert "optimizer update" not in _boxes(full)
+    x, w, v, loss = small_net()                            # a few nodes: full by default
+    assert gc.to_dot(loss).source == gc.to_dot(loss, detail="full").source
+    modules = gc.to_dot(loss, detail="modules").source    # the overview on request
+    assert "conv" in _boxes(modules) and "head" in _boxes(modules)
+    with pytest.raises(ValueError, match="detail must be one of auto, modules, full"):
+        gc.to_dot(loss, detail="some")
+
+
+def test_legend_speaks_the_users_words():
+    x, w, v, loss = small_net()
+    gw, gv = gc.grad(loss, [w, v])
+    with gc.ir.role("update"):
+        new_w = w - 0.1 * gw
+    f = gc.compile([x], [loss], updates={w: new_w})
+    src = gc.to_dot(f, detail="full").source
+    legend = src[src.index("\tlegend ["):]
+    assert "input (data fed to each call)" in legend
+    assert "parameter (weights, trained)" in legend
+    for shape in ("invhouse", "cylinder", "note", "dashed)", "(cluster)"):
+        assert shape not in legend, shape

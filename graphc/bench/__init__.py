@@ -396,13 +396,18 @@ def format_rows(results) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="graphc bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)))
-    ap.add_argument("--repeat", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)),
+                    help="threads for graphc's LLVM backend and for each peer (PyTorch, "
+                         "onnxruntime) (default: GRAPHC_NUM_THREADS or 2)")
+    ap.add_argument("--repeat", type=int, default=11,
+                    help="timed rounds per workload; the table reports their median "
+                         "(default 11; some workloads use a fraction of it)")
+    ap.add_argument("--conv-batch", type=int, default=32, help="batch size of the conv "
+                    "workloads (default 32)")
     ap.add_argument("--only", default="matmul,conv,lenet,onnx,memory",
                     help="comma-separated subset of: matmul, conv, convbwd, lenet, rnn, onnx, "
                          "memory")
-    ap.add_argument("--sizes", default="256,1024,2048", help="matmul sizes")
-    ap.add_argument("--conv-batch", type=int, default=32)
+    ap.add_argument("--sizes", default="256,1024,2048", help="square matmul sizes n (n x n @ n x n), comma-separated")
     ap.add_argument("--onnx-size", type=int, default=224, help="ResNet-50 image size")
     ap.add_argument("--solo", action="store_true",
                     help="time each implementation in rounds of its own (steady state, "

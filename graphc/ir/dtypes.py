@@ -48,3 +48,62 @@ def is_float(d) -> bool:
 
 def is_int(d) -> bool:
     return as_dtype(d).kind == "i"
+
+
+def check_float_range(src: np.ndarray, cast: np.ndarray, what: str) -> None:
+    """Raise ValueError when casting `src` to a narrower float dtype gave `cast` an
+    infinity where `src` held a finite value (float64 1e39 -> float32 inf).
+
+    graphc refuses such values where they enter from outside (a compiled
+    function's inputs, a state dict or .npz file) rather than computing with an
+    infinity nobody wrote; rounding to the nearest float32 is not an error, and NaN
+    and infinities pass through unchanged.  `what` names the value for the message.
+    """
+    if not (src.dtype.kind == "f" and cast.dtype.kind == "f"
+            and cast.dtype.itemsize < src.dtype.itemsize):
+        return
+    bad = np.isinf(cast)
+    if not bad.any():
+        return
+    bad &= np.isfinite(src)
+    if not bad.any():
+        return
+    flat = int(np.flatnonzero(bad)[0])
+    where = tuple(int(i) for i in np.unravel_index(flat, src.shape)) if src.ndim else ()
+    value = float(src.reshape(-1)[flat])
+    big = np.finfo(cast.dtype).max
+    raise ValueError(
+        f"{what}: {src.dtype} value {value!r} at index {where} is beyond the {cast.dtype} "
+        f"range (largest {big:.8g}) and would become {'-' if value < 0 else ''}inf "
+        f"({int(bad.sum())} such value(s)); clip or rescale it (np.clip), or use a "
+        f"{src.dtype} graph")
+
+
+def check_int_range(src: np.ndarray, dtype, what: str) -> None:
+    """Raise ValueError when `src` holds an integer that `dtype` (an integer dtype)
+    cannot represent: the cast would wrap it (a uint64 label 2**63 becomes a negative
+    int64, an int64 index 2**40 the valid int32 index 0), a wrong answer nobody
+    asked for.  `what` names the value for the message."""
+    dtype = np.dtype(dtype)
+    if not (src.dtype.kind in "iu" and dtype.kind in "iu") or src.size == 0:
+        return
+    info = np.iinfo(dtype)
+    if int(src.min()) >= info.min and int(src.max()) <= info.max:
+        return
+    bad = (src > info.max) if src.dtype.kind == "u" else (src < info.min) | (src > info.max)
+    flat = int(np.flatnonzero(bad)[0])
+    where = tuple(int(i) for i in np.unravel_index(flat, src.shape)) if src.ndim else ()
+    value = int(src.reshape(-1)[flat])
+    raise ValueError(
+        f"{what}: {src.dtype} value {value} at index {where} is outside the {dtype} range "
+        f"({info.min}..{info.max}) and would wrap ({int(bad.sum())} such value(s))")
+
+
+def cast_checked(a: np.ndarray, dtype, what: str) -> np.ndarray:
+    """`a` cast to `dtype`, refusing finite values that would overflow to inf
+    (check_float_range) and integers that would wrap (check_int_range)."""
+    check_int_range(a, dtype, what)
+    with np.errstate(over="ignore"):
+        out = a.astype(dtype)
+    check_float_range(a, out, what)
+    return out

@@ -31,8 +31,9 @@ class Graph:
     """The computation from leaves to `outputs`.
 
     Nodes are immutable once built; rewrites build new nodes and call
-    `replace`, which re-points users and outputs.  `nodes` is recomputed on
-    demand so it is always in topological order.
+    `replace`, which re-points users and outputs.  `nodes` (a fresh list, in
+    topological order) is sorted again whenever the outputs change; since
+    nodes are immutable it is cached while they do not.
     """
 
     def __init__(self, outputs, inputs=()):
@@ -42,13 +43,21 @@ class Graph:
     # ------------------------------------------------------------ queries
     @property
     def nodes(self) -> list:
-        return toposort(self.outputs)
+        # Cached per set of outputs: nodes are immutable, so the order depends only on
+        # which nodes are the outputs.  Passes ask for it (len, users, kernel counts)
+        # many times per graph; re-sorting each time cost O(graph) per question.
+        key = tuple(o.id for o in self.outputs)
+        cached = self.__dict__.get("_nodes_cache")
+        if cached is None or cached[0] != key:
+            cached = self._nodes_cache = (key, toposort(self.outputs))
+        return list(cached[1])
 
     def __iter__(self):
         return iter(self.nodes)
 
     def __len__(self):
-        return len(self.nodes)
+        self.nodes  # noqa: B018  (fills the cache)
+        return len(self._nodes_cache[1])
 
     def users(self) -> dict:
         """node id -> list of nodes that read it (with repeats for repeated reads)."""

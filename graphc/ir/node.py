@@ -74,6 +74,11 @@ class _BuildContext(threading.local):
 _ctx = _BuildContext()
 
 
+def current_scope() -> tuple:
+    """The scopes (innermost last) that nodes built now belong to."""
+    return _ctx.scope
+
+
 @contextmanager
 def name_scope(name: str):
     """Nodes built inside belong to this (nested) scope; the renderer clusters them."""
@@ -171,6 +176,19 @@ class Node:
     def __bool__(self):
         raise TypeError(f"the truth value of symbolic tensor {self!r} is unknown until the "
                         "graph runs; use gc.where(...) for data-dependent choices")
+
+    def __array__(self, dtype=None, copy=None):
+        # Without this, np.asarray(node) silently makes a 0-d object array.
+        value = " (a parameter's or constant's current values: node.value)" \
+            if self.value is not None else ""
+        raise TypeError(f"np.asarray({self!r}): a symbolic tensor has no values until the "
+                        f"graph runs; compile it with gc.compile(inputs, outputs) and call "
+                        f"the result with arrays{value}")
+
+    def _repr_svg_(self):
+        """Jupyter draws the graph that computes this node (None without graphviz)."""
+        from .. import viz  # lazily: the IR does not depend on the tools layer
+        return viz.repr_svg(self)
 
 
 def make_leaf(op, type: TensorType, name=None, value=None, loc=None) -> Node:

@@ -27,7 +27,10 @@ class Buffer:
     """A flat array of `size` elements of `dtype` (kernel parameter).
 
     scope "global": one array shared by all threads; "thread": scratch private
-    to each thread (or CUDA block) running the kernel's parallel loop.
+    to each iteration of the kernel's top-level "parallel" loop -- written before
+    it is read within an iteration, never carrying values between iterations --
+    so a backend may give each CPU thread one copy (reused by the iterations it
+    runs) or each GPU block its own (the CUDA backend's shared memory).
     """
     __slots__ = ("name", "dtype", "size", "scope")
 

@@ -21,6 +21,9 @@ from .scalar import SCALAR, nan_max, nan_min, scalar_expr
 from .schedule import collapse_loops
 
 LOWER: dict = {}
+# Ops whose value is their input's buffer: reshape (a view) and index_check (a check
+# kernel that writes nothing but its record).
+ALIAS_OPS = frozenset({"reshape", "index_check"})
 
 
 def rule(*names):
@@ -40,9 +43,10 @@ class Program:
         self.temps: list = []       # Buffers the runtime allocates
         self.outputs: list = []     # Buffer per graph output
         self.kernel_nodes: list = []  # the graph node each kernel came from (for errors/profiles)
-        # (buffer, n, op name, user line): integer indices that must lie in [0, n); the
-        # runtime checks the external ones (graph inputs, parameters) before running.
-        self.index_checks: list = []
+        # Run-time index checks (checks.py): their check kernels write records into
+        # check_buf, an external buffer the runtime resets before and reads after a call.
+        self.checks: list = []
+        self.check_buf = None
         # Native loops (lower_loop.py): regions of kernels run repeatedly, and view
         # buffers {id: View} placed at parent + t * step inside them.
         self.loops: list = []
@@ -103,8 +107,10 @@ class Lowerer:
                 self.prog.externals.append((b, src))
                 self.bufs[n.id] = b
                 continue
-            if name == "reshape":
+            if name in ALIAS_OPS:
                 self.bufs[n.id] = self.buf(n.inputs[0])
+                if name != "reshape":
+                    self.emit(n, LOWER[name](self, n))
                 continue
             if name in ("scan", "tuple_get"):   # tuple-valued: lower_loop sets the buffers
                 self.emit(n, LOWER[name](self, n))
@@ -398,8 +404,10 @@ def _expand_inner(lw, n):
         if m.op.name not in LOWER and m.op.name != "fused":
             raise NotLoweredError(f"the llvm backend cannot lower op {m.op.name} (inside a fused "
                                   f"node) yet; built at {m.loc}")
-        if m.op.name == "reshape":
+        if m.op.name in ALIAS_OPS:
             lw.bufs[m.id] = lw.buf(m.inputs[0])
+            if m.op.name != "reshape":
+                lw.emit(m, LOWER[m.op.name](lw, m))
         else:
             lw.bufs[m.id] = lw.buf(n) if m.id == out_id else lw.new_buffer(m.dtype,
                                                                            prod(_shape(m)))

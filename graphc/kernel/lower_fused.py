@@ -25,6 +25,7 @@ import numpy as np
 from . import ir as K
 from .ir import Assign, BinOp, Buffer, Const, If, Kernel, Load, Local, Loop, Store, Var, affine, \
     contiguous_strides
+from .checks import checks_mark, checks_rollback
 from .lower import (LOWER, SCALAR, _combine, _fused_leaves, _ident, _inner_expr, _shape, _uniq,
                     broadcast_strides, lower_fused, reduce_kernels)
 from .scalar import scalar_expr
@@ -164,7 +165,7 @@ def _rewrite_stores(body, buf, fn, loops=(), serial=False):
 
 def _row_kernel(lw, row, leaves):
     """The row op's own kernel, reading the fused node's buffers; (kernel, its output
-    placeholder) or None."""
+    placeholder, the index-check kernels that go before it) or None."""
     if not all(i.id in leaves for i in row.inputs) or row.op.name not in LOWER:
         return None
     for i in row.inputs:
@@ -172,7 +173,9 @@ def _row_kernel(lw, row, leaves):
     ph = Buffer(f"row{row.id}", row.dtype, prod(_shape(row)))
     lw.bufs[row.id] = ph
     ks = LOWER[row.op.name](lw, row)
-    return (ks[0], ph) if len(ks) == 1 else None
+    checks = [k for k in ks if k.name.startswith("check_")]
+    main = [k for k in ks if not k.name.startswith("check_")]
+    return (main[0], ph, checks) if len(main) == 1 else None
 
 
 def lower_softmax_epilogue(lw, n, row):
@@ -186,7 +189,7 @@ def lower_softmax_epilogue(lw, n, row):
     got = _row_kernel(lw, row, leaves)
     if got is None:
         return None
-    k, ph = got
+    k, ph, checks = got
     shape = _shape(row)
     out = lw.buf(n)
     hits = []
@@ -201,7 +204,7 @@ def lower_softmax_epilogue(lw, n, row):
     if len(hits) != 1:
         return None
     bufs = _uniq([out] + [b for b in k.buffers if b is not ph] + [b for b, _ in leaves.values()])
-    return [Kernel(f"fused_{row.op.name}", bufs, body, flops=k.flops)]
+    return checks + [Kernel(f"fused_{row.op.name}", bufs, body, flops=k.flops)]
 
 
 def lower_xent_reduction(lw, n, row):
@@ -222,7 +225,7 @@ def lower_xent_reduction(lw, n, row):
     got = _row_kernel(lw, row, leaves)
     if got is None:
         return None
-    k, ph = got
+    k, ph, checks = got
     op, acc_dt = red.op.name, red.dtype
     acc = Local(acc_dt, "acc")
     dom = _shape(row)
@@ -245,7 +248,7 @@ def lower_xent_reduction(lw, n, row):
     val = tot if root is red else _epilogue_expr(root, red, tot, leaves, zero, _shape(red))
     body = [Assign(acc, _ident(op, acc_dt))] + body + [Store(out, K.idx(0), val)]
     bufs = _uniq([out] + [b for b in k.buffers if b is not ph] + [b for b, _ in leaves.values()])
-    return [Kernel(f"fused_{row.op.name}_{op}", bufs, body, flops=k.flops)]
+    return checks + [Kernel(f"fused_{row.op.name}_{op}", bufs, body, flops=k.flops)]
 
 
 # ------------------------------------------------------------------ row kernels
@@ -337,10 +340,12 @@ def lower_fused_group(lw, n):
         rows = [m for m in n.value.nodes if m.op.name in ROW_OPS]
         if len(rows) == 1:
             row = rows[0]
+            mark = checks_mark(lw.prog)
             ks = (lower_xent_reduction(lw, n, row) if row.op.name == "softmax_cross_entropy"
                   else lower_softmax_epilogue(lw, n, row))
             if ks is not None:
                 return ks
+            checks_rollback(lw.prog, mark)   # (the row kernel's checks were not kept)
             lw.bufs.pop(row.id, None)      # the expansion below computes it
         elif not rows:
             parts = split_reduce_epilogue(n.value)

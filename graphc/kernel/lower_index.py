@@ -1,10 +1,10 @@
-"""Lowering of indexing ops (slice, pad, concat, take, take_grad, one_hot) and of
-the remaining loss/reduction ops (logsumexp, nll).
+"""Lowering of indexing ops (slice, pad, concat, take, take_grad, one_hot,
+index_check) and of the remaining loss/reduction ops (logsumexp, nll).
 
 Integer indices read from memory are clamped into range before they address
-anything, so a bad index can never read or write out of bounds; the runtime
-checks index arrays that come from outside the graph before native code runs
-(`Program.index_checks`) and raises the reference's IndexError-style message.
+anything, so a bad index can never read or write out of bounds; a check kernel
+(checks.py) before each such use scans the index array, fed or computed in the
+graph, and the runtime raises the reference's IndexOutOfRangeError after the call.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 from . import ir as K
 from .ir import (INDEX, Assign, BinOp, Cast, Const, Kernel, Load, Local, Loop, Select, Store,
                  UnOp, Var, affine, contiguous_strides, idx)
-from .lower import _shape, _uniq, reduce_kernels, rule
+from .checks import check_kernels, label_checks
+from .lower import _shape, _uniq, elementwise_kernel, reduce_kernels, rule
 
 
 def _clamp(e, hi):
@@ -24,8 +25,9 @@ def _clamp(e, hi):
     return Select(BinOp("gt", e, h), h, e)
 
 
-def _check_index(lw, node, buf, n):
-    lw.prog.index_checks.append((buf, n, node.op.name, node.loc))
+def _check_index(lw, node, ind, n, what):
+    """The check kernels of index array node `ind` (must lie in [0, n))."""
+    return check_kernels(lw, node, lw.buf(ind), n, _shape(ind), what=what)
 
 
 @rule("slice")
@@ -103,13 +105,14 @@ def _take_dims(x_shape, idx_shape, axis):
 def lower_take(lw, n):
     x, ind = n.inputs
     X, I, Y = lw.buf(x), lw.buf(ind), lw.buf(n)
-    outer, m, inner, size = _take_dims(_shape(x), _shape(ind), n.attrs["axis"])
-    _check_index(lw, n, I, size)
+    axis = n.attrs["axis"]
+    outer, m, inner, size = _take_dims(_shape(x), _shape(ind), axis)
+    checks = _check_index(lw, n, ind, size, f"axis {axis} of size {size}")
     o, j, i = Var("o"), Var("j"), Var("i")
     k = _clamp(Cast(Load(I, j), INDEX), size - 1)
     body = [Store(Y, affine([o, j, i], [m * inner, inner, 1]),
                   Load(X, K.add(affine([o, i], [size * inner, 1]), K.mul(k, inner))))]
-    return [Kernel("take", [Y, X, I], [Loop(o, outer, [Loop(j, m, [Loop(i, inner, body,
+    return checks + [Kernel("take", [Y, X, I], [Loop(o, outer, [Loop(j, m, [Loop(i, inner, body,
                                                                          "vector")])],
                                             "parallel")])]
 
@@ -118,8 +121,9 @@ def lower_take(lw, n):
 def lower_take_grad(lw, n):
     g, ind, like = n.inputs
     G, I, Y = lw.buf(g), lw.buf(ind), lw.buf(n)
-    outer, m, inner, size = _take_dims(_shape(like), _shape(ind), n.attrs["axis"])
-    _check_index(lw, n, I, size)
+    axis = n.attrs["axis"]
+    outer, m, inner, size = _take_dims(_shape(like), _shape(ind), axis)
+    checks = _check_index(lw, n, ind, size, f"axis {axis} of size {size}")
     o, j, i, z = Var("o"), Var("j"), Var("i"), Var("z")
     k = _clamp(Cast(Load(I, j), INDEX), size - 1)
     dst = K.add(affine([o, i], [size * inner, 1]), K.mul(k, inner))
@@ -127,7 +131,7 @@ def lower_take_grad(lw, n):
                                          Const(0, Y.dtype))], "vector"),
             Loop(j, m, [Loop(i, inner, [Store(Y, dst, BinOp("add", Load(Y, dst), Load(
                 G, affine([o, j, i], [m * inner, inner, 1]))))], "vector")])]
-    return [Kernel("take_grad", [Y, G, I], [Loop(o, outer, body, "parallel")])]
+    return checks + [Kernel("take_grad", [Y, G, I], [Loop(o, outer, body, "parallel")])]
 
 
 @rule("one_hot")
@@ -135,10 +139,10 @@ def lower_one_hot(lw, n):
     ind = n.inputs[0]
     I, Y = lw.buf(ind), lw.buf(n)
     C = n.attrs["num_classes"]
-    _check_index(lw, n, I, C)
+    checks = _check_index(lw, n, ind, C, f"num_classes={C}")
     j, c = Var("j"), Var("c")
     hit = BinOp("eq", Cast(Load(I, j), INDEX), c)
-    return [Kernel("one_hot", [Y, I], [Loop(j, I.size, [Loop(c, C, [
+    return checks + [Kernel("one_hot", [Y, I], [Loop(j, I.size, [Loop(c, C, [
         Store(Y, affine([j, c], [C, 1]), Cast(hit, Y.dtype))], "vector")], "parallel")])]
 
 
@@ -183,8 +187,7 @@ def lower_nll(lw, n):
     outer, C, inner = prod(xs[:cax]), xs[cax], prod(xs[cax + 1:])
     d = n.dtype
     ii = n.attrs["ignore_index"]
-    if ii is None:
-        _check_index(lw, n, L, C)
+    checks = label_checks(lw, n, y, C)
     o, i, r = Var("o"), Var("i"), Var("r")
     at = lambda rr: Load(X, affine([o, rr, i], [C * inner, inner, 1]))
     lab = Cast(Load(L, affine([o, i], [inner, 1])), INDEX)
@@ -198,10 +201,26 @@ def lower_nll(lw, n):
         loss = BinOp("sub", BinOp("mul", Const(1.0 - eps, d), loss),
                      BinOp("mul", Const(eps, d), BinOp("div", tot, Const(float(C), d))))
     if ii is not None:
-        valid = BinOp("ne", Load(L, affine([o, i], [inner, 1])), Const(ii, L.dtype))
+        valid = BinOp("ne", lab, Const(ii, INDEX))
         loss = Select(valid, loss, Const(0.0, d))
     body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
-    return [Kernel("nll", [OUT, X, L], [Loop(o, outer, [Loop(i, inner, body)], "parallel")])]
+    return checks + [Kernel("nll", [OUT, X, L], [Loop(o, outer, [Loop(i, inner, body)],
+                                                      "parallel")])]
+
+
+@rule("index_check")
+def lower_index_check(lw, n):
+    """The check alone: the output is the input's buffer (Lowerer aliases it), except
+    where a loop body gave the output a buffer of its own, which gets a copy."""
+    x = n.inputs[0]
+    a = n.attrs
+    ks = check_kernels(lw, n, lw.buf(x), a["size"], _shape(x), op=a["for_op"], kind=a["kind"],
+                       what=a["what"], ignore=a["ignore"])
+    if lw.buf(n) is not lw.buf(x):
+        size = prod(_shape(n))
+        ks.append(elementwise_kernel("copy", lw.buf(n), (size,), [lw.buf(x)], [(size,)],
+                                     lambda xs: xs[0]))
+    return ks
 
 
 def _s64(v: int) -> int:

@@ -29,7 +29,7 @@ from ..ir.errors import NotLoweredError
 from ..ir.graph import Graph
 from . import ir as K
 from .ir import Buffer, Kernel
-from .lower import (LOWER, _foldable_transposes, _shape, elementwise_kernel,
+from .lower import (ALIAS_OPS, LOWER, _foldable_transposes, _shape, elementwise_kernel,
                     lower_fused, rule)
 
 
@@ -281,8 +281,10 @@ class _BodyLowerer:
                     lw.prog.externals.append((b, (name[:5], m)))
                     lw.bufs[m.id] = b
                     continue
-                if name == "reshape":
+                if name == "reshape" or (name in ALIAS_OPS and m.id not in dest):
                     lw.bufs[m.id] = lw.buf(m.inputs[0])
+                    if name != "reshape":
+                        lw.emit(m, LOWER[name](lw, m))
                     continue
                 if name in ("scan", "tuple_get"):
                     lw.emit(m, LOWER[name](lw, m))

@@ -15,6 +15,7 @@ import numpy as np
 from . import ir as K
 from .ir import (BOOL, INDEX, Assign, BinOp, Cast, Const, Gemm, Kernel, Load, Local, Loop, Select,
                  Store, UnOp, Var, affine, idx)
+from .checks import label_checks
 from .lower import _shape, rule
 from .scalar import nan_max
 
@@ -318,8 +319,19 @@ def _argmax_window(lw, n, x_buf, x_shape, out_hw, attrs, dil, finish, zero_buf=N
             return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, first)]
         return [Assign(best, Const(float("-inf"), x_buf.dtype)), Assign(bpos, idx(0)),
                 Assign(found, Const(False, BOOL))]
+    # wv["found"]: whether the window holds a real element (None: every window does).
+    # With dilation a window can lie entirely in the padding: its maximum is -inf and
+    # it has no argmax (the reference routes nothing from it).
     return _windows(x_shape, out_hw, attrs, dil, body, pre,
-                    lambda out_pos, wv: finish(out_pos, best, bpos, wv), zero_buf)
+                    lambda out_pos, wv: finish(out_pos, best, bpos,
+                                               dict(wv, found=None if inside else found)),
+                    zero_buf)
+
+
+def _if_found(wv, v):
+    """v where the window holds a real element, else 0 (a window all in padding)."""
+    f = wv["found"]
+    return v if f is None else Select(f, v, Const(0, v.dtype))
 
 
 def _tiles(x_shape, out_hw, attrs, dil) -> bool:
@@ -467,7 +479,8 @@ def lower_max_pool2d_grad(lw, n):
                               zero_buf=None if covered else DX)
         return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil, lambda op, best, bpos, wv: [
-        Store(DX, bpos, BinOp("add", Load(DX, bpos), Load(Gb, op)))], zero_buf=DX)
+        Store(DX, bpos, BinOp("add", Load(DX, bpos), _if_found(wv, Load(Gb, op))))],
+        zero_buf=DX)
     return [Kernel("max_pool2d_grad", [DX, X, Gb], body, flops=prod(xs))]
 
 
@@ -478,7 +491,8 @@ def lower_max_pool2d_gather(lw, n):
     _same_dtype(lw, n, [X, Hb])
     ohw, _, dil = _pool_geom(_shape(x)[2:], n.attrs)
     body = _argmax_window(lw, n, X, _shape(x), ohw, n.attrs, dil,
-                          lambda op, best, bpos, wv: [Store(Y, op, Load(Hb, bpos))])
+                          lambda op, best, bpos, wv: [
+                              Store(Y, op, _if_found(wv, Load(Hb, bpos)))])
     return [Kernel("max_pool2d_gather", [Y, X, Hb], body)]
 
 
@@ -584,15 +598,15 @@ def lower_softmax(lw, n):
 def lower_softmax_xent(lw, n):
     """Per sample: m + log(sum exp(x - m)) - x[label] (label smoothing and ignore_index too).
 
-    A label outside [0, C) reads a clamped (valid) address and yields NaN; the
-    NumPy reference raises instead.
+    A check kernel first scans the labels (the call then raises as the reference
+    does); the loss kernel itself reads a clamped (valid) address for a bad label
+    and yields NaN there.
     """
     x, y = n.inputs
     X, L, OUT = lw.buf(x), lw.buf(y), lw.buf(n)
     cax = 1 if x.ndim >= 2 else 0
     outer, C, inner = _rows(_shape(x), cax)
-    if n.attrs["ignore_index"] is None:
-        lw.prog.index_checks.append((L, C, n.op.name, n.loc))
+    checks = label_checks(lw, n, y, C)
     d = n.dtype
     o, i, r = Var("o"), Var("i"), Var("r")
     stats, m, s, at = _row_stats(X, o, i, C, inner, d)
@@ -612,11 +626,11 @@ def lower_softmax_xent(lw, n):
                      BinOp("mul", Const(eps, d), mean_logp))
     ii = n.attrs["ignore_index"]
     if ii is not None:
-        valid = BinOp("ne", Load(L, affine([o, i], [inner, 1])), Const(ii, L.dtype))
+        valid = BinOp("ne", lab, Const(ii, INDEX))
         ok = BinOp("or", ok, UnOp("not", valid))
         loss = Select(valid, loss, Const(0.0, d))
     loss = Select(ok, loss, Const(float("nan"), d))
     body.append(Store(OUT, affine([o, i], [inner, 1]), loss))
-    return [Kernel("softmax_cross_entropy", [OUT, X, L],
+    return checks + [Kernel("softmax_cross_entropy", [OUT, X, L],
                    [Loop(o, outer, [Loop(i, inner, body)], "parallel")],
                    flops=4 * prod(_shape(x)))]

@@ -23,6 +23,9 @@ from ..ops import linalg as L
 from ..ops import nn as F
 from ..ops import pool as P
 from ..ops import shape as S
+from ..ir.errors import GraphBuildError
+from ..ir.node import current_scope, user_location
+from ..ir.shapes import shape_str
 from ..tensor import Parameter
 from . import init
 from .module import Module, auto_named
@@ -35,6 +38,29 @@ __all__ = ["Identity", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm1
 
 def _param(arr, name):
     return auto_named(Parameter(arr, name=name))
+
+
+def _module_path() -> str:
+    """The dotted path of the module being built ("features.conv2"), from the name
+    scopes modules open ("conv2:Conv2d"); "" for a module called on its own."""
+    scopes = current_scope()
+    path = ""
+    for i, s in enumerate(scopes):
+        if ":" not in s:
+            continue
+        name = s.split(":", 1)[0]
+        if name.isdigit():            # a Sequential's child: "Sequential[1]"
+            parent = scopes[i - 1].split(":", 1)[-1] if i else ""
+            path += f"{'' if path else parent}[{name}]"
+        else:
+            path += f"{'.' if path else ''}{name}"
+    return path
+
+
+def _named_error(desc: str, detail: str) -> GraphBuildError:
+    """A build error naming the module ("fc1: Linear(64->10) ...") and the user's line."""
+    path = _module_path()
+    return GraphBuildError(f"{path + ': ' if path else ''}{desc} {detail}\n  at {user_location()}")
 
 
 def _bias_bound(fan_in):
@@ -63,6 +89,13 @@ class Linear(Module):
             self.bias = None
 
     def forward(self, x):
+        desc = f"Linear({self.in_features}->{self.out_features})"
+        shape = getattr(x, "shape", None)
+        if shape is not None and (len(shape) == 0 or (isinstance(shape[-1], int)
+                                                       and shape[-1] != self.in_features)):
+            got = f"{shape[-1]} features" if len(shape) else "a scalar"
+            raise _named_error(desc, f"got input with {got} (shape {shape_str(shape)}); it "
+                               f"takes {self.in_features} features in the last dimension")
         return L.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
@@ -93,8 +126,22 @@ class Conv2d(Module):
             self.bias = None
 
     def forward(self, x):
-        return C.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                        dilation=self.dilation, groups=self.groups)
+        kh, kw = self.kernel_size
+        desc = f"Conv2d({self.in_channels}->{self.out_channels}, kernel {kh}x{kw})"
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) != 4:
+            raise _named_error(desc, f"got input of shape {shape_str(shape)}; it takes NCHW "
+                               f"images (N, {self.in_channels}, H, W)")
+        if shape is not None and isinstance(shape[1], int) and shape[1] != self.in_channels:
+            raise _named_error(desc, f"got input with {shape[1]} channels (shape "
+                               f"{shape_str(shape)}); it takes {self.in_channels}")
+        try:
+            return C.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                            dilation=self.dilation, groups=self.groups)
+        except GraphBuildError as e:        # e.g. images too small for the kernel
+            msg = str(e).split("\n  at ")[0]
+            raise _named_error(desc, f"could not take input of shape {shape_str(shape)}: "
+                               f"{msg}") from None
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -27,14 +27,15 @@ checks every key and shape before writing anything.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import weakref
+import zipfile
 from collections import OrderedDict, namedtuple
 from contextlib import contextmanager
 
 import numpy as np
 
+from ..ir.dtypes import cast_checked
 from ..ir.node import name_scope
 from ..ir.shapes import shape_str
 from ..tensor import Parameter
@@ -401,7 +402,25 @@ def _checked_value(key: str, value, p: Parameter) -> np.ndarray:
     if arr.dtype.kind not in "biuf" or not np.can_cast(arr.dtype, p.value.dtype, "same_kind"):
         raise StateDictError(f"state {key!r}: cannot load {arr.dtype} values into a "
                              f"{p.value.dtype} parameter")
+    if arr.dtype != p.value.dtype:   # e.g. float64 1e39 would become float32 inf
+        try:
+            return cast_checked(arr, p.value.dtype, f"state {key!r}")
+        except ValueError as e:
+            raise StateDictError(str(e)) from None
     return arr
+
+
+def _new_temp_file(folder):
+    """(fd, path) of a new file in `folder`, created like open(path, "w") creates one:
+    mode 0666 less the umask, as every other file graphc writes (tempfile.mkstemp's
+    0600 would make saved weights unreadable to the user's group)."""
+    import secrets
+    while True:
+        tmp = os.path.join(folder, f".graphc-{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def save_npz(path, arrays: dict) -> None:
@@ -411,7 +430,7 @@ def save_npz(path, arrays: dict) -> None:
         if np.asarray(v).dtype == object:
             raise StateDictError(f"save: {k!r} is not a numeric array")
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = _new_temp_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -429,6 +448,9 @@ def load_npz(path) -> "OrderedDict[str, np.ndarray]":
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
+    except zipfile.BadZipFile as e:        # e.g. truncated: no central directory
+        raise StateDictError(f"{path}: not a readable .npz archive: the file is truncated "
+                             f"or damaged ({e})") from None
     except (ValueError, OSError, EOFError) as e:
         raise StateDictError(f"{path}: not a readable .npz archive ({e})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):

@@ -178,6 +178,8 @@ def _pool(ctx, args, attrs, kind):
             xp = gc.pad(x, width)
             y = gc.avg_pool2d(xp, k, strides, 0, False, ceil_mode)
             if not attrs.get("count_include_pad", 0):
+                ctx.check_size((1, 1) + tuple(y.shape[2:]), x.dtype, "AveragePool's count")
+                ctx.check_size((1, 1) + tuple(xp.shape[2:]), x.dtype, "AveragePool's mask")
                 ones = gc.pad(gc.constant(np.ones((1, 1) + hw, x.dtype), dtype=x.dtype), width)
                 y = y / gc.avg_pool2d(ones, k, strides, 0, False, ceil_mode)
         want = tuple(_onnx_pool_out(i, kk, s, d, p, ceil_mode)
@@ -206,6 +208,9 @@ def _avg_pool_dilated(ctx, x, k, strides, dil, pads, ceil_mode, count_include_pa
         w = gc.constant(np.ones((channels, 1) + tuple(k), dtype), dtype=dtype)
         return gc.conv2d(v, w, stride=strides, dilation=dil, groups=channels)
     total = window_sum(gc.pad(x, ((0, 0), (0, 0)) + width), c)
+    ctx.check_size((1, 1) + tuple(h + b + a for h, (b, a) in zip(hw, width)), dtype,
+                   "AveragePool's padding mask")
+    ctx.check_size((c if isinstance(c, int) else 1, 1) + tuple(k), dtype, "AveragePool's window")
     if count_include_pad:
         inside = np.ones((1, 1) + tuple(i + p[0] + p[1] for i, p in zip(hw, pads)), dtype)
         mask = np.pad(inside, ((0, 0), (0, 0)) + tuple((0, e) for e in extra))
@@ -333,6 +338,8 @@ def _pool3d(ctx, x, attrs, kind):
         ones = gc.constant(np.ones((channels * want[0], 1) + k[1:], x.dtype), dtype=x.dtype)
         return crop(gc.conv2d(planes(total, channels), ones, stride=strides[1:],
                               dilation=dil[1:], groups=channels * want[0]), channels)
+    ctx.check_size((1, 1) + padded, x.dtype, f"3-D {kind}'s padding mask")
+    ctx.check_size((c * want[0], 1) + k[1:], x.dtype, f"3-D {kind}'s window")
     total = window_sum(gc.pad(x, width), c)
     if attrs.get("count_include_pad", 0):
         inside = np.ones((1, 1) + tuple(i + p[0] + p[1] for i, p in zip(size, pads)), x.dtype)

@@ -18,3 +18,18 @@ class UnsupportedOperatorError(OnnxImportError):
 
 class OnnxExportError(GraphcError, ValueError):
     """A graphc graph holds something ONNX export does not support."""
+
+
+class MissingExtraError(GraphcError, ModuleNotFoundError):
+    """An optional package graphc needs here is not installed; the message says which
+    extra installs it."""
+
+
+def require_onnx(what: str = "gc.onnx"):
+    """The `onnx` module, or a MissingExtraError saying how to install it."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtraError(f"{what} needs the 'onnx' package, which is not installed: "
+                                "pip install 'graphc[onnx]'", name="onnx") from None
+    return onnx

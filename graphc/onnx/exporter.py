@@ -19,7 +19,7 @@ import numpy as np
 from ..ir import dtypes as dt
 from ..ir.graph import toposort
 from ..ir.node import Node
-from .errors import OnnxExportError
+from .errors import OnnxExportError, require_onnx
 
 __all__ = ["export", "EXPORTERS"]
 
@@ -39,7 +39,7 @@ class _Writer:
     """Accumulates ONNX nodes and initializers; hands out unique tensor names."""
 
     def __init__(self, opset: int):
-        import onnx
+        onnx = require_onnx("gc.onnx.export")
         self.helper = onnx.helper
         self.numpy_helper = onnx.numpy_helper
         self.opset = opset
@@ -336,7 +336,7 @@ def export(outputs, path=None, inputs=None, opset: int = 17, output_names=None,
     inputs: the gc.input nodes, in order (default: every input the outputs read,
     in the order they were created).  opset: 13 or later.
     """
-    import onnx
+    onnx = require_onnx("gc.onnx.export")
     helper = onnx.helper
     if opset < 13:
         raise OnnxExportError(f"export writes opset 13 or later, not {opset}")

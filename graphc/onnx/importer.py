@@ -23,18 +23,13 @@ from ..ir import dtypes as dt
 from ..ir.errors import GraphcError
 from ..ir.graph import Graph
 from ..ir.node import Node, TensorType
-from .errors import OnnxImportError, UnsupportedOperatorError
+from .errors import OnnxImportError, UnsupportedOperatorError, require_onnx
 
 __all__ = ["load", "OnnxModel"]
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("gc.onnx needs the 'onnx' package: pip install 'graphc[onnx]'") \
-            from None
-    return onnx
+    return require_onnx("gc.onnx.load")
 
 
 # ONNX TensorProto element types graphc can hold.
@@ -42,6 +37,19 @@ _ELEM = {1: dt.float32, 11: dt.float64, 6: dt.int32, 7: dt.int64, 9: dt.bool_}
 _ELEM_NAMES = {0: "UNDEFINED", 1: "FLOAT", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16",
                6: "INT32", 7: "INT64", 8: "STRING", 9: "BOOL", 10: "FLOAT16", 11: "DOUBLE",
                12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128", 16: "BFLOAT16"}
+
+
+# The newest default-domain opset whose operator semantics the converters follow
+# (checked against ONNX's own node tests, which onnx 1.23 generates up to opset 28).
+# A newer opset may change an operator's meaning, so such models are refused.
+MAX_OPSET = 28
+
+# Values the importer evaluates while loading (ConstantOfShape, Range, Expand/Tile of
+# constants, any node computed only from constants, masks sized by shapes) are
+# materialized in memory; a tiny model can ask for terabytes (ConstantOfShape
+# [65536, 65536]).  Above this many bytes such a value is refused with an
+# OnnxImportError naming the node; `load(..., max_constant_bytes=)` changes it.
+MAX_CONSTANT_BYTES = 256 << 20
 
 
 def elem_dtype(elem_type: int, what: str) -> np.dtype:
@@ -105,7 +113,12 @@ def read_model(source):
 def default_opset(model) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
-            return int(o.version)
+            v = int(o.version)
+            if v > MAX_OPSET:
+                raise OnnxImportError(f"the model uses ONNX opset {v}; graphc imports opsets up "
+                                      f"to {MAX_OPSET} (a newer opset may change what its "
+                                      "operators mean); re-export the model for an older opset")
+            return v
     raise OnnxImportError("the model imports no version of the default ONNX operator set")
 
 
@@ -270,9 +283,28 @@ class NeedsInputValues(Exception):
 class Context:
     """What converters see: the opset, and helpers to turn values into nodes/arrays."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, max_bytes: int = MAX_CONSTANT_BYTES):
         self.opset = opset
+        self.max_bytes = max_bytes
         self.node_desc = ""
+
+    def check_size(self, shape, dtype, what: str) -> None:
+        """Refuse to materialize a load-time array of `shape` above the size limit."""
+        shape = tuple(shape)
+        if any(isinstance(d, str) for d in shape):
+            return  # symbolic: nothing is allocated
+        if any(int(d) < 0 for d in shape):
+            raise self.error(f"{what} has a negative dimension {list(shape)}")
+        n = 1
+        for d in shape:
+            n *= int(d)
+        nbytes = n * np.dtype(dtype).itemsize
+        if nbytes > self.max_bytes:
+            raise self.error(f"{what} would be a load-time constant of shape {list(shape)} "
+                             f"({n} elements, {_bytes(nbytes)}), above the limit of "
+                             f"{_bytes(self.max_bytes)} for values evaluated while loading; "
+                             "raise it with gc.onnx.load(..., max_constant_bytes=N) if the "
+                             "model really needs it")
 
     def error(self, msg: str) -> OnnxImportError:
         return OnnxImportError(f"{self.node_desc}: {msg}")
@@ -317,6 +349,13 @@ class Context:
     def ints(self, v, what: str, allow_symbols=False) -> list:
         arr = self.static(v, what, allow_symbols)
         return [d if isinstance(d, str) else int(d) for d in arr.ravel().tolist()]
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _attrs(node) -> dict:
@@ -364,20 +403,27 @@ def _shape_value(v):
     return arr.astype(np.int64)
 
 
-def _fold(outs):
-    """Evaluate nodes that depend only on constants (load-time constant folding)."""
+def _fold(outs, ctx):
+    """Evaluate nodes that depend only on constants (load-time constant folding).
+
+    Every value the evaluation would hold is checked against the size limit first."""
     from ..ir.graph import toposort
     from ..ops.reference import eval_graph
     res = []
     for o in outs:
-        if isinstance(o, Node) and isinstance(o.type, TensorType) and all(
-                n.op.name != "input" and n.op.name != "parameter" for n in toposort([o])):
-            o = eval_graph(Graph([o]), {})[0]
+        if isinstance(o, Node) and isinstance(o.type, TensorType):
+            nodes = toposort([o])
+            if all(n.op.name != "input" and n.op.name != "parameter" for n in nodes):
+                for n in nodes:
+                    if isinstance(n.type, TensorType):
+                        ctx.check_size(n.shape, n.dtype, f"the {n.op.name} value it computes")
+                o = eval_graph(Graph([o]), {})[0]
         res.append(o)
     return res
 
 
 _BATCH = object()  # key of `dims` holding load's batch_dim
+_LIMIT = object()  # key of `dims` holding load's max_constant_bytes
 
 
 def _input_shape(vi, dims, input_shapes) -> tuple:
@@ -400,7 +446,8 @@ def _input_shape(vi, dims, input_shapes) -> tuple:
     return tuple(shape)
 
 
-def load(source, dims=None, input_shapes=None, batch_dim=None) -> OnnxModel:
+def load(source, dims=None, input_shapes=None, batch_dim=None,
+         max_constant_bytes=None) -> OnnxModel:
     """Import an ONNX model (path, bytes or onnx.ModelProto) as graphc graphs.
 
     dims:         {symbol: size} fixes symbolic (dim_param) dimensions to sizes.
@@ -414,8 +461,20 @@ def load(source, dims=None, input_shapes=None, batch_dim=None) -> OnnxModel:
     `<input>_<axis>`.  Shape-like operands (Reshape's shape, Slice's bounds, ...)
     must be known when the model is loaded; when they are graph inputs, the
     returned model specializes on their values per call (`needs_values`).
+    max_constant_bytes: the largest value the importer evaluates while loading
+                  (default MAX_CONSTANT_BYTES, 256 MiB); a larger one raises
+                  OnnxImportError naming the node.  Initializers are not limited
+                  (their data is in the file), but must hold as many values as
+                  their dims declare.
+    The model's default-domain opset must be at most MAX_OPSET.
     """
     dims = dict(dims or {})
+    if max_constant_bytes is not None:
+        if isinstance(max_constant_bytes, bool) or not isinstance(max_constant_bytes, int) \
+                or max_constant_bytes < 0:
+            raise TypeError(f"max_constant_bytes must be a non-negative int, got "
+                            f"{max_constant_bytes!r}")
+        dims[_LIMIT] = max_constant_bytes
     if batch_dim is not None:
         dims[_BATCH] = batch_dim
     model = read_model(source)
@@ -477,7 +536,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
             node = gc_input(vi.name, shape, dtype)
             inputs.append(node)
             values[vi.name] = node
-    ctx = Context(opset)
+    ctx = Context(opset, dims.get(_LIMIT, MAX_CONSTANT_BYTES))
     for i, n in enumerate(graph.node):
         ctx.node_desc = f"ONNX node {n.name or '#' + str(i)!r} ({n.op_type}, opset {opset})"
         args = []
@@ -502,7 +561,7 @@ def _build(model, dims, input_shapes, static_feeds, param_cache):
                 if not isinstance(outs, (list, tuple)):
                     outs = [outs]
                 if all_static or (not present and n.op_type != "RandomNormal"):
-                    outs = _fold(outs)
+                    outs = _fold(outs, ctx)
         except (OnnxImportError, NeedsInputValues):
             raise
         except (GraphcError, ValueError, TypeError, IndexError, KeyError) as e:

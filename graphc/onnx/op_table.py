@@ -258,12 +258,24 @@ def _constant_of_shape(ctx, args, attrs):
     val = np.asarray(attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
     if val.dtype not in dt.SUPPORTED:
         raise ctx.error(f"value of dtype {val.dtype} is not supported by graphc")
+    ctx.check_size(shape, val.dtype, "ConstantOfShape's output")
     return np.full(shape, val[0], dtype=val.dtype)
 
 
 @op("Range")
 def _range(ctx, args, attrs):
     s, l, d = (ctx.static(a, "Range's bounds") for a in args)
+    if np.ndim(s) or np.ndim(l) or np.ndim(d):
+        raise ctx.error(f"Range's start, limit and delta must be scalars, got shapes "
+                        f"{np.shape(s)}, {np.shape(l)}, {np.shape(d)}")
+    if d == 0:
+        raise ctx.error("Range's delta is 0")
+    # ONNX: max(ceil((limit - start) / delta), 0) elements (exact for integers)
+    if np.asarray(s).dtype.kind in "iu":
+        n = max(-(-(int(l) - int(s)) // int(d)), 0)
+    else:
+        n = max(int(np.ceil((float(l) - float(s)) / float(d))), 0)
+    ctx.check_size((n,), np.asarray(s).dtype, "Range's output")
     return np.arange(s, l, d).astype(np.asarray(s).dtype)
 
 
@@ -612,7 +624,13 @@ def _pad(ctx, args, attrs):
                 idx[a] = slice(i, i + 1)
                 return x[tuple(idx)]
             if mode == "edge":
-                parts = [piece(0)] * b + [x] + [piece(n - 1)] * e
+                # the edge row broadcast to the pad width (a list of `b` copies was
+                # O(pad width) nodes at load time, unbounded for a huge pad)
+                def edge(i, count):
+                    p = piece(i)
+                    return gc.broadcast_to(p, tuple(count if k == a else d
+                                                    for k, d in enumerate(p.shape)))
+                parts = ([edge(0, b)] if b else []) + [x] + ([edge(n - 1, e)] if e else [])
             elif mode == "wrap":
                 if b > n or e > n:
                     raise ctx.error("wrap padding wider than the axis")
@@ -663,7 +681,9 @@ def _reduce(fn, since):
                 tuple(d for i, d in enumerate(x.shape) if i not in axes)
             fill = False if x.dtype == dt.bool_ else \
                 np.iinfo(x.dtype).min if x.dtype.kind == "i" else -np.inf
-            return gc.constant(np.full(_concrete(ctx, out, "ReduceMax"), fill, x.dtype),
+            out = _concrete(ctx, out, "ReduceMax")
+            ctx.check_size(out, x.dtype, "ReduceMax's output over an empty axis")
+            return gc.constant(np.full(out, fill, x.dtype),
                                dtype=x.dtype)
         return fn(x, axis=axes, keepdims=keep)
     return conv
@@ -683,8 +703,11 @@ def _softplus(ctx, args, attrs):
 
 # ================================================================ losses
 def _one_hot(t, n, dtype):
-    """t[..., None] == arange(n) as `dtype` (elementwise ops, which every backend lowers;
-    an out-of-range label gives a zero row rather than an error)."""
+    """t[..., None] == arange(n) as `dtype` (elementwise ops, which fuse with their
+    users), t checked first: an index outside [0, n) raises IndexOutOfRangeError
+    when the graph runs, as gc.one_hot's would, rather than giving a zero row."""
+    from ..ops.indexing import index_check
+    t = index_check(t, n, "one_hot", what=f"num_classes={n}")
     classes = gc.constant(np.arange(n, dtype=t.dtype), dtype=t.dtype)
     return gc.cast(gc.equal(gc.unsqueeze(t, -1), classes), dtype)
 
@@ -700,6 +723,7 @@ def _nll(ctx, logp, target, weight, attrs):
     if ignore is not None:
         valid = gc.not_equal(t, ignore)
         t = gc.where(valid, t, gc.zeros_like(t))
+    ctx.check_size((c,), t.dtype, "the class indices of the one-hot target")
     oh = _one_hot(t, c, logp.dtype)  # (N, d..., C)
     nd = logp.ndim
     if nd > 2:
@@ -750,6 +774,7 @@ def _gather_elements(ctx, args, attrs):
     if any(a != b for i, (a, b) in enumerate(zip(x.shape, idx.shape)) if i != axis):
         lead = tuple(slice(0, d) for d in idx.shape)
         x = x[tuple(s if i != axis else slice(None) for i, s in enumerate(lead))]
+    ctx.check_size((n,), idx.dtype, "GatherElements' index range")
     oh = _one_hot(idx, n, x.dtype if x.dtype.kind == "f" else dt.int64)
     xe = gc.unsqueeze(gc.transpose(x, tuple(i for i in range(x.ndim) if i != axis) + (axis,)),
                       axis)

@@ -79,6 +79,7 @@ def _recurrence(ctx, kind, args, attrs):
             lens = None if (arr == t_len).all() else gc.constant(arr.astype(np.int64),
                                                                    dtype="int64")
         if lens is not None:
+            ctx.check_size((t_len,), np.int64, "the RNN's time steps")
             steps = gc.constant(np.arange(t_len, dtype=np.int64).reshape(t_len, 1), dtype="int64")
             mask = gc.unsqueeze(gc.cast(gc.less(steps, gc.cast(lens, "int64")), x.dtype), 2)
     zeros_bh = gc.matmul(gc.zeros_like(x[0]), gc.constant(np.zeros((x.shape[2], hidden),

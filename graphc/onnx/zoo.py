@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import require_onnx
+
 __all__ = ["Builder", "resnet50", "resnet_like", "vgg_like", "inception_like",
            "densenet_like", "squeezenet_like", "MODELS"]
 
@@ -21,6 +23,7 @@ class Builder:
     """Tiny helper that names tensors and collects nodes and He-initialized weights."""
 
     def __init__(self, seed):
+        require_onnx("gc.onnx.zoo")          # explains the missing extra up front
         self.rng = np.random.default_rng(seed)
         self.nodes, self.inits, self.k = [], [], 0
 

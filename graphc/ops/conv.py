@@ -74,17 +74,22 @@ def normalize_padding(p) -> tuple:
 
 def out_size(size: int, k: int, stride: int, pad: tuple, dilation: int, axis: str,
              ceil_mode: bool = False) -> int:
-    """Number of window positions along one axis; raises if the kernel does not fit."""
+    """Number of window positions along one axis; raises if no window fits.
+
+    With ceil_mode (pools), PyTorch's rule: ceil((padded - extent) / stride) + 1
+    windows, where the last one may hang over the bottom/right edge -- even when
+    the kernel is larger than the padded input (avg_pool2d(k=2, s=2) of H = 1
+    gives one window) -- but is dropped if it starts in the right padding."""
     extent = dilation * (k - 1) + 1
     padded = size + pad[0] + pad[1]
-    if extent > padded:
-        raise ValueError(f"kernel extent {extent} (kernel {k}, dilation {dilation}) is larger "
-                         f"than the padded input {axis} {padded} (input {size} + padding "
-                         f"{pad[0]}+{pad[1]})")
     span = padded - extent
     n = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (n - 1) * stride >= size + pad[0]:
         n -= 1  # the last window must start inside the input or its left padding
+    if n < 1:
+        raise ValueError(f"kernel extent {extent} (kernel {k}, dilation {dilation}) is larger "
+                         f"than the padded input {axis} {padded} (input {size} + padding "
+                         f"{pad[0]}+{pad[1]})" + (" even with ceil_mode" if ceil_mode else ""))
     return n
 
 

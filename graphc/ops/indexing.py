@@ -22,7 +22,7 @@ from math import prod
 import numpy as np
 
 from ..ir import dtypes as dt
-from ..ir.errors import GraphBuildError
+from ..ir.errors import GraphBuildError, index_out_of_range
 from ..ir.node import Node, TensorType, user_location
 from ..ir.shapes import normalize_axis, normalize_shape, shape_str
 from .base import Op, apply, as_node, register
@@ -278,15 +278,27 @@ def getitem(x, index) -> Node:
 
 
 # ------------------------------------------------------------------ take / take_grad
-def _check_bounds(op: str, indices: np.ndarray, n: int, what: str):
-    if indices.size == 0:
+def check_index_range(op: str, values, size: int, what: str = "", kind: str = "index",
+                      ignore=None):
+    """Raise IndexOutOfRangeError if a value of `values` lies outside [0, size) (values
+    equal to `ignore` are allowed).  The reference's check; the native backends run
+    the same test in their check kernels and word the error the same way."""
+    v = np.asarray(values)
+    if v.size == 0:
         return
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= n:
-        bad = indices[(indices < 0) | (indices >= n)]
-        raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}) ({what}), "
-                         f"found {bad.size} outside it (values from {int(bad.min())} to "
-                         f"{int(bad.max())})")
+    flat = v.reshape(-1)
+    if ignore is None and int(flat.min()) >= 0 and int(flat.max()) < size:
+        return
+    bad = (flat < 0) | (flat >= size)
+    if ignore is not None:
+        bad &= flat != ignore
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    badv = flat[bad]
+    raise index_out_of_range(op, size, shape=v.shape, count=int(bad.sum()), lo=int(badv.min()),
+                             hi=int(badv.max()), first_pos=first, first_value=int(flat[first]),
+                             kind=kind, what=what, ignore=ignore)
 
 
 def _check_index_dtype(t):
@@ -313,7 +325,7 @@ class TakeOp(Op):
         return TensorType(x.dtype, x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
     def evaluate(self, x, indices, axis):
-        _check_bounds(self.name, indices, x.shape[axis], f"axis {axis} of size {x.shape[axis]}")
+        check_index_range(self.name, indices, x.shape[axis], f"axis {axis} of size {x.shape[axis]}")
         return np.take(x, indices, axis=axis)
 
     def vjp(self, node, g):
@@ -349,7 +361,7 @@ class TakeGradOp(Op):
 
     def evaluate(self, g, indices, like, axis):
         n = like.shape[axis]
-        _check_bounds(self.name, indices, n, f"axis {axis} of size {n}")
+        check_index_range(self.name, indices, n, f"axis {axis} of size {n}")
         out = np.zeros(like.shape, dtype=g.dtype)
         np.add.at(out, (slice(None),) * axis + (indices,), g)
         return out
@@ -363,8 +375,10 @@ def take(x, indices, axis=0) -> Node:
     """x's entries at integer `indices` along `axis`.
 
     Output shape: x.shape[:axis] + indices.shape + x.shape[axis+1:].  Indices
-    must lie in [0, x.shape[axis]); others raise IndexError when the graph runs
-    (they never wrap).  The gradient scatter-adds, so repeated indices accumulate.
+    must lie in [0, x.shape[axis]); others raise IndexOutOfRangeError (a GraphcError
+    and an IndexError) when the graph runs, on every backend, whether the indices are
+    fed or computed in the graph (they never wrap).  The gradient scatter-adds, so
+    repeated indices accumulate.
     """
     x = as_node(x)
     if not isinstance(indices, Node):
@@ -669,11 +683,57 @@ class OneHotOp(Op):
         return TensorType(dtype, idx.shape + (num_classes,))
 
     def evaluate(self, indices, num_classes, dtype):
-        _check_bounds(self.name, indices, num_classes, f"num_classes={num_classes}")
+        check_index_range(self.name, indices, num_classes, f"num_classes={num_classes}")
         return (indices[..., None] == np.arange(num_classes)).astype(dtype)
 
     def vjp(self, node, g):
         return [None]
+
+
+# ------------------------------------------------------------------ index_check
+@register
+class IndexCheckOp(Op):
+    """indices unchanged, after checking that each lies in [0, size) or equals `ignore`.
+
+    For gradient rules that read indices through elementwise ops (cross-entropy's
+    one-hot target): routed through this node, a graph that holds only the gradient
+    checks them too, and an error names the op `for_op` (the loss), as that op's own
+    check would.  Backends alias its output to its input and run only the check.
+    """
+    name = "index_check"
+    arity = 1
+    differentiable = False
+
+    def check(self, size, for_op, kind="index", what="", ignore=None):
+        if not _is_int(size) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if kind not in ("index", "label"):
+            raise ValueError(f"kind must be 'index' or 'label', got {kind!r}")
+        if ignore is not None and not _is_int(ignore):
+            raise TypeError(f"ignore must be an int or None, got {ignore!r}")
+        if ignore is not None and not -2 ** 63 <= ignore < 2 ** 63:
+            raise ValueError(f"ignore {ignore} does not fit in int64")
+        return {"size": int(size), "for_op": str(for_op), "kind": kind, "what": str(what),
+                "ignore": None if ignore is None else int(ignore)}
+
+    def infer(self, types, size, for_op, kind, what, ignore):
+        (idx,) = types
+        _check_index_dtype(idx)
+        return idx
+
+    def evaluate(self, indices, size, for_op, kind, what, ignore):
+        check_index_range(for_op, indices, size, what, kind, ignore)
+        return indices
+
+    def vjp(self, node, g):
+        return [None]
+
+
+def index_check(indices, size, for_op, kind="index", what="", ignore=None) -> Node:
+    """`indices`, checked when the graph runs to lie in [0, size) (or equal `ignore`);
+    an error names `for_op`."""
+    return apply("index_check", [as_node(indices)], size=size, for_op=for_op, kind=kind,
+                 what=what, ignore=ignore)
 
 
 def one_hot(indices, num_classes, dtype="float32") -> Node:

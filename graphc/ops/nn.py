@@ -12,8 +12,10 @@ Composites (plain functions of other ops, so autodiff and fusion see through
 them): cross_entropy, nll_loss, mse_loss, l1_loss,
 binary_cross_entropy_with_logits, batch_norm, layer_norm, dropout_mask.
 
-Label checks: the cross-entropy and NLL references raise a run-time error
-naming the op when a label (that is not `ignore_index`) lies outside [0, C).
+Label checks: a label (that is not `ignore_index`) outside [0, C) raises
+IndexOutOfRangeError naming the op when the graph runs, on every backend, for
+the loss and for its gradient alone (whose rule routes the labels through an
+`index_check` node).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from . import elementwise as E
 from . import reduce as R
 from . import shape as S
 from .base import Op, apply, as_node, constant, register
+from .indexing import check_index_range, index_check
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "nll_loss", "mse_loss",
            "l1_loss", "binary_cross_entropy_with_logits", "dropout", "dropout_mask",
@@ -186,15 +189,19 @@ def _label_shape(logits_shape, cax):
 def _check_labels(name, values, labels, ignore_index, cax):
     """Run-time check: every label that is not ignore_index lies in [0, C)."""
     n_classes = values.shape[cax]
-    bad = (labels < 0) | (labels >= n_classes)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
-    if np.any(bad):
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: label {int(labels[idx])} at index {idx} is out of range "
-                         f"for {n_classes} classes (valid labels are 0..{n_classes - 1}"
-                         + (f", or ignore_index={ignore_index}" if ignore_index is not None
-                            else "") + ")")
+    check_index_range(name, labels, n_classes, f"{n_classes} classes", "label", ignore_index)
+
+
+def _checked_labels(node) -> Node:
+    """The labels of a label-loss node, routed through a run-time range check named
+    after the loss: its gradient reads them only through elementwise ops (the one-hot
+    target), so a graph holding the gradient and not the loss still checks them."""
+    scores, labels = node.inputs
+    n_classes = scores.shape[_class_axis(scores.ndim)]
+    chk = index_check(labels, n_classes, node.op.name, "label", f"{n_classes} classes",
+                      node.attrs["ignore_index"])
+    chk.loc = node.loc     # reported at the loss's line, as the loss's own check is
+    return chk
 
 
 def _onehot(labels: Node, n_classes: int, cax: int, dtype) -> Node:
@@ -219,6 +226,8 @@ class _LabelLossOp(Op):
             if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
                 raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
             ignore_index = int(ignore_index)
+            if not -2 ** 63 <= ignore_index < 2 ** 63:
+                raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
         label_smoothing = float(label_smoothing)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -238,7 +247,8 @@ class _LabelLossOp(Op):
     def _target_and_cotangent(node, g):
         """The smoothed one-hot target and g (masked for ignored labels) shaped to
         broadcast over the class axis: both gradient rules are built from them."""
-        scores, labels = node.inputs
+        scores = node.inputs[0]
+        labels = _checked_labels(node)
         eps, ii = node.attrs["label_smoothing"], node.attrs["ignore_index"]
         cax = _class_axis(scores.ndim)
         n_classes = scores.shape[cax]

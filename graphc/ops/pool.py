@@ -17,10 +17,14 @@ Ops (attributes normalized by `check`: kernel_size, stride, dilation as
     avg_pool2d_grad(g)            its adjoint; `input_size` fixes the input's (H, W)
 
 With ceil_mode the output rounds up, so the last window may hang over the
-bottom/right edge; it must start inside the input or its left padding
-(PyTorch's rule), and for the average the part beyond the padding never
-counts.  Padding may be at most half the kernel (again PyTorch's rule), so
-every window holds at least one real element.
+bottom/right edge (even when the kernel is larger than the padded input:
+avg_pool2d(k=2, s=2, ceil_mode=True) of H = 1 has one window); it must start
+inside the input or its left padding (PyTorch's rule), and for the average the
+part beyond the padding never counts.  Padding may be at most half the kernel
+(again PyTorch's rule), so without dilation every window holds at least one
+real element.  A dilated window can lie entirely in the padding (kernel 2,
+padding 1, dilation 2 on a 1-pixel axis): its maximum is -inf and it routes no
+gradient (it has no argmax; max_pool2d_gather reads 0 for it).
 
 `global_avg_pool2d(x)` is the mean over H and W keeping them as size 1:
 (N, C, H, W) -> (N, C, 1, 1), like AdaptiveAvgPool2d(1); it is built from

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir.errors import GraphcError
+from ..ir.errors import GraphcError, IndexOutOfRangeError
 from ..ir.node import TupleType
 
 
@@ -48,6 +48,8 @@ def eval_graph(graph, feeds: dict) -> list:
             try:
                 with np.errstate(all="ignore"):
                     out = n.op.evaluate(*args, **n.attrs)
+            except IndexOutOfRangeError as e:   # the same error as the native backends'
+                raise e.located(n.loc) from None
             except GraphcError:
                 raise
             except Exception as e:  # a data-dependent failure (e.g. an index out of range)

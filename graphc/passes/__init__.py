@@ -5,7 +5,7 @@
 
 Levels:
     0  nothing
-    1  fold, simplify, cse, dce repeated to a fixed point (at most MAX_ITERATIONS)
+    1  fold, simplify, cse, dce, checks repeated to a fixed point (at most MAX_ITERATIONS)
     2  level 1, then fuse and plan_memory (the plan is `graph.memory_plan`)
 
 Set GRAPHC_DUMP_PASSES=1 (or pass dump=True) to print the graph after every
@@ -19,7 +19,7 @@ import sys
 import time
 
 from ..ir.graph import Graph
-from . import fold, fusion, simplify  # noqa: F401  (register the passes)
+from . import checks, fold, fusion, simplify  # noqa: F401  (register the passes)
 from .framework import PASSES, PassContext, count_kernels, register_pass
 from .fusion import FusedOp, find_groups, inner_graph, run_inner
 from .memory import MemoryPlan, plan_memory, verify_plan
@@ -31,7 +31,7 @@ __all__ = ["optimize", "run_pass", "PASSES", "PassContext", "OptimizationReport"
            "plan_memory", "verify_plan", "FusedOp", "inner_graph", "run_inner", "RULES",
            "Rule", "P", "X", "count_kernels", "LEVELS"]
 
-CLEANUP = ("fold", "simplify", "cse", "dce")
+CLEANUP = ("fold", "simplify", "cse", "dce", "checks")
 LEVELS = {0: (), 1: CLEANUP, 2: CLEANUP + ("fuse", "plan_memory")}
 MAX_ITERATIONS = 10
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir import node as _node_mod
-from ..ir.graph import Graph, clone_with_inputs, toposort
+from ..ir.graph import Graph, clone_with_inputs
 from ..ir.node import TensorType
 
 PASSES: dict = {}
@@ -60,10 +60,21 @@ def fresh_id_mark() -> int:
 
 def adopt_provenance(result, original, mark: int) -> None:
     """Give nodes built by a rewrite (id >= mark) the original node's loc/scope/role,
-    so errors, renderings and reports still point at the user's line."""
-    for n in toposort([result]):
-        if n.id >= mark and n.inputs:
+    so errors, renderings and reports still point at the user's line.
+
+    Only the new nodes are walked: a node older than `mark` cannot have been
+    built by the rewrite, and neither can anything it reads (ids grow), so the
+    walk stops there.  Walking the whole ancestry instead made every rewrite
+    cost O(graph) and the simplify pass quadratic in the graph's size."""
+    stack, seen = [result], set()
+    while stack:
+        n = stack.pop()
+        if n.id < mark or n.id in seen:
+            continue
+        seen.add(n.id)
+        if n.inputs:
             n.loc, n.scope, n.role = original.loc, original.scope, original.role
+            stack.extend(n.inputs)
 
 
 def rebuild(graph: Graph, visit, max_steps: int = 8):

@@ -54,7 +54,7 @@ from math import prod
 
 import numpy as np
 
-from ..ir.errors import GraphcError
+from ..ir.errors import GraphcError, IndexOutOfRangeError
 from ..ir.graph import Graph, clone_with_inputs
 from ..ir.node import Node, TensorType
 from ..ops.base import REGISTRY, Op, register
@@ -88,8 +88,12 @@ def run_inner(graph: Graph, args) -> np.ndarray:
         elif n.op.name == "input":
             raise GraphcError(f"fused graph reads input {n.label()} that is not among its inputs")
         else:
-            with np.errstate(all="ignore"):
-                vals[n.id] = np.asarray(n.op.evaluate(*(vals[i.id] for i in n.inputs), **n.attrs))
+            try:
+                with np.errstate(all="ignore"):
+                    vals[n.id] = np.asarray(n.op.evaluate(*(vals[i.id] for i in n.inputs),
+                                                          **n.attrs))
+            except IndexOutOfRangeError as e:   # reported at the inner node's line
+                raise e.located(n.loc) from None
     return vals[graph.outputs[0].id]
 
 

@@ -41,7 +41,7 @@ from ..ir.node import TensorType
 from ..ir.shapes import is_symbolic
 
 ALIGN = 64
-VIEW_OPS = frozenset({"reshape"})
+VIEW_OPS = frozenset({"reshape", "index_check"})   # index_check: its input, checked
 
 
 def _align(n: int) -> int:

@@ -99,7 +99,18 @@ class Rule:
     build: object
     enabled: object = None  # predicate on the PassContext (None: always on)
 
+    def __post_init__(self):
+        # The op names the pattern's root can match (None: any), so a pass can skip
+        # the rule for other nodes without running the matcher.
+        p = self.pattern
+        self.root_ops = frozenset(p.ops) if isinstance(p, P) and p.ops != (None,) else None
+
+    def may_match(self, node) -> bool:
+        return self.root_ops is None or node.op.name in self.root_ops
+
     def apply(self, node, state=None):
+        if not self.may_match(node):
+            return None
         b: dict = dict(state or {})
         if not self.pattern.match(node, b):
             return None

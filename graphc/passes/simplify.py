@@ -350,7 +350,7 @@ def simplify_node(n, ctx, rules=None, state=None):
     `state` holds facts about the nodes visited so far (relu_of: input id -> relu node).
     """
     for rule in (RULES if rules is None else rules):
-        if rule.enabled is not None and not rule.enabled(ctx):
+        if not rule.may_match(n) or (rule.enabled is not None and not rule.enabled(ctx)):
             continue
         mark = fresh_id_mark()
         try:
@@ -369,13 +369,17 @@ def simplify(graph: Graph, ctx):
     """Apply the algebraic rewrite rules (RULES) bottom-up."""
     changes = []
     state = {"_relu_of": {}, "_nusers": {k: len(v) for k, v in graph.users().items()}}
+    by_op: dict = {}   # op name -> the rules (in order) whose pattern root can match it
 
     def visit(n):
         if not n.inputs or not is_tensor(n) or not all(is_tensor(i) for i in n.inputs):
             return None
         if n.op.name == "relu":
             state["_relu_of"].setdefault(n.inputs[0].id, n)
-        hit = simplify_node(n, ctx, state=state)
+        rules = by_op.get(n.op.name)
+        if rules is None:
+            rules = by_op[n.op.name] = [r for r in RULES if r.may_match(n)]
+        hit = simplify_node(n, ctx, rules=rules, state=state)
         if hit is None:
             return None
         name, r = hit

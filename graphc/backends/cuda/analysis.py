@@ -8,7 +8,9 @@ disjoint elements, and every read of a written buffer is at the very index the
 same iteration writes.  Disjointness is proved on the affine form of the store
 index: ``index = sum_p c_p * p + rest`` where no P variable occurs in ``rest``;
 sorting P by |c_p|, each stride must exceed the span of everything below it
-(a mixed-radix numbering).
+(a mixed-radix numbering).  Indices are compared by their affine form (loops of
+extent 1 folded away); several stores of an iteration into one buffer that
+differ by constants are proved disjoint as one index plus an offset variable.
 
 Read-modify-write adds (``b[i] = b[i] + v`` with no other access to ``b``)
 need no such proof: they become ``atomicAdd``.
@@ -16,7 +18,7 @@ need no such proof: they become ``atomicAdd``.
 from __future__ import annotations
 
 import threading
-from math import prod
+from math import gcd, prod
 
 from ...kernel import ir as K
 
@@ -307,6 +309,49 @@ def _rmw_add(s):
     return None
 
 
+def index_form(e, ranges):
+    """A canonical form of an index expression: (affine terms, constant, opaque parts).
+
+    Loop variables whose range is a single value are folded into the constant, so
+    ``v[d0*N + i]`` and ``v[i]`` with d0 in 0..1 are the same element (lowerings
+    drop a unit batch dimension on one side of an in-place update)."""
+    coef, k, opaque = linear(e, ranges)
+    terms = []
+    for v, c in coef.items():
+        rg = ranges.get(v)
+        if c == 0:
+            continue
+        if rg is not None and rg[0] == rg[1]:
+            k += c * rg[0]
+        else:
+            terms.append((v, c))
+    return frozenset(terms), k, tuple(sorted((m, key(x)) for m, x in opaque))
+
+
+def _union_index(indices, ranges):
+    """One index expression standing for several stores of an iteration that differ
+    only in a constant offset (an unrolled window: b[2t], b[2t + 1]): the common
+    affine part plus u * step, u a fresh variable over the offsets' range (added to
+    `ranges`).  None when the stores differ otherwise."""
+    forms = [index_form(e, ranges) for e in indices]
+    terms = {f[0] for f in forms}
+    if len(terms) != 1 or any(f[2] for f in forms):
+        return None
+    byid = {id(x): x for e in indices for x in walk_exprs(e) if isinstance(x, K.Var)}
+    ks = sorted({f[1] for f in forms})
+    step = 0
+    for k in ks[1:]:
+        step = gcd(step, k - ks[0])
+    e = K.idx(ks[0])
+    for v, c in next(iter(terms)):
+        e = K.add(e, K.mul(byid[v], c))
+    if step:
+        u = K.Var("u")
+        ranges[id(u)] = (0, (ks[-1] - ks[0]) // step)
+        e = K.add(e, K.mul(u, step))
+    return e
+
+
 class Parallel:
     """The result of `choose_parallel`: the thread variables (outer to inner as in
     the chain), the serial rest of the chain, and the buffers updated atomically."""
@@ -348,7 +393,7 @@ def choose_parallel(chain, body, outer_ranges, fixed=frozenset(), top=False) -> 
         for e in stmt_exprs(s):
             for x in walk_exprs(e):
                 if isinstance(x, K.Load) and id(x.buf) in written:
-                    reads.setdefault(id(x.buf), set()).add(key(x.index))
+                    reads.setdefault(id(x.buf), {})[key(x.index)] = x.index
     atomic_ok = set()
     for b in written:
         bs = [s for s in stores if id(s.buf) == b]
@@ -371,12 +416,18 @@ def choose_parallel(chain, body, outer_ranges, fixed=frozenset(), top=False) -> 
             if use_atomic and b in atomic_ok:
                 continue
             bs = [s for s in stores if id(s.buf) == b]
-            ks = {key(s.index) for s in bs}
-            if len(ks) != 1 or reads.get(b, ks) - ks:
+            ks = {index_form(s.index, ranges) for s in bs}
+            rs = {index_form(e, ranges) for e in reads.get(b, {}).values()}
+            # every read of b is at an element the same iteration writes
+            index, r = bs[0].index, ranges
+            if len(ks) > 1:      # several stores: their union must be a disjoint set
+                r = dict(ranges)
+                index = _union_index([s.index for s in bs], r)
+            if index is None or rs - ks:
                 if P:
                     return False
                 continue
-            if not _disjoint(bs[0].index, [l.var for l in P], ranges, fixed_t):
+            if not _disjoint(index, [l.var for l in P], r, fixed_t):
                 return False
         return True
 
@@ -482,3 +533,67 @@ def _identity_kind(E, acc, v):
                     if x.op in ("le", "lt"):
                         return "min" if key(x.a) == key(v) else None
     return None
+
+
+def reduction_with_prelude(chain, body):
+    """A reduction whose iterations first compute private scalars: `body` is a
+    prelude of assignments and loops over locals (no stores), then `acc = E(acc, v)`
+    with v reading those locals (a mean of per-row losses).  Every local of the
+    prelude must be assigned in the iteration before it is read, so iterations
+    share nothing but acc and may run on different threads.  Returns
+    (local, E, v, identity kind, prelude) or None."""
+    if len(body) < 2 or not isinstance(body[-1], K.Assign):
+        return None
+    red = reduction_of(chain, body[-1:])
+    if red is None:
+        return None
+    acc, prelude = red[0], body[:-1]
+    defined = set()
+    for s in prelude:
+        if isinstance(s, K.Assign):
+            if locals_read([s]) - defined or s.local is acc:
+                return None
+            defined.add(id(s.local))
+        elif isinstance(s, K.Loop) and s.extent >= 1:
+            if any(isinstance(x, (K.Store, K.Gemm, K.If)) for x in walk_stmts(s.body)):
+                return None
+            mine = locals_assigned([s])
+            if locals_read([s]) - defined - mine or id(acc) in mine:
+                return None
+            # a local first assigned inside the loop must not carry between its iterations
+            if (mine - defined) & locals_read([s]):
+                return None
+            defined |= mine
+        else:
+            return None
+    return red + (prelude,)
+
+
+
+def substitute(e, kv, new, memo=None):
+    """e with every sub-expression whose structural key is kv replaced by `new`."""
+    memo = {} if memo is None else memo
+    r = memo.get(id(e))
+    if r is not None:
+        return r
+    if key(e) == kv:
+        r = new
+    elif isinstance(e, K.Load):
+        i = substitute(e.index, kv, new, memo)
+        r = e if i is e.index else K.Load(e.buf, i)
+    elif isinstance(e, K.BinOp):
+        a, b = substitute(e.a, kv, new, memo), substitute(e.b, kv, new, memo)
+        r = e if (a is e.a and b is e.b) else K.BinOp(e.op, a, b, e.reassoc)
+    elif isinstance(e, K.UnOp):
+        a = substitute(e.a, kv, new, memo)
+        r = e if a is e.a else K.UnOp(e.op, a)
+    elif isinstance(e, K.Select):
+        c, a, b = (substitute(x, kv, new, memo) for x in (e.cond, e.a, e.b))
+        r = e if (c is e.cond and a is e.a and b is e.b) else K.Select(c, a, b)
+    elif isinstance(e, K.Cast):
+        a = substitute(e.a, kv, new, memo)
+        r = e if a is e.a else K.Cast(a, e.dtype)
+    else:
+        r = e
+    memo[id(e)] = r
+    return r

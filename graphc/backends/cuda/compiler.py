@@ -2,12 +2,19 @@
 resource reports, and the host build of the same source for the emulator.
 
 Everything compiled is cached on disk under GRAPHC_CACHE_DIR (default
-~/.cache/graphc/cuda; GRAPHC_CACHE=0 disables it), keyed by a hash of the
+~/.cache/graphc/cuda; GRAPHC_CACHE=0 disables it), keyed by the SHA-256 of the
 source, the target architecture, the compiler and its version, so a graph
-compiles once per machine.  Entries are written atomically (rename).
+compiles once per machine.  A cubin and the emulator's library are native
+code this process runs, so the cache is graphc/diskcache.py's trusted store
+(docs/architecture.md, "The compile caches"): an owner-only directory (one
+writable by others is refused with a warning), entries bound to their full
+key and kind by an HMAC under the directory's secret, read without following
+links, without blocking and up to a size cap.  An entry that fails any check
+is rebuilt.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -16,6 +23,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
+from ... import diskcache
 from ...ir.errors import GraphcError
 
 DEFAULT_ARCH = "sm_90"      # H100
@@ -23,22 +31,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_HEADER = os.path.join(HERE, "gc_cuda_emu.h")
 SOURCE_NAME = "graphc_kernels.cu"
 
+# One magic per kind of entry: the digest covers it, so a PTX entry cannot pass for a
+# cubin, nor a cubin for an emulator library, under the same key.
+PTX_MAGIC = b"GRAPHC-CUDA-PTX-1\n"
+CUBIN_MAGIC = b"GRAPHC-CUDA-CUBIN-1\n"
+EMU_MAGIC = b"GRAPHC-CUDA-EMU-1\n"
+MAX_ENTRY_BYTES = 256 << 20       # a large graph's module is a few MB
+
 
 class CudaCompileError(GraphcError):
     """The generated CUDA source did not compile; the message quotes the lines."""
 
 
 def cache_enabled() -> bool:
-    return os.environ.get("GRAPHC_CACHE", "1") not in ("0", "")
+    return diskcache.enabled()
 
 
 def cache_dir() -> str:
     """GRAPHC_CACHE_DIR (shared with the LLVM backend; names do not collide), else
     ~/.cache/graphc/cuda."""
-    d = os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "graphc", "cuda")
-    os.makedirs(d, exist_ok=True)
-    return d
+    return os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"),
+                                                              ".cache", "graphc", "cuda")
 
 
 def _key(*parts) -> str:
@@ -46,14 +59,33 @@ def _key(*parts) -> str:
     for p in parts:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\0")
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
-def _atomic_write(path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+_dirs: dict = {}                  # cache dir -> its secret, or None: not trusted, not used
+
+
+def _open_cache():
+    """(directory, secret), or None when the cache is off or its directory is not trusted
+    (then one RuntimeWarning per directory and process)."""
+    if not cache_enabled():
+        return None
+    return diskcache.open_dir(cache_dir(), "the CUDA compile cache", _dirs, stacklevel=5)
+
+
+def _cache_read(name, magic, k) -> bytes | None:
+    where = _open_cache()
+    if where is None:
+        return None
+    d, secret = where
+    return diskcache.read(os.path.join(d, name), magic, k, secret, MAX_ENTRY_BYTES)
+
+
+def _cache_store(name, magic, k, data: bytes) -> None:
+    where = _open_cache()
+    if where is not None:
+        d, secret = where
+        diskcache.store(os.path.join(d, name), magic, k, secret, data, MAX_ENTRY_BYTES)
 
 
 def quote_errors(log: str, source: str, name=SOURCE_NAME, context=2) -> str:
@@ -154,28 +186,24 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, prefer: str = "nvrtc") -
     nvcc = nvcc_path()
     use = "nvrtc" if ver is not None and (prefer == "nvrtc" or nvcc is None) else "nvcc"
     if use == "nvcc" and nvcc is None:
-        raise CudaCompileError("no CUDA compiler: install graphc[cuda] (cuda-bindings and "
-                               "nvidia-cuda-nvrtc 13.0.x) or put nvcc on PATH")
+        raise CudaCompileError("no CUDA compiler: pip install 'graphc[cuda]' (cuda-bindings "
+                               "and nvidia-cuda-nvrtc 13.0.x) or put nvcc on PATH")
     if use == "nvrtc":
         tag = f"nvrtc-{ver[0]}.{ver[1]}"
     else:
         tag = "nvcc-" + subprocess.run([nvcc, "--version"], capture_output=True,
                                        text=True).stdout.strip().splitlines()[-1]
     k = _key(source, arch, tag)
-    base = os.path.join(cache_dir(), "cuda-" + k)
-    if cache_enabled() and os.path.exists(base + ".cubin") and os.path.exists(base + ".ptx"):
-        with open(base + ".ptx", "rb") as f:
-            ptx = f.read()
-        with open(base + ".cubin", "rb") as f:
-            cubin = f.read()
+    ptx = _cache_read(f"cuda-{k}.ptx", PTX_MAGIC, k)
+    cubin = _cache_read(f"cuda-{k}.cubin", CUBIN_MAGIC, k) if ptx is not None else None
+    if cubin is not None:
         return Compiled(ptx, cubin, arch, tag, cached=True)
     if use == "nvrtc":
         ptx, cubin, log = _nvrtc_compile(source, arch)
     else:
         ptx, cubin, log = _nvcc_compile(source, arch, nvcc)
-    if cache_enabled():
-        _atomic_write(base + ".ptx", ptx)
-        _atomic_write(base + ".cubin", cubin)
+    _cache_store(f"cuda-{k}.ptx", PTX_MAGIC, k, ptx)
+    _cache_store(f"cuda-{k}.cubin", CUBIN_MAGIC, k, cubin)
     return Compiled(ptx, cubin, arch, tag, log)
 
 
@@ -257,9 +285,10 @@ def cxx_path():
     return None
 
 
-def build_emulator(source: str, stubs: str) -> str:
-    """Shared library of the exact CUDA `source` + launch `stubs`, built by the host C++
-    compiler with the emulator header; returns its path (cached)."""
+def build_emulator(source: str, stubs: str, reuse: bool = True) -> bytes:
+    """The bytes of a shared library of the exact CUDA `source` + launch `stubs`, built
+    by the host C++ compiler with the emulator header (cached; `reuse=False` rebuilds
+    and replaces the entry).  Load it with load_library."""
     cxx = cxx_path()
     if cxx is None:
         raise CudaCompileError("the CUDA emulator needs a host C++ compiler (g++ or clang++)")
@@ -268,9 +297,11 @@ def build_emulator(source: str, stubs: str) -> str:
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-fwrapv", "-w"]
     k = _key(source, stubs, header, ver, " ".join(flags))
-    lib = os.path.join(cache_dir() if cache_enabled() else tempfile.mkdtemp(), f"emu-{k}.so")
-    if os.path.exists(lib):
-        return lib
+    name = f"emu-{k}.so"
+    if reuse:
+        data = _cache_read(name, EMU_MAGIC, k)
+        if data is not None:
+            return data
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, SOURCE_NAME)
         with open(src, "w") as f:
@@ -285,5 +316,35 @@ def build_emulator(source: str, stubs: str) -> str:
             raise CudaCompileError("the host compiler could not build the generated CUDA source "
                                    "for the emulator:\n" + quote_errors(r.stderr, source))
         with open(tmp, "rb") as f:
-            _atomic_write(lib, f.read())
-    return lib
+            data = f.read()
+    _cache_store(name, EMU_MAGIC, k, data)
+    return data
+
+
+def load_library(data: bytes) -> ctypes.CDLL:
+    """Load the shared library `data` (build_emulator's bytes) into this process.
+
+    ctypes loads from a path, and a path in the cache could be rewritten between our
+    check and the loader's open; so the verified bytes go to a fresh private directory
+    (mkdtemp: 0700, ours), are loaded from there and unlinked at once: what is loaded
+    is exactly what was verified.  The directory is made in the (trusted) cache
+    directory when there is one -- the filesystem the library was loaded from
+    before, which a noexec /tmp is not -- else in the system's temporary directory."""
+    where = _open_cache()
+    try:
+        d = tempfile.mkdtemp(prefix="emu-load-", dir=where[0] if where else None)
+    except OSError:
+        d = tempfile.mkdtemp(prefix="graphc-emu-")
+    path = os.path.join(d, "lib.so")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return ctypes.CDLL(path)
+    finally:
+        for rm, p in ((os.unlink, path), (os.rmdir, d)):
+            try:
+                rm(p)
+            except OSError:
+                pass

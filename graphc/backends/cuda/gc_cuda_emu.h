@@ -29,6 +29,25 @@ struct dim3 {
 };
 typedef dim3 uint3;
 
+// float4 (the wide GEMM tile's vector loads and stores; 16-byte aligned as in CUDA)
+#define __align__(n) __attribute__((aligned(n)))
+struct __align__(16) float4 {
+  float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+namespace gc_emu { static int misaligned = 0; }
+// float4 accesses through a misaligned address fault on a GPU; an x86 CPU would not
+// notice, so these check and make the launch fail (returns -3, see gc_emu_launch)
+static inline float4 GC_LD4(const float* p) {
+  if ((uintptr_t)p & 15) { gc_emu::misaligned = 1; return float4{0, 0, 0, 0}; }
+  float4 v; std::memcpy(&v, p, 16); return v;
+}
+static inline void GC_ST4(float* p, float4 v) {
+  if ((uintptr_t)p & 15) { gc_emu::misaligned = 1; return; }
+  std::memcpy(p, &v, 16);
+}
+#define GC_LD4 GC_LD4
+
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -183,7 +202,8 @@ static inline void __syncthreads() {
 }
 
 // Launch `fn` (a stub unpacking `args`, the cuLaunchKernel-style parameter array)
-// on a grid.  Returns 0 on success.
+// on a grid.  Returns 0 on success, -1 if a block's threads disagreed about barriers,
+// -2 without memory for thread stacks, -3 on a misaligned float4 access.
 static int gc_emu_launch(gc_emu::thread_fn fn, const unsigned* grid, const unsigned* block,
                          void** args, int uses_sync) {
   gridDim = dim3{grid[0], grid[1], grid[2]};
@@ -191,6 +211,7 @@ static int gc_emu_launch(gc_emu::thread_fn fn, const unsigned* grid, const unsig
   unsigned nthreads = block[0] * block[1] * block[2];
   gc_emu::cur_fn = fn;
   gc_emu::cur_args = args;
+  gc_emu::misaligned = 0;
   for (unsigned bz = 0; bz < grid[2]; ++bz)
     for (unsigned by = 0; by < grid[1]; ++by)
       for (unsigned bx = 0; bx < grid[0]; ++bx) {
@@ -204,6 +225,7 @@ static int gc_emu_launch(gc_emu::thread_fn fn, const unsigned* grid, const unsig
             fn(args);
           }
         }
+        if (gc_emu::misaligned) return -3;   // a misaligned float4 access (GC_LD4/GC_ST4)
       }
   return 0;
 }

@@ -21,8 +21,9 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ...ir.errors import GraphcError
+from ...kernel.checks import first_error, initial_record
 from .codegen import HostLoop, TimeLoop
-from .compiler import build_emulator, compile_cuda
+from .compiler import build_emulator, compile_cuda, load_library
 
 
 class CudaRuntimeError(GraphcError):
@@ -96,12 +97,12 @@ class EmulatorRuntime(Runtime):
 
     def load(self, cprog):
         stubs = emulator_stubs(cprog.launches)
-        path = build_emulator(cprog.source, stubs)
+        # The library's bytes (a cache entry only if it verified: compiler.py), loaded
+        # from a private copy, so what runs is exactly what was verified.
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:            # a damaged cache entry: rebuild it
-            os.remove(path)
-            lib = ctypes.CDLL(build_emulator(cprog.source, stubs))
+            lib = load_library(build_emulator(cprog.source, stubs))
+        except OSError:            # an entry that verifies but does not load: rebuild it
+            lib = load_library(build_emulator(cprog.source, stubs, reuse=False))
         self._lib = lib   # keep loaded
         fns = {}
         for la in cprog.launches:
@@ -155,7 +156,7 @@ def gpu_available() -> tuple:
     """(True, description) if a CUDA device and driver are usable, else (False, why)."""
     cu = _driver()
     if cu is None:
-        return False, "cuda-bindings is not installed (pip install graphc[cuda])"
+        return False, "cuda-bindings is not installed (pip install 'graphc[cuda]')"
     try:
         (err,) = cu.cuInit(0)
     except Exception as e:   # libcuda.so missing
@@ -307,6 +308,8 @@ class Runner:
                 self._upload(b, np.asarray(src[1]))
             elif src[0] == "const":
                 self._upload(b, np.asarray(src[1].value))
+        if prog.check_buf is not None:
+            self._check_init = initial_record(prog.check_buf.size)
         for b in getattr(cprog, "extra_buffers", []):   # privatized scratch
             self.ptr[id(b)] = self._alloc(b.size * b.dtype.itemsize)
         for b in prog.temps:   # temporaries no kernel touches (never read) still need storage
@@ -380,26 +383,22 @@ class Runner:
                     else ctypes.c_longlong(env[id(obj)]) for kind, obj in st.params]
             self.rt.launch(self.fns[st.name], st.grid, st.block, args)
 
-    def _check_indices(self, arrays):
-        """Integer index arrays from outside the graph must lie in range (the kernels
-        clamp them; the reference raises): checked on the host before any launch."""
-        for buf, n, op, loc in getattr(self.prog, "index_checks", ()):
-            a = self._host_external(buf, arrays)
-            if a is not None and a.size and (a.min() < 0 or a.max() >= n):
-                raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                 f"found values from {int(a.min())} to {int(a.max())}\n"
-                                 f"  node built at {loc}")
+    def _reset_checks(self):
+        """Empty the index checks' records (kernel/checks.py) before the launches."""
+        buf = self.prog.check_buf
+        if buf is not None:
+            self._upload(buf, self._check_init)
 
-    def _host_external(self, buf, arrays):
-        for b, (kind, what) in self.prog.externals:
-            if b is buf:
-                if kind == "input":
-                    return np.asarray(arrays[what])
-                if kind in ("param", "const"):
-                    return np.asarray(what.value)
-                if kind == "array":
-                    return np.asarray(what)
-        return None
+    def _raise_check_errors(self):
+        """After the launches: a bad index (fed or computed) that a check kernel recorded
+        raises the reference's error (the kernels clamped it: nothing out of bounds)."""
+        buf = self.prog.check_buf
+        if buf is not None:
+            rec = np.empty(buf.size, dtype=buf.dtype)
+            self.rt.copy_dtoh(rec, self.ptr[id(buf)])
+            err = first_error(self.prog.checks, rec)
+            if err is not None:
+                raise err
 
     def launch_all(self):
         """Launch every kernel on the data already on the device, then synchronize
@@ -424,9 +423,10 @@ class Runner:
                     self._upload(b, a)
                 elif kind == "param":
                     self._sync_param(b, what.value)
-            self._check_indices(arrays)
+            self._reset_checks()
             self._run(self.cprog.steps, {})
             self.rt.synchronize()
+            self._raise_check_errors()
             outs = []
             for b, shape in zip(self.prog.outputs, self.out_shapes):
                 h = np.empty(b.size, dtype=b.dtype)

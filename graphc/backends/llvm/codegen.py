@@ -38,6 +38,9 @@ class ModuleBuilder:
         self.fn_attrs = dict(fn_attrs)   # e.g. {"prefer-vector-width": "512"}
         self.debug_bounds = debug_bounds
         self.error_fn = None
+        self.stress = None               # stress.Stress: the GRAPHC_DEBUG_SCHEDULE helpers
+        self.gemm_sites = {}             # kernel function name -> [(scratch, slice, stride)]
+        self.gemm_split = {}             # id(top-level Gemm) -> how threads share it out
 
     def kernel(self, kern: K.Kernel, index: int):
         # buffers..., thread id, thread count
@@ -81,13 +84,24 @@ class KernelEmitter:
                 a = self.alloca_builder.gep(a, [off], inbounds=True,
                                             source_etype=mem_type(bf.dtype))
             self.ptr[id(bf)] = a
+        # The chunk of each top-level parallel loop this thread runs: its id, or under
+        # the stress schedule a shuffled one (stress.py).
+        self.part = self.tid
+        if mb.stress is not None:
+            self.part = mb.stress.part(self.alloca_builder, index, self.tid, self.nt)
+        self.index = index
         self.vars = {}
         self.locals = {}
         body = fn.append_basic_block("body")
         self.b = ir.IRBuilder(body)
 
     def emit(self):
-        self.stmts(self.kern.body)
+        if self.mb.stress is None:
+            self.stmts(self.kern.body)
+        else:
+            for i, s in enumerate(self.kern.body):   # a random wait before each chunk
+                self.mb.stress.delay(self.b, self.index, self.tid, i + 1)
+                self.stmts([s])
         self.b.ret_void()
         self.alloca_builder.branch(self.fn.basic_blocks[1])
 
@@ -123,14 +137,15 @@ class KernelEmitter:
         b.position_at_end(done)
 
     def chunk(self, extent, align=None):
-        """This thread's [lo, hi) of range(extent): contiguous, fixed by (tid, nt)."""
+        """This thread's [lo, hi) of range(extent): contiguous, fixed by (part, nt) --
+        the chunk boundaries depend on the thread count only."""
         b = self.b
         if align is None:
             align = 64 if extent >= 64 * 16 else 1   # keep vector loops on whole vectors
         units = -(-extent // align)
         c = lambda v: ir.Constant(I64, v)
-        lo = b.mul(b.sdiv(b.mul(c(units), self.tid), self.nt), c(align))
-        hi = b.mul(b.sdiv(b.mul(c(units), b.add(self.tid, c(1))), self.nt), c(align))
+        lo = b.mul(b.sdiv(b.mul(c(units), self.part), self.nt), c(align))
+        hi = b.mul(b.sdiv(b.mul(c(units), b.add(self.part, c(1))), self.nt), c(align))
         hi = b.select(b.icmp_signed(">", hi, c(extent)), c(extent), hi)
         return lo, hi
 

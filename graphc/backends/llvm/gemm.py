@@ -12,8 +12,9 @@ Packing copies any strided view (transposed operands included) into
 unit-stride panels, zero-padded at the edges, so the micro-kernel never
 branches; edge tiles of C go through a small stack tile and a scalar copy.
 Workspace lives in one module-level buffer per dtype (a compiled function
-runs one call at a time; see Runner).  Small products use the kernel IR's
-reference loop nest instead.
+runs one call at a time; see Runner), one slice per thread at a stride shared
+by every GEMM of the module (see `workspace`).  Small products use the kernel
+IR's reference loop nest instead.
 """
 from __future__ import annotations
 
@@ -55,24 +56,37 @@ def counted_loop(b, fn, start, stop, step=1, name="l"):
     b.position_at_end(done)
 
 
-def workspace(mb, dtype, nelems):
-    """The module's scratch buffer for `dtype`, grown to at least nelems."""
+def workspace(mb, dtype, per_thread):
+    """The module's scratch buffer for `dtype` and the global holding its per-thread
+    stride, grown so that every thread's slice holds at least `per_thread` elements.
+
+    Thread t's slice starts at t * stride, one stride for every GEMM site of the
+    module (the largest slice any site asks for).  It must not be a per-site size:
+    kernels between two barriers run concurrently on different threads (see
+    runtime._entry), so thread 1 can be packing in one site while thread 0 still
+    packs in another, and with per-site strides thread 1's slice of a small
+    product (1 * its size) started inside thread 0's slice of a larger one.  The
+    stride is an internal constant, so the optimizer folds it into each site."""
     ws = getattr(mb, "gemm_ws", None)
     if ws is None:
         ws = mb.gemm_ws = {}
     key = dtype.name
-    gv = ws.get(key)
-    if gv is None:
-        gv = ir.GlobalVariable(mb.module, ir.ArrayType(reg_type(dtype), nelems),
+    if key not in ws:
+        gv = ir.GlobalVariable(mb.module, ir.ArrayType(reg_type(dtype), 0),
                                name=f"graphc_ws_{key}")
         gv.linkage = "internal"
-        gv.initializer = ir.Constant(ir.ArrayType(reg_type(dtype), nelems), None)
         gv.align = 64
-        ws[key] = gv
-    elif gv.value_type.count < nelems:
-        gv.value_type = ir.ArrayType(reg_type(dtype), nelems)
+        stride = ir.GlobalVariable(mb.module, I64, name=f"graphc_ws_stride_{key}")
+        stride.linkage = "internal"
+        stride.global_constant = True
+        ws[key] = (gv, stride, [0])
+    gv, stride, size = ws[key]
+    if per_thread > size[0]:
+        size[0] = per_thread
+        stride.initializer = ir.Constant(I64, per_thread)
+        gv.value_type = ir.ArrayType(reg_type(dtype), per_thread * mb.nthreads)
         gv.initializer = ir.Constant(gv.value_type, None)
-    return gv
+    return gv, stride
 
 
 def emit_gemm(em, g):
@@ -84,7 +98,9 @@ def emit_gemm(em, g):
              # few rows times a transposed matrix with few columns (a conv's
              # grad-weight for few channels): dot products beat packing B, a gather
              or (g.dot_rows() and g.N < 64))
+    split = em.mb.gemm_split if em.depth == 0 and em.mb.nthreads > 1 else {}  # racecheck
     if small or any(op[0].dtype != dtype for op in (g.a, g.b)):
+        split[id(g)] = ("loops", None) if g.dot_rows() else ("tid0", None)
         if em.depth == 0 and em.mb.nthreads > 1 and not g.dot_rows():
             # A top-level GEMM is shared out among threads; this small one runs on one
             # (dot products: their parallel j loop is shared out).
@@ -99,7 +115,9 @@ def emit_gemm(em, g):
     # NC columns by KC rows, sized to this product, so small GEMMs keep small scratch.
     ws_elems = mc * kc + -(-min(g.N, nc) // nr) * nr * min(g.K, kc)
     ws_elems = -(-ws_elems // 16) * 16
-    ws = workspace(em.mb, dtype, ws_elems * em.mb.nthreads)
+    ws, stride = workspace(em.mb, dtype, ws_elems)
+    # (for racecheck: which scratch this kernel uses, how much, at which thread stride)
+    em.mb.gemm_sites.setdefault(em.fn.name, []).append((ws, ws_elems, stride))
     b = em.b
     c = lambda v: ir.Constant(I64, v)
     offs = [em.expr(op[1]) for op in (g.a, g.b, g.c)]
@@ -114,6 +132,7 @@ def emit_gemm(em, g):
             # Every element is still summed in the same order whatever the thread
             # count.
             lo, hi = em.chunk(g.M, align=MR)
+            split[id(g)] = ("M", MR)
             m_rows = b.sub(hi, lo)
             offs[0] = b.add(offs[0], b.mul(lo, c(g.a[2])))
             offs[2] = b.add(offs[2], b.mul(lo, c(g.c[2])))
@@ -121,10 +140,11 @@ def emit_gemm(em, g):
             # A top-level GEMM: each thread computes a band of C's columns (NR-aligned,
             # so every element is summed in the same order whatever the thread count).
             lo, hi = em.chunk(g.N, align=nr)
+            split[id(g)] = ("N", nr)
             n_cols = b.sub(hi, lo)
             offs[1] = b.add(offs[1], b.mul(lo, c(g.b[3])))
             offs[2] = b.add(offs[2], b.mul(lo, c(g.c[3])))
-    wsp = b.gep(ws, [c(0), b.mul(em.tid, c(ws_elems))], inbounds=True)
+    wsp = b.gep(ws, [c(0), b.mul(em.tid, b.load(stride, typ=I64))], inbounds=True)
     args = []
     for (buf, _, rs, cs), off in zip((g.a, g.b, g.c), offs):
         args += [em.ptr[id(buf)], off, c(rs), c(cs)]
@@ -250,14 +270,26 @@ class GemmEmitter:
                 self.Bp = b.select(use_pk, bp_pk, bp_ws)
                 with b.if_then(b.or_(b.not_(use_pk), do_pack)):
                     self.pack_b(jc, pc, nb, kb)
+                self.stress_delay(ws, 1)
                 first = b.icmp_signed("==", pc, self.c64(0))
                 overwrite = b.and_(first, b.not_(accumulate))
                 with counted_loop(b, fn, 0, M, self.mc, "ic") as ic:
                     mb_ = b.sub(self.imin(M, b.add(ic, self.c64(self.mc))), ic)
                     self.pack_a(ic, pc, mb_, kb)
+                    self.stress_delay(ws, 2)
                     self.macro(ic, jc, mb_, nb, kb, overwrite)
         b.ret_void()
         return fn
+
+    def stress_delay(self, ws, salt):
+        """Under the stress schedule (stress.py), a random wait between packing panels
+        into the workspace and reading them back: another thread writing the same
+        scratch then overwrites them in between.  The slice's address tells the
+        threads apart (this function does not know the thread id)."""
+        st = self.mb.stress
+        if st is not None:
+            b = self.b
+            st.delay_salted(b, -1, b.add(b.ptrtoint(ws, I64), self.c64(salt)))
 
     def imin(self, x, y):
         return self.b.select(self.b.icmp_signed("<", x, y), x, y)

@@ -8,6 +8,8 @@ output never overlaps one of its inputs.  Greedy best-fit over sorted sizes.
 """
 from __future__ import annotations
 
+import numpy as np
+
 ALIGN = 64
 
 
@@ -29,21 +31,27 @@ def plan_arena(prog, nthreads=1):
         last[id(b)] = end
     temps = [b for b in prog.temps if id(b) in first]
     temps.sort(key=lambda b: -b.size * b.dtype.itemsize * (nthreads if b.scope == "thread" else 1))
-    placed = []   # (offset, nbytes, first, last)
+    # Placed temporaries as columns (offset, nbytes, first, last): which ones live at
+    # the same time as the next is one vectorized test, not a Python loop over all of
+    # them per temporary (quadratic in Python; the plan of a 50k-node graph).
+    cols = np.zeros((4, max(len(temps), 1)), dtype=np.int64)
     offsets = {}
     top = 0
-    for b in temps:
+    for k, b in enumerate(temps):
         copies = nthreads if b.scope == "thread" else 1
         nbytes = _round(b.size * b.dtype.itemsize * copies)
         lo, hi = first[id(b)], last[id(b)]
-        busy = sorted((o, n) for o, n, f, l in placed if not (l < lo or f > hi))
+        o_, n_, f_, l_ = cols[:, :k]
+        live = (l_ >= lo) & (f_ <= hi)
+        bo, bn = o_[live], n_[live]
+        order = np.lexsort((bn, bo))      # by offset, then size (as sorted tuples)
         off, best = 0, None
-        for o, n in busy:
+        for o, n in zip(bo[order].tolist(), bn[order].tolist()):
             if o - off >= nbytes and (best is None or o - off < best[1]):
                 best = (off, o - off)
             off = max(off, o + n)
         start = best[0] if best is not None else off
-        placed.append((start, nbytes, lo, hi))
+        cols[:, k] = (start, nbytes, lo, hi)
         offsets[id(b)] = start
         top = max(top, start + nbytes)
     return offsets, top

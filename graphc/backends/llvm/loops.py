@@ -133,6 +133,8 @@ def loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog):
         if par and state["dirty"]:
             b.call(barrier, [bar, nt])
             state["dirty"] = False
+        if mb.stress is not None:
+            mb.stress.delay(b, k, tid, 0)
         t0 = b.call(rc, []) if profile else None
         if par:
             b.call(kfn, ptrs + [tid, nt])

@@ -3,10 +3,12 @@
 `compile_program(prog)` generates one LLVM module (every kernel plus
 `entry(ptr table)`), optimizes it at O3 for the host CPU, JIT-compiles it with
 MCJIT and returns a `Runner`.  The table holds one pointer per external buffer
-(inputs, parameters, constants), then the arena base, then the error record.
-Calling the runner validates every array, fills the table with current
-pointers (parameters may have been replaced), and crosses into native code
-once through ctypes, which releases the GIL for the call.
+(inputs, parameters, constants, the index checks' records), then the arena
+base, then the error record.  Calling the runner validates every array, fills
+the table with current pointers (parameters may have been replaced), resets the
+index checks' records, crosses into native code once through ctypes, which
+releases the GIL for the call, and raises the error of a bad index a check
+kernel recorded (kernel/checks.py) before handing anything back.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from llvmlite import ir
 
 from ...ir.errors import GraphcError
 from .codegen import I64, PTR, ModuleBuilder
-from . import objgen, pool, server
+from . import objgen, pool, server, stress
 from .layout import plan_arena
+from ...kernel.checks import first_error, initial_record
 
 _libc = {}
 
@@ -170,10 +173,11 @@ class Runner:
     """
 
     FRESH_OUTPUTS = True  # __call__ returns copies: outputs never alias parameters
+    chunks_unchecked = None  # stress builds: shared kernels racecheck could not enumerate
     WRITES_UPDATES = True  # __call__(arrays, params) writes the trailing outputs into params
 
     def __init__(self, prog, engine, addr, n_inputs, offsets, arena_bytes, debug_bounds,
-                 nthreads, out_nodes, profile=False):
+                 nthreads, out_nodes, profile=False, stress_schedule=False):
         self.prog = prog
         self.engine = engine   # keeps the code alive
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr)
@@ -188,6 +192,8 @@ class Runner:
         self.table = np.zeros(len(ext) + N_EXTRA, dtype=np.uint64)
         self.err = np.zeros(4, dtype=np.int64)
         self.barrier = np.zeros(32, dtype=np.int64)   # count and generation, 128 B apart
+        # the stress schedule's per-call seed (barrier[stress.SEED], stress.py)
+        self._stress_rng = np.random.default_rng() if stress_schedule else None
         self.prof = np.zeros(max(len(prog.kernels), 1), dtype=np.int64)
         self.table[len(ext):] = [base + self._shift, self.err.ctypes.data,
                                  self.barrier.ctypes.data, self.prof.ctypes.data]
@@ -205,11 +211,20 @@ class Runner:
             pool.get(nthreads)      # start the workers now, not in the first call
 
     def _call(self):
-        """One run of the entry on every thread."""
+        """One run of the entry on every thread, then the index checks' verdict."""
+        if self._stress_rng is not None:
+            self.barrier[stress.SEED] = self._stress_rng.integers(1 << 62)
+        rec = self._check_rec
+        if rec is not None:
+            np.copyto(rec, self._check_init)
         if self.nthreads > 1:
             pool.get(self.nthreads).run(self._addr, self._table_addr, self.nthreads)
         else:
             self._fn(self._table_addr, 0)
+        if rec is not None:
+            err = first_error(self.prog.checks, rec)
+            if err is not None:
+                raise err
 
     def _view(self, buf):
         off = self.offsets[id(buf)] + self._shift
@@ -218,9 +233,10 @@ class Runner:
 
     def _prepare(self):
         """Per-call tables, built once: which table slot each input fills, the external
-        arrays behind parameters/constants, the index checks on inputs, and where each
+        arrays behind parameters/constants, the index checks' records, and where each
         output is read from (a fixed view of the arena, or an external array)."""
         prog = self.prog
+        self._check_rec = None
         self._in_slots = []                      # (slot, buffer, input position)
         self._state_slots = []                   # (slot, buffer, kind, node or array)
         slot_of = {}
@@ -228,11 +244,14 @@ class Runner:
             slot_of[id(buf)] = slot
             if kind == "input":
                 self._in_slots.append((slot, buf, what))
+            elif kind == "check":
+                # the index checks' records (kernel/checks.py): ours, reset every call
+                self._check_rec = initial_record(buf.size)
+                self._check_init = self._check_rec.copy()
+                self.table[slot] = self._check_rec.ctypes.data
             else:
                 self._state_slots.append((slot, buf, kind, what))
         self._slot_of = slot_of
-        self._checks = [(slot_of[id(buf)], n, op, loc) for buf, n, op, loc in prog.index_checks
-                        if id(buf) in slot_of]
         self._out_src = []                       # (slot or None, arena view or None, shape)
         for buf, shape in zip(prog.outputs, self._out_shapes):
             if id(buf) in slot_of:
@@ -283,14 +302,6 @@ class Runner:
         for slot, buf, pos in self._in_slots:
             cur[slot] = self._bind_external(slot, buf, "input", arrays[pos])
         self._bind_states(cur)
-        for slot, n, op, loc in self._checks:
-            a = cur[slot]
-            if a.size:
-                lo, hi = a.min(), a.max()
-                if lo < 0 or hi >= n:
-                    raise IndexError(f"{op}: index out of range: indices must lie in [0, {n}), "
-                                     f"found values from {int(lo)} to {int(hi)}\n"
-                                     f"  node built at {loc}")
         return cur
 
     def _run(self):
@@ -320,8 +331,7 @@ class Runner:
             fast = self.__dict__.get("_fast")
             if fast is None:
                 fast = self._fast = []
-                ok = (not self._checks and not self.debug_bounds
-                      and len(self._in_slots) == self.n_inputs)
+                ok = not self.debug_bounds and len(self._in_slots) == self.n_inputs
                 for slot, buf, pos in self._in_slots if ok else ():
                     if buf.size == 0 or buf.size > 4096:
                         ok = False
@@ -419,6 +429,7 @@ def compile_program(prog, graph):
     from ...kernel.ir import is_spmd
     if nthreads > 1 and not any(is_spmd(k) for k in prog.kernels):
         nthreads = 1      # nothing worth sharing: no worker threads, no barriers
+    shuffle = nthreads > 1 and stress.mode() == "shuffle"
     offsets, arena_bytes = plan_arena(prog, nthreads)
     n_ext = len(prog.externals)
     slot_of = {id(b): k for k, (b, _) in enumerate(prog.externals)}
@@ -431,14 +442,19 @@ def compile_program(prog, graph):
     key = None
     if not (dump or debug):
         key = cache.key(prog, calls, nthreads, profile, _target())
+        if key is not None and shuffle:     # other code: never under the normal key
+            import hashlib
+            key = hashlib.sha256((key + "/stress-shuffle").encode()).hexdigest()
         hit = cache.load(key)
         if hit is not None:
             engine, addr = hit
             return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
-                          nthreads, list(graph.outputs), profile)
+                          nthreads, list(graph.outputs), profile, shuffle)
     if not dump:
         server.prestart()      # its start-up overlaps with building the IR below
     mb = ModuleBuilder(fn_attrs=fn_attrs(), debug_bounds=debug, nthreads=nthreads)
+    if shuffle:
+        mb.stress = stress.Stress(mb.module, nthreads, "x86" in _target()["triple"])
     fns, spmd, shared = [], [], {}
     in_loop = {k for r in getattr(prog, "loops", None) or () for k in range(r.start, r.end)}
     for k, kern in enumerate(prog.kernels):
@@ -453,8 +469,11 @@ def compile_program(prog, graph):
         from .loops import loop_entry
         loop_entry(mb, fns, calls, spmd, n_ext, nthreads, profile, prog)
     else:
-        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile,
-               _access_ranges(prog, calls, n_ext, nthreads))
+        ranges = _access_ranges(prog, calls, n_ext, nthreads)
+        _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges)
+        if nthreads > 1:
+            check_phases(prog, mb, fns, spmd, nthreads, ranges)
+    unchecked = check_chunks(prog, mb, fns, spmd, nthreads) if shuffle else None
     text = mb.ir_text()
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -469,8 +488,10 @@ def compile_program(prog, graph):
     import gc as _pygc
     _pygc.collect()
     release_heap()
-    return Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug, nthreads,
-                  list(graph.outputs), profile)
+    runner = Runner(prog, engine, addr, len(graph.inputs), offsets, arena_bytes, debug,
+                    nthreads, list(graph.outputs), profile, shuffle)
+    runner.chunks_unchecked = unchecked
+    return runner
 
 
 def _structure_key(kern) -> str:
@@ -480,6 +501,13 @@ def _structure_key(kern) -> str:
     text = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
                   lambda m: names[m.group(1)], text) if names else text
     return text.split("\n", 1)[-1] + repr([(b.dtype.str, b.size, b.scope) for b in kern.buffers])
+
+
+def _declare(module, name, fnty):
+    """The module's function `name`, declared on first use (the stress helpers use the
+    same intrinsics)."""
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, fnty, name=name)
 
 
 def _barrier_fn(mb):
@@ -513,13 +541,13 @@ def _barrier_fn(mb):
     body = fn.append_basic_block("spin")
     b.cbranch(again, body, done)
     b.position_at_end(body)
-    pause = ir.Function(mb.module, ir.FunctionType(ir.VoidType(), []), name="llvm.x86.sse2.pause") \
+    pause = _declare(mb.module, "llvm.x86.sse2.pause", ir.FunctionType(ir.VoidType(), [])) \
         if "x86" in _target()["triple"] else None
     if pause is not None:
         b.call(pause, [])
     many = b.icmp_signed(">", spins, ir.Constant(I64, 2000))
     with b.if_then(many):
-        yld = ir.Function(mb.module, ir.FunctionType(ir.IntType(32), []), name="sched_yield")
+        yld = _declare(mb.module, "sched_yield", ir.FunctionType(ir.IntType(32), []))
         b.call(yld, [])
     spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
     b.branch(wait)
@@ -539,8 +567,10 @@ def _access_ranges(prog, calls, n_ext, nthreads):
         where = {}
         for buf, (slot, off) in zip(kern.buffers, args):
             n = buf.size * buf.dtype.itemsize * (nthreads if buf.scope == "thread" else 1)
-            # (external arrays may alias one another: one range for all of them)
-            where[id(buf)] = (slot, off, off + n) if slot == n_ext else (-1, 0, 1 << 62)
+            # (external arrays may alias one another: one range for all of them, except
+            # the index checks' records, which the runner owns)
+            where[id(buf)] = ((slot, off, off + n) if slot == n_ext else
+                              (slot, 0, n) if buf is prog.check_buf else (-1, 0, 1 << 62))
         reads, writes = set(), set()
 
         def walk(node):
@@ -584,6 +614,50 @@ def _access_ranges(prog, calls, n_ext, nthreads):
     return out
 
 
+def check_phases(prog, mb, fns, spmd, nthreads, ranges):
+    """Refuse an entry in which two threads may touch the same bytes, one writing,
+    between two barriers (racecheck.py): an internal error, never a wrong result."""
+    from . import racecheck
+    # the scratch each kernel's GEMMs use: (buffer, slice, thread stride), the stride
+    # as finally emitted (it grows while sites are added)
+    ws = {k: [(gv.name, size, st.initializer.constant)
+              for gv, size, st in mb.gemm_sites.get(fn.name, ())]
+          for k, fn in enumerate(fns)}
+    names = {k: f"k{k}_{kern.name}" for k, kern in enumerate(prog.kernels)}
+    before = set()
+    for j, ks in enumerate(entry_parts(len(spmd))):
+        before |= barrier_plan(ranges, spmd, ks) | ({ks.start} if j else set())
+    found = racecheck.conflicts(racecheck.phases(before, len(spmd)),
+                                spmd, nthreads, ranges, ws, names)
+    if found:
+        lines = [f"  {a} (thread {ta}) and {b} (thread {tb}) both touch {place} "
+                 f"bytes/elements [{lo}, {hi})" for a, ta, b, tb, place, lo, hi in found[:5]]
+        raise GraphcError("internal error: the multi-threaded schedule lets two threads "
+                          "touch the same memory between barriers:\n" + "\n".join(lines))
+
+
+def check_chunks(prog, mb, fns, spmd, nthreads):
+    """Stress builds: refuse a shared kernel one of whose chunks writes what another
+    chunk reads or writes (racecheck.chunk_conflicts); returns the indices of the
+    shared kernels too large to enumerate (left unchecked)."""
+    from . import racecheck
+    done, unchecked = set(), []
+    for k, (kern, fn, par) in enumerate(zip(prog.kernels, fns, spmd)):
+        if not par or fn.name in done:
+            continue          # (structurally identical kernels share one function)
+        done.add(fn.name)
+        found = racecheck.chunk_conflicts(kern, nthreads, mb.gemm_split)
+        if found is None:
+            unchecked.append(k)
+        elif found:
+            name, t, u, i = found[0]
+            raise GraphcError(f"internal error: in the multi-threaded kernel k{k}_{kern.name} "
+                              f"chunk {t} may write element {i} of {name}, which chunk {u} "
+                              f"may also touch ({len(found)} such pairs; an index that "
+                              f"depends on loaded data counts as the whole buffer)")
+    return unchecked
+
+
 class _Unknown(Exception):
     pass
 
@@ -592,55 +666,119 @@ def _overlap(xs, ys) -> bool:
     return any(sa == sb and la < hb and lb < ha for sa, la, ha in xs for sb, lb, hb in ys)
 
 
-def entry_prologue(mb, n_ext, nthreads, profile):
+def entry_prologue(mb, n_ext, nthreads, profile, name="entry"):
     """Start `void entry(i8** table, i64 tid)`: load the table's slots, set up the
     barrier, the cycle counter (profiling) and the error flag.  Shared by the
-    straight-line entry (_entry) and the one with native loops (loops.py)."""
+    straight-line entry (_entry), its parts, and the one with native loops (loops.py)."""
     fnty = ir.FunctionType(ir.VoidType(), [PTR, I64])
-    fn = ir.Function(mb.module, fnty, name="entry")
+    fn = ir.Function(mb.module, fnty, name=name)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     table, tid = fn.args
     slots = [b.load(b.gep(table, [ir.Constant(I64, s)], source_etype=PTR), typ=PTR)
              for s in range(n_ext + N_EXTRA)]
     err, bar, prof = slots[n_ext + 1], slots[n_ext + 2], slots[n_ext + 3]
-    barrier = _barrier_fn(mb) if nthreads > 1 else None
-    rc = ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter") \
+    known = mb.module.globals
+    barrier = (known.get("graphc_barrier") or _barrier_fn(mb)) if nthreads > 1 else None
+    rc = (known.get("llvm.readcyclecounter")
+          or ir.Function(mb.module, ir.FunctionType(I64, []), name="llvm.readcyclecounter")) \
         if profile else None
     if mb.error_fn is not None:
         b.store(err, mb.err_global)
+    if mb.stress is not None:
+        mb.stress.publish(b, bar)
     nt = ir.Constant(I64, nthreads)
     is_main = b.icmp_signed("==", tid, ir.Constant(I64, 0))
     return b, tid, slots, err, bar, prof, barrier, rc, nt, is_main
 
 
-def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
-    """The entry: every kernel in order.  With several threads, a barrier goes only
-    before a kernel that touches what a kernel since the last barrier wrote, or writes
-    what one read (ranges: _access_ranges); independent kernels share an interval."""
-    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
-        mb, n_ext, nthreads, profile)
-    dirty = False     # thread 0 ran single-threaded kernels since the last barrier
+# Kernels per entry function.  The entry of a graph with thousands of kernels was
+# one function with thousands of calls and branches, on which LLVM's SimplifyCFG
+# gave up ("Iterative simplification didn't converge!": the compile server died on
+# a 5k-node training step).  Above this many kernels the entry calls parts of at
+# most this many kernels each, with a barrier between parts.
+ENTRY_PART_KERNELS = 256
+
+
+def entry_parts(n) -> list:
+    """The kernel ranges of the entry's parts (one part up to ENTRY_PART_KERNELS)."""
+    return [range(s, min(s + ENTRY_PART_KERNELS, n)) for s in range(0, n, ENTRY_PART_KERNELS)]
+
+
+def barrier_plan(ranges, spmd, ks=None) -> set:
+    """The kernels of `ks` (default: all) a barrier goes before: one that touches what a
+    kernel since the last barrier wrote, or writes what one read (ranges:
+    _access_ranges); a kernel all threads run is also ordered after thread 0's
+    single-threaded ones.  The first of `ks` starts with nothing recorded (the entry
+    puts a barrier between parts)."""
+    before = set()
     # accesses since the last barrier: of kernels all threads ran, of thread 0's alone
     shared_r, shared_w, main_r, main_w = [], [], [], []
-    for k, (kfn, args, par) in enumerate(zip(fns, calls, spmd)):
+    for k in (range(len(spmd)) if ks is None else ks):
+        par = spmd[k]
+        r, w = ranges[k]
+        need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
+                or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
+        if need:
+            before.add(k)
+            shared_r, shared_w, main_r, main_w = [], [], [], []
+        if par:
+            shared_r, shared_w = shared_r + r, shared_w + w
+        else:
+            main_r, main_w = main_r + r, main_w + w
+    return before
+
+
+def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
+    """The entry: every kernel in order (in parts of ENTRY_PART_KERNELS)."""
+    n = len(fns)
+    if n <= ENTRY_PART_KERNELS:
+        _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, range(n), "entry")
+        return
+    parts = []
+    for j, ks in enumerate(entry_parts(n)):
+        fn = _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, ks,
+                         f"entry_part{j}")
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")   # inlined back, the entry would be one function again
+        parts.append(fn)
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile)
+    table = b.function.args[0]
+    for j, part in enumerate(parts):
+        if j and nthreads > 1:
+            # a part starts with no record of what the previous one touched
+            b.call(barrier, [bar, nt])
+        b.call(part, [table, tid])
+        if mb.error_fn is not None:
+            flag = b.load(err, typ=I64)
+            with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
+                b.ret_void()
+    b.ret_void()
+
+
+def _entry_part(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges, ks, name):
+    """A function running kernels `ks` in order.  With several threads, a barrier goes
+    only before a kernel that touches what a kernel since the last barrier wrote, or
+    writes what one read (ranges: _access_ranges); independent kernels share an
+    interval."""
+    b, tid, slots, err, bar, prof, barrier, rc, nt, is_main = entry_prologue(
+        mb, n_ext, nthreads, profile, name)
+    dirty = False     # thread 0 ran single-threaded kernels since the last barrier
+    before = barrier_plan(ranges, spmd, ks) if ranges is not None and nthreads > 1 else set()
+    for k in ks:
+        kfn, args, par = fns[k], calls[k], spmd[k]
         ptrs = [slots[s] if off == 0 and s != n_ext else
                 b.gep(slots[s], [ir.Constant(I64, off)], source_etype=ir.IntType(8))
                 for s, off in args]
         if ranges is not None and nthreads > 1:
-            r, w = ranges[k]
-            need = (_overlap(w, shared_r + shared_w) or _overlap(r, shared_w)
-                    or (par and (_overlap(w, main_r + main_w) or _overlap(r, main_w))))
-            if need:
+            if k in before:
                 b.call(barrier, [bar, nt])
-                shared_r, shared_w, main_r, main_w = [], [], [], []
-            if par:
-                shared_r, shared_w = shared_r + r, shared_w + w
-            else:
-                main_r, main_w = main_r + r, main_w + w
             dirty = False
         elif par and dirty:
             b.call(barrier, [bar, nt])
             dirty = False
+        if mb.stress is not None:
+            mb.stress.delay(b, k, tid, 0)
         t0 = b.call(rc, []) if profile else None
         if par:
             b.call(kfn, ptrs + [tid, nt])
@@ -659,3 +797,4 @@ def _entry(mb, fns, calls, spmd, n_ext, nthreads, profile, ranges=None):
             with b.if_then(b.icmp_unsigned("!=", flag, ir.Constant(I64, 0)), likely=False):
                 b.ret_void()
     b.ret_void()
+    return b.function

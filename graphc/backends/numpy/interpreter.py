@@ -3,16 +3,19 @@ from __future__ import annotations
 
 from ...ir.graph import Graph
 from ...ops.reference import eval_graph
+from .blas import limited as _one_blas_thread
 
 
 def run(graph: Graph, feeds: dict) -> list:
     """Evaluate graph.outputs; `feeds` maps input node id → array."""
-    return eval_graph(graph, feeds)
+    with _one_blas_thread:            # the thread policy: see blas.py
+        return eval_graph(graph, feeds)
 
 
 def build(graph: Graph):
     ids = [i.id for i in graph.inputs]
 
     def runner(arrays):
-        return eval_graph(graph, dict(zip(ids, arrays)))
+        with _one_blas_thread:
+            return eval_graph(graph, dict(zip(ids, arrays)))
     return runner
