@@ -19,9 +19,9 @@ from graphc.testing import fuzzgen, fuzzref
 
 HAVE_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 BACKENDS = ("numpy", "llvm") + (("cuda-emu",) if HAVE_CXX else ())
-REASONS = {
-    "maxpool-pad": "max-pool gradient with windows in padding: issue 13 item 5, another branch",
-    "computed-index": "computed index checks: issue 13 item 2, another branch",
+REASONS = {   # reason keys of `open=` entries in fuzz_seeds.txt (none open now)
+    "maxpool-pad": "max-pool gradient with windows in padding: issue 13 item 5",
+    "computed-index": "computed index checks: issue 13 item 2",
 }
 SEEDS_FILE = Path(__file__).with_name("fuzz_seeds.txt")
 
@@ -73,9 +73,7 @@ def test_fixed_seeds_every_backend():
     assert stats.fd_checked >= 40     # the float64 gradients themselves, by differences
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=[pytest.mark.xfail(strict=True, reason=REASONS["computed-index"])]
-                 if b != "numpy" else []) for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_computed_indices_raise(backend):
     recipes = [F.generate(s, out_of_range=True) for s in (1, 2, 3)]
     stats = F.Stats()
@@ -86,12 +84,10 @@ def test_out_of_range_computed_indices_raise(backend):
     assert not stats.mismatches, "\n".join(f.line() for f in stats.mismatches)
 
 
-@pytest.mark.xfail(strict=True, reason="pool ceil_mode overhang (PyTorch accepts a kernel "
-                   "longer than the padded input when ceil_mode's window starts inside): "
-                   "issue 13 'Smaller', another branch")
 def test_builder_accepts_every_pool_pytorch_accepts():
     # the generator drops a step graphc refuses; for pools the reference (PyTorch's
-    # output-size rule) gave a non-empty result, so a refusal is a missing case
+    # output-size rule) gave a non-empty result, so a refusal is a missing case (found:
+    # ceil_mode windows longer than the padded input, issue 13 'Smaller', fixed on main)
     refused = [(s, op, why) for s in range(300) for op, why in F.generate(s).rejected]
     assert not refused, refused[:5]
 
