@@ -528,14 +528,7 @@ class _Builder:
                     g.edge(src, dst, color=colour)
 
     def _emit_overview_tree(self, g, placed, members, gid, users, group_of):
-        keys = set(placed)
-        for k in list(keys):
-            for j in range(1, len(k)):
-                keys.add(k[:j])
-        children = defaultdict(list)
-        for k in keys:
-            if k:
-                children[k[:-1]].append(k)
+        children = _scope_children(placed)
 
         def fill(sub, key):
             for kind, item in placed.get(key, []):
@@ -651,14 +644,7 @@ class _Builder:
 
     def _emit_tree(self, g, groups):
         """Nested clusters: a scope ('a', 'b') sits inside the cluster of ('a',)."""
-        keys = set(groups)
-        for k in list(keys):
-            for j in range(1, len(k)):
-                keys.add(k[:j])
-        children = defaultdict(list)
-        for k in keys:
-            if k:
-                children[k[:-1]].append(k)
+        children = _scope_children(groups)
 
         def fill(sub, key):
             for kind, n in groups.get(key, []):
@@ -804,6 +790,19 @@ def _common_prefix(keys) -> tuple:
 
 def _safe(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(s))
+
+
+def _scope_children(scopes) -> dict:
+    """{scope: its direct sub-scopes} over `scopes` and every scope enclosing one."""
+    keys = set(scopes)
+    for k in list(keys):
+        for j in range(1, len(k)):
+            keys.add(k[:j])
+    children = defaultdict(list)
+    for k in keys:
+        if k:
+            children[k[:-1]].append(k)
+    return children
 
 
 def _scope_sort_key(k):
