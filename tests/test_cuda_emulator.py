@@ -568,6 +568,17 @@ def test_cuda_benchmark_script_runs_on_the_emulator(capsys):
     assert text.count("graphc device") == 5 and "torch" not in text
 
 
+def test_graphc_bench_backend_cuda_runs_the_gpu_bench(capsys):
+    # `graphc bench --backend cuda` is the GPU bench with its own options (issue 15)
+    from graphc import cli
+    assert cli.main(["bench", "--backend", "cuda", "--emulate", "--small", "--only",
+                     "matmul", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graphc CUDA backend on EmulatorRuntime")
+    assert "matmul 64x64x64" in out and "graphc device" in out   # the result, then a summary
+    assert "LeNet" not in out and "ResNet" not in out and "conv" not in out
+
+
 def test_two_python_threads_share_a_compiled_graph():
     import threading
     x = gc.input("x", (3, 300))

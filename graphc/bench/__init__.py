@@ -395,7 +395,20 @@ def format_rows(results) -> str:
 
 
 def main(argv=None) -> int:
+    # `--backend cuda` hands every other argument to the GPU bench, which has its own
+    # workloads and options (`graphc bench --backend cuda --help` lists them)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", choices=("llvm", "cuda"), default="llvm")
+    known, rest = pre.parse_known_args(argv)
+    if known.backend == "cuda":
+        from ..backends.cuda import bench as cuda_bench
+        cuda_bench.main(rest, prog="graphc bench --backend cuda")
+        return 0
     ap = argparse.ArgumentParser(prog="graphc bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("llvm", "cuda"), default="llvm",
+                    help="llvm (default): this CPU bench against PyTorch CPU and "
+                         "onnxruntime; cuda: the GPU bench against PyTorch CUDA, with its "
+                         "own options (graphc bench --backend cuda --help)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHC_NUM_THREADS", 2)),
                     help="threads for graphc's LLVM backend and for each peer (PyTorch, "
                          "onnxruntime) (default: GRAPHC_NUM_THREADS or 2)")

@@ -426,8 +426,8 @@ def report(name, flops, times) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="matmul,conv,lenet,rnn,lstm,resnet1,resnet32",
                     help="comma-separated workloads (matmul, conv, lenet, rnn, lstm, "
                          "resnet1, resnet32)")
