@@ -24,23 +24,14 @@ import pytest
 import graphc as gc
 from graphc import models
 from graphc.backends import llvm as gllvm
+from _issue13_graph import issue13_graph
 
 RNG = np.random.default_rng(13)
 
 
 def issue_graph():
     """Issue 13's graph: a conv and a matmul, their gradients, several outputs."""
-    x = gc.input("x", (6, 5, 11, 10))
-    w = gc.input("w", (16, 5, 3, 3))
-    a = gc.input("a", (70, 300))
-    b = gc.input("b", (300, 90))
-    y = gc.relu(gc.conv2d(x, w, padding=1))
-    loss = gc.sum(y * y) + gc.sum(gc.tanh(a @ b))
-    gx, gw, ga = gc.grad(loss, [x, w, a])
-    outs = [loss, y, gx, gw, ga, gc.softmax(a @ b), gc.max(a, axis=0)]
-    feeds = [RNG.standard_normal(s).astype(np.float32) for s in
-             ((6, 5, 11, 10), (16, 5, 3, 3), (70, 300), (300, 90))]
-    return [x, w, a, b], outs, feeds
+    return issue13_graph(RNG)
 
 
 def residual_graph(blocks=2, batch=2, ch=8, hw=16, classes=10):

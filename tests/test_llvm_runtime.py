@@ -11,22 +11,13 @@ from graphc.ir.errors import GraphcError
 from graphc.ir.graph import Graph
 from graphc.kernel import ir as K
 from graphc.kernel.lower import lower_graph
+from _issue13_graph import issue13_graph
 
 RNG = np.random.default_rng(7)
 
 
 def _workload():
-    x = gc.input("x", (6, 5, 11, 10))
-    w = gc.input("w", (16, 5, 3, 3))
-    a = gc.input("a", (70, 300))
-    b = gc.input("b", (300, 90))
-    y = gc.relu(gc.conv2d(x, w, padding=1))
-    loss = gc.sum(y * y) + gc.sum(gc.tanh(a @ b))
-    gx, gw, ga = gc.grad(loss, [x, w, a])
-    outs = [loss, y, gx, gw, ga, gc.softmax(a @ b), gc.max(a, axis=0)]
-    feeds = [RNG.standard_normal(s).astype(np.float32) for s in
-             ((6, 5, 11, 10), (16, 5, 3, 3), (70, 300), (300, 90))]
-    return [x, w, a, b], outs, feeds
+    return issue13_graph(RNG)
 
 
 def test_results_identical_across_thread_counts(monkeypatch, tmp_path):

@@ -14,21 +14,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 import graphc as gc  # noqa: E402
+from _onnx_build import _model, _vi  # noqa: E402
 from graphc.onnx import OnnxImportError, UnsupportedOperatorError  # noqa: E402
 
 F32, F64, I64 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64
-
-
-def _model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs,
-                          initializer=[numpy_helper.from_array(v, k) for k, v in inits])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
-def _vi(name, elem, shape):
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def _np_softmax(z, axis):

@@ -14,23 +14,12 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import graphc as gc  # noqa: E402
+from _onnx_build import _model, _vi  # noqa: E402
 from graphc.ir.errors import GraphcError  # noqa: E402
 from graphc.onnx import OnnxImportError, UnsupportedOperatorError  # noqa: E402
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(19)
-
-
-def _model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs,
-                          initializer=[numpy_helper.from_array(v, k) for k, v in inits])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
-def _vi(name, elem, shape):
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def _ort(m, feeds):
