@@ -33,6 +33,7 @@ import numpy as np
 from llvmlite import ir
 
 from .codegen import I32, I64, PTR
+from .gemm import counted_loop
 
 SEED = 8        # int64 slot of the barrier state the Runner writes per call (runtime.py)
 GEN = 16        # the barrier's generation slot (runtime._barrier_fn)
@@ -141,23 +142,11 @@ class Stress:
         n = b.and_(b.lshr(h, _c(16)), mask)
         with b.if_then(b.icmp_unsigned("==", b.lshr(h, _c(59)), _c(0))):    # 1 in 32
             b.call(self._yield, [])
-        pre = b.block
-        head = fn.append_basic_block("head")
-        body = fn.append_basic_block("body")
-        done = fn.append_basic_block("done")
-        b.branch(head)
-        b.position_at_end(head)
-        i = b.phi(I64)
-        i.add_incoming(_c(0), pre)
-        b.cbranch(b.icmp_unsigned("<", i, n), body, done)
-        b.position_at_end(body)
-        if self._pause is not None:
-            b.call(self._pause, [])
-        else:   # keep the loop: an empty one would be deleted
-            b.load_atomic(self.bar, "monotonic", 8, typ=I64)
-        i.add_incoming(b.add(i, _c(1)), body)
-        b.branch(head)
-        b.position_at_end(done)
+        with counted_loop(b, fn, 0, n, name="spin"):
+            if self._pause is not None:
+                b.call(self._pause, [])
+            else:   # keep the loop: an empty one would be deleted
+                b.load_atomic(self.bar, "monotonic", 8, typ=I64)
         b.ret_void()
         return fn
 
