@@ -8,6 +8,7 @@ backend, and writes parameter updates after every output has been computed.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 
 import numpy as np
 
@@ -95,6 +96,7 @@ class Function:
         # Serializes compiles and, for a function with updates, whole calls (see above).
         self._lock = threading.RLock()
         self._last_sig = None     # ((dtype, shape) per input, executable) of the last call
+        self._cast_warned: set = set()   # inputs already warned about a lossy cast
         self.reports: list = []
         # Parameters a result may alias (an output that is a parameter or a view
         # of one): such results are copied before updates write in place.
@@ -156,7 +158,7 @@ class Function:
         for i in self.inputs:
             a = np.asarray(vals[i.name])
             if a.dtype != i.dtype:      # the casting rule: graphc/input_cast.py
-                a = input_cast.convert(self.name, i, a, self.__dict__.setdefault("_cast_warned", set()))
+                a = input_cast.convert(self.name, i, a, self._cast_warned)
             if a.ndim != i.ndim:
                 raise ValueError(f"{self.name}: input {i.name!r} expects shape "
                                  f"{shape_str(i.shape)}, got {shape_str(a.shape)}")
@@ -291,7 +293,6 @@ class _MemoryRanges:
             self.max_high.append(m)
 
     def overlaps(self, r) -> bool:
-        from bisect import bisect_left
         if not r.size or not self.lows:
             return False
         lo, hi = _bounds(r)
@@ -299,12 +300,10 @@ class _MemoryRanges:
         return k > 0 and self.max_high[k - 1] > lo
 
 
-def _bounds(a):
-    try:
-        from numpy.lib.array_utils import byte_bounds   # NumPy >= 2
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        byte_bounds = np.byte_bounds
-    return byte_bounds(a)
+try:
+    from numpy.lib.array_utils import byte_bounds as _bounds   # NumPy >= 2
+except ImportError:  # pragma: no cover - NumPy 1.x
+    _bounds = np.byte_bounds
 
 
 def compile(inputs, outputs, updates=None, backend="numpy", optimize=2, name=None) -> Function:

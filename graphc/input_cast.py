@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 
 from .ir.dtypes import cast_checked
+from .ir.node import user_stacklevel
 
 
 class InputCastWarning(UserWarning):
@@ -44,17 +45,6 @@ def convert(fn_name: str, node, a: np.ndarray, warned: set) -> np.ndarray:
         warnings.warn(f"{fn_name}: input {node.name!r} expects {want}, got {a.dtype}: cast to "
                       f"{want}, which may round values (warned once per input; pass {want} "
                       f"arrays, e.g. x.astype(np.{want}), to avoid the cast)",
-                      InputCastWarning, stacklevel=_user_stacklevel())
+                      InputCastWarning, stacklevel=user_stacklevel())
     return out
 
-
-def _user_stacklevel() -> int:
-    """The warnings stacklevel of the innermost caller outside graphc (the user's line),
-    whatever path through graphc (locks, fast paths) led here."""
-    import os
-    import sys
-    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 1          # level 1: the function calling warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
-        frame, level = frame.f_back, level + 1
-    return level

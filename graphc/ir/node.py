@@ -54,15 +54,27 @@ class TupleType:
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _outside_package(f):
+    """(the innermost frame from `f` outward that is not graphc's, frames skipped)."""
+    skipped = 0
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PKG_DIR + os.sep):
+        f, skipped = f.f_back, skipped + 1
+    return f, skipped
+
+
 def user_location(skip_internal: bool = True) -> str:
     """'file:line' of the innermost frame outside the graphc package."""
     f = sys._getframe(1)
-    while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not (skip_internal and fn.startswith(_PKG_DIR + os.sep)):
-            return f"{f.f_code.co_filename}:{f.f_lineno}"
-        f = f.f_back
-    return "<unknown>"
+    if skip_internal:
+        f, _ = _outside_package(f)
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "<unknown>"
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for a warning issued by this function's caller,
+    that names the user's line (the innermost frame outside graphc), whatever path
+    through graphc (locks, fast paths) led there."""
+    return 1 + _outside_package(sys._getframe(1))[1]
 
 
 class _BuildContext(threading.local):
