@@ -42,8 +42,12 @@ def convert(fn_name: str, node, a: np.ndarray, warned: set) -> np.ndarray:
     out = cast_checked(a, want, f"{fn_name}: input {node.name!r}")
     if not np.can_cast(a.dtype, want, "safe") and node.name not in warned:
         warned.add(node.name)
+        # an integer narrowing never changes a value (cast_checked refused any out of
+        # range); a cast to a narrower float, or an integer to a float, may round
+        effect = (f"values outside {want}'s range are refused" if a.dtype.kind in "biu"
+                  and want.kind in "biu" else "which may round values")
         warnings.warn(f"{fn_name}: input {node.name!r} expects {want}, got {a.dtype}: cast to "
-                      f"{want}, which may round values (warned once per input; pass {want} "
+                      f"{want}, {effect} (warned once per input; pass {want} "
                       f"arrays, e.g. x.astype(np.{want}), to avoid the cast)",
                       InputCastWarning, stacklevel=user_stacklevel())
     return out
